@@ -1,0 +1,29 @@
+# `make test` and `make demo` build the same virtual environment from scratch when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hafis-installed
+
+.PHONY: test demo demo-quick bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+demo: $(STAMP)
+	$(VENV)/bin/hafis demo --out demo_out
+
+demo-quick: $(STAMP)
+	$(VENV)/bin/hafis demo --quick --out demo_out_quick
+
+bench: $(STAMP)
+	$(PY) benchmarks/weighting.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
