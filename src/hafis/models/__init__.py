@@ -1,0 +1,27 @@
+"""Segmentation models. A segmenter returns :class:`SegOutput` (logits at input size + decoder features).
+
+``SEGMENTERS`` maps a config name to a constructor ``(num_classes, **kwargs) -> nn.Module``; a new segmenter
+registers itself by adding one entry.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from hafis.models.backbones import BACKBONES, build_backbone
+from hafis.models.deeplabv3plus import DeepLabV3Plus, SegOutput
+
+__all__ = ["BACKBONES", "SEGMENTERS", "DeepLabV3Plus", "SegOutput", "build_backbone", "build_segmenter"]
+
+SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
+    "deeplabv3plus": DeepLabV3Plus,
+}
+
+
+def build_segmenter(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """Build the segmenter registered as ``name``; kwargs go to its constructor."""
+    if name not in SEGMENTERS:
+        raise ValueError(f"unknown segmenter {name!r}; valid names: {', '.join(SEGMENTERS)}")
+    return SEGMENTERS[name](num_classes, **kwargs)

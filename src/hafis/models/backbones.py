@@ -1,0 +1,177 @@
+"""ResNet backbones for the segmenters, all built through timm.
+
+Why timm: one ``features_only``-style extractor with ``output_stride`` dilation serves every ResNet we need, both
+families come from the same code path, and their key names match the checkpoints users already have:
+
+- ``resnet18`` / ``resnet50`` / ``resnet101``: torchvision's ResNet (single 7x7 stem). ``pretrained='imagenet'``
+  loads timm's ``<name>.tv_in1k`` tag, which *is* torchvision's ImageNet weights.
+- ``resnet50s`` / ``resnet101s``: the deep-stem ResNet (three 3x3 convs, 64 wide, stem output 128) that UniMatch,
+  U2PL, AEL and AugSeg use. Its keys (``conv1.0``, ``conv1.1``, ..., ``bn1``) match those codebases' checkpoints;
+  ``pretrained='imagenet'`` loads timm's ``gluon_in1k`` weights. torchvision weights do not fit this stem.
+- ``resnet_tiny``: a few-thousand-parameter deep-stem ResNet for tests and the CPU demo; never pretrained.
+
+Every backbone returns ``(low, high)``: the stride-4 feature (``layer1``) and the stride-``output_stride`` feature
+(``layer4``, dilated). The module's state-dict keys are timm's/torchvision's own minus the classifier ``fc.*``, so a
+local checkpoint loads with strict key matching (:func:`load_backbone_weights`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Optional
+
+import timm
+import torch
+from timm.models import FeatureListNet
+from timm.models.resnet import BasicBlock, ResNet
+from torch import Tensor, nn
+
+__all__ = ["BACKBONES", "BackboneSpec", "ResNetFeatures", "build_backbone", "load_backbone_weights"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """timm_name: timm model name with the pretrained tag used for ``pretrained='imagenet'``; None = built here."""
+
+    timm_name: Optional[str]
+    description: str
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec("resnet18.tv_in1k", "torchvision ResNet-18 (7x7 stem), torchvision ImageNet weights"),
+    "resnet50": BackboneSpec("resnet50.tv_in1k", "torchvision ResNet-50 (7x7 stem), torchvision ImageNet weights"),
+    "resnet101": BackboneSpec("resnet101.tv_in1k", "torchvision ResNet-101 (7x7 stem), torchvision ImageNet weights"),
+    "resnet50s": BackboneSpec("resnet50s.gluon_in1k", "deep-stem ResNet-50 (3x 3x3 stem, 64 wide), Gluon weights"),
+    "resnet101s": BackboneSpec("resnet101s.gluon_in1k", "deep-stem ResNet-101 (3x 3x3 stem, 64 wide), Gluon weights"),
+    "resnet_tiny": BackboneSpec(None, "tiny deep-stem ResNet (BasicBlock [1,1,1,1], 16-128 ch) for tests/demo"),
+}
+
+# How many keys an error message lists before "... and N more".
+_MAX_KEYS_SHOWN = 8
+
+
+class ResNetFeatures(FeatureListNet):
+    """timm's feature extractor over a ResNet, cut after ``layer4``; forward returns ``(low, high)``.
+
+    Subclassing ``FeatureListNet`` (rather than wrapping it) keeps the state-dict keys identical to the plain
+    ResNet's, which is what makes strict loading of ordinary checkpoints possible.
+    """
+
+    def __init__(self, model: ResNet):
+        super().__init__(model, out_indices=(1, 4))
+        self.low_level_channels, self.high_level_channels = self.feature_info.channels()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        low, high = self._collect(x).values()
+        return low, high
+
+
+def _tiny_resnet(output_stride: int) -> ResNet:
+    # Deep stem (8, 8 -> 16 channels) so the tiny net exercises the same stem code path as resnet50s/101s.
+    return ResNet(
+        BasicBlock, [1, 1, 1, 1], channels=(16, 32, 64, 128), stem_type="deep", stem_width=8,
+        output_stride=output_stride, num_classes=0,
+    )
+
+
+def build_backbone(
+    name: str,
+    output_stride: int = 16,
+    pretrained: Optional[str] = None,
+    pretrained_path: Optional[str | os.PathLike] = None,
+) -> tuple[ResNetFeatures, int, int]:
+    """Build a backbone; returns ``(module, low_level_channels, high_level_channels)``.
+
+    pretrained: None (random init) or ``'imagenet'`` (timm download / cache).
+    pretrained_path: a local checkpoint; takes precedence over ``pretrained`` so a config that says
+    ``pretrained: imagenet`` works offline once a file is given.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
+    if output_stride not in (8, 16):
+        raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+    if pretrained not in (None, "imagenet"):
+        raise ValueError(f"pretrained must be None or 'imagenet', got {pretrained!r}")
+    spec = BACKBONES[name]
+    download = pretrained == "imagenet" and pretrained_path is None
+
+    if spec.timm_name is None:
+        if download:
+            raise ValueError(f"backbone {name!r} has no pretrained weights; use pretrained=None")
+        model = _tiny_resnet(output_stride)
+    elif download:
+        try:
+            model = timm.create_model(spec.timm_name, pretrained=True, output_stride=output_stride)
+        except Exception as e:  # network, hub, cache or file errors all mean the same to the user
+            raise RuntimeError(
+                f"could not fetch ImageNet weights for backbone {name!r} (timm tag {spec.timm_name!r}): "
+                f"{type(e).__name__}: {e}\n"
+                "Supply a local file instead with model.pretrained_path=/path/to/file.pth, or put the weights in "
+                "timm's Hugging Face cache (HF_HOME) and set HF_HUB_OFFLINE=1."
+            ) from e
+    else:
+        model = timm.create_model(spec.timm_name, pretrained=False, output_stride=output_stride)
+
+    backbone = ResNetFeatures(model)
+    if pretrained_path is not None:
+        load_backbone_weights(backbone, pretrained_path)
+    return backbone, backbone.low_level_channels, backbone.high_level_channels
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in ("module.", "backbone."):
+        if key.startswith(prefix):
+            return _strip_prefix(key[len(prefix):])
+    return key
+
+
+def _clean_state_dict(obj: object, path: str) -> dict[str, Tensor]:
+    """Unwrap ``{'state_dict'|'model': ...}``, strip ``module.``/``backbone.`` and drop the ``fc.`` classifier.
+
+    If the checkpoint is a whole segmenter (some keys under ``backbone.``), only those keys are kept, so a
+    UniMatch/U2PL or hafis checkpoint can seed the backbone alone.
+    """
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a state dict (or a dict with 'state_dict'/'model'), got {type(obj)}")
+    items = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, Tensor)}
+    if any(k.startswith("backbone.") for k in items):
+        items = {k: v for k, v in items.items() if k.startswith("backbone.")}
+    out = {_strip_prefix(k): v for k, v in items.items()}
+    return {k: v for k, v in out.items() if not k.startswith("fc.")}
+
+
+def _few(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_KEYS_SHOWN])
+    more = len(keys) - _MAX_KEYS_SHOWN
+    return shown + (f", ... and {more} more" if more > 0 else "")
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local checkpoint into ``backbone`` with strict key matching; ValueError names file and keys."""
+    path = os.fspath(path)
+    state = _clean_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    expected = backbone.state_dict().keys()
+    # BatchNorm fills a missing num_batches_tracked itself; older torchvision files lack it.
+    missing = sorted(k for k in expected if k not in state and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state if k not in expected)
+    if missing or unexpected:
+        msg = [f"checkpoint {path} does not match the backbone's keys"]
+        if missing:
+            msg.append(f"missing ({len(missing)}): {_few(missing)}")
+        if unexpected:
+            msg.append(f"unexpected ({len(unexpected)}): {_few(unexpected)}")
+        if "conv1.weight" in missing and any(k.startswith("conv1.0.") for k in unexpected):
+            msg.append("hint: this is a deep-stem checkpoint; use backbone resnet50s/resnet101s")
+        elif "conv1.weight" in unexpected and any(k.startswith("conv1.0.") for k in missing):
+            msg.append("hint: this is a 7x7-stem (torchvision) checkpoint; use backbone resnet50/resnet101")
+        raise ValueError("\n  ".join(msg))
+    try:
+        backbone.load_state_dict(state, strict=False)  # keys already checked; this still checks shapes
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} has the backbone's keys but wrong shapes: {e}") from e

@@ -1,0 +1,136 @@
+"""DeepLabV3+ (Chen et al., ECCV 2018) as used by UniMatch, U2PL, AEL and AugSeg.
+
+The forward returns the decoder feature (the layer right before the 1x1 classifier) next to the logits, because the
+pseudo-label weighting compares per-pixel features with class prototypes. ``feature_perturbation=True`` is UniMatch's
+feature perturbation: one backbone pass, the decoder on ``[clean; Dropout2d(clean)]`` encoder features.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hafis.models.backbones import build_backbone
+
+__all__ = ["ASPP", "DeepLabV3Plus", "SegOutput"]
+
+
+@dataclass
+class SegOutput:
+    """logits: ``(B, C, H, W)`` at input size. features: ``(B, D, ceil(H/4), ceil(W/4))`` decoder feature (not
+    upsampled). logits_fp: feature-perturbed logits ``(B, C, H, W)``, only when requested."""
+
+    logits: Tensor
+    features: Tensor
+    logits_fp: Optional[Tensor] = None
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
+    pad = 0 if kernel == 1 else dilation
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _ImagePooling(nn.Module):
+    """Global-average-pool branch of ASPP, broadcast back to the feature size."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.conv = _conv_bn_relu(cin, cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(self.conv(self.pool(x)), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ASPP(nn.Module):
+    """1x1 + three dilated 3x3 + image pooling, concatenated and projected (1x1, BN, ReLU, Dropout 0.5)."""
+
+    def __init__(self, cin: int, cout: int, dilations: Sequence[int]):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [_conv_bn_relu(cin, cout)]
+            + [_conv_bn_relu(cin, cout, kernel=3, dilation=d) for d in dilations]
+            + [_ImagePooling(cin, cout)]
+        )
+        self.project = nn.Sequential(_conv_bn_relu(cout * len(self.branches), cout), nn.Dropout(0.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project(torch.cat([b(x) for b in self.branches], dim=1))
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+ on a timm ResNet (see :mod:`hafis.models.backbones` for names and weights).
+
+    aspp_dilations are given for output stride 16 and doubled for output stride 8, as in the DeepLab papers.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet50",
+        output_stride: int = 16,
+        feature_dim: int = 256,
+        aspp_channels: int = 256,
+        aspp_dilations: Sequence[int] = (6, 12, 18),
+        low_level_channels_out: int = 48,
+        fp_dropout: float = 0.5,
+        pretrained: Optional[str] = None,
+        pretrained_path: Optional[str | os.PathLike] = None,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.feature_dim = feature_dim
+        self.backbone, low_ch, high_ch = build_backbone(backbone, output_stride, pretrained, pretrained_path)
+        dilations = tuple(d * 16 // output_stride for d in aspp_dilations)
+        self.aspp = ASPP(high_ch, aspp_channels, dilations)
+        self.reduce = _conv_bn_relu(low_ch, low_level_channels_out)
+        self.fuse = nn.Sequential(
+            _conv_bn_relu(low_level_channels_out + aspp_channels, feature_dim, kernel=3),
+            _conv_bn_relu(feature_dim, feature_dim, kernel=3),
+        )
+        self.classifier = nn.Conv2d(feature_dim, num_classes, 1)
+        # A registered module (not UniMatch's inline nn.Dropout2d) so it follows train()/eval() like any layer.
+        self.fp_dropout = nn.Dropout2d(fp_dropout)
+
+    def _decode(self, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
+        high = self.aspp(high)
+        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        features = self.fuse(torch.cat([self.reduce(low), high], dim=1))
+        return self.classifier(features), features
+
+    def forward(self, x: Tensor, feature_perturbation: bool = False) -> SegOutput:
+        size = x.shape[-2:]
+        low, high = self.backbone(x)
+        if feature_perturbation:
+            # Independent channel-dropout masks on each level; the clean half passes through unchanged.
+            low = torch.cat([low, self.fp_dropout(low)])
+            high = torch.cat([high, self.fp_dropout(high)])
+        logits, features = self._decode(low, high)
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        if not feature_perturbation:
+            return SegOutput(logits=logits, features=features)
+        logits, logits_fp = logits.chunk(2)
+        features, _ = features.chunk(2)
+        return SegOutput(logits=logits, features=features, logits_fp=logits_fp)
+
+    def param_groups(self, lr: float, head_lr_multiplier: float = 10.0, weight_decay: float = 1e-4) -> list[dict]:
+        """SGD groups: backbone at ``lr``, everything else (ASPP, decoder, classifier) at ``lr * multiplier``.
+
+        ``initial_lr`` is stored too: the poly scheduler scales each group from it.
+        """
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        head = [p for p in self.parameters() if id(p) not in backbone_ids]
+        head_lr = lr * head_lr_multiplier
+        return [
+            dict(params=list(self.backbone.parameters()), lr=lr, initial_lr=lr, weight_decay=weight_decay),
+            dict(params=head, lr=head_lr, initial_lr=head_lr, weight_decay=weight_decay),
+        ]
