@@ -1,0 +1,23 @@
+"""SSL frameworks as loss recipes on the shared trainer; ``FRAMEWORKS`` maps config names to classes."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from hafis.config import Config
+
+from .base import Framework, PseudoLabelWeighting, StepOutput
+from .supervised import Supervised
+from .unimatch import UniMatch
+
+FRAMEWORKS: dict[str, type[Framework]] = {cls.name: cls for cls in (Supervised, UniMatch)}
+
+
+def build_framework(config: Config, model: nn.Module, num_classes: int) -> Framework:
+    name = config.train.framework
+    if name not in FRAMEWORKS:
+        raise ValueError(f"unknown framework {name!r}; valid: {', '.join(FRAMEWORKS)}")
+    return FRAMEWORKS[name](config, model, num_classes)
+
+
+__all__ = ["FRAMEWORKS", "Framework", "PseudoLabelWeighting", "StepOutput", "build_framework"]

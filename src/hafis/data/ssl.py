@@ -1,0 +1,124 @@
+"""The labelled, unlabelled and validation streams of semi-supervised training.
+
+Samplers yield ``(epoch, index)`` pairs and each sample's augmentation is drawn from a generator seeded by
+``(seed, stream, epoch, index)``. So the data order and every augmentation are fixed by the seed alone (not by the
+worker count), and resuming at iteration ``t`` replays exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .base import IGNORE_INDEX, SegmentationSource
+from .transforms import cutmix_box, normalize, strong_colour, to_tensor_image, weak_geometry
+
+LABELLED_STREAM, UNLABELLED_STREAM = 1, 2
+
+
+class InfiniteSampler(Sampler):
+    """An endless seeded shuffle: epoch ``e`` is ``randperm(n)`` from generator ``seed + e``.
+
+    ``start`` skips that many samples (to resume); ``rank``/``world_size`` give every rank a disjoint share of each
+    global batch, as ``DistributedSampler`` does.
+    """
+
+    def __init__(self, n: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if n <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.n, self.seed, self.start, self.rank, self.world_size = n, seed, start, rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position = self.start
+        while True:
+            epoch, offset = divmod(position, self.n)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            for i in range(offset, self.n):
+                if (position - self.start) % self.world_size == self.rank:
+                    yield epoch, perm[i]
+                position += 1
+
+
+def sample_rng(seed: int, stream: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, epoch, index])
+
+
+def _mask_tensor(mask: Optional[np.ndarray], shape: tuple[int, int]) -> torch.Tensor:
+    if mask is None:
+        return torch.full(shape, IGNORE_INDEX, dtype=torch.uint8)
+    return torch.from_numpy(np.ascontiguousarray(mask))
+
+
+class LabelledDataset(Dataset):
+    """Weakly augmented labelled crops: ``image (3, c, c)`` float, ``mask (c, c)`` long."""
+
+    def __init__(self, source: SegmentationSource, crop_size: int, scale_range: tuple[float, float], seed: int):
+        self.source, self.crop_size, self.scale_range, self.seed = source, crop_size, scale_range, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        sample = self.source.load(index)
+        if sample.mask is None:
+            raise ValueError(f"labelled image {sample.id!r} has no mask")
+        rng = sample_rng(self.seed, LABELLED_STREAM, epoch, index)
+        image, (mask,) = weak_geometry(to_tensor_image(sample.image), [(_mask_tensor(sample.mask, (0, 0)), 255)],
+                                       self.crop_size, self.scale_range, rng)
+        return {"image": normalize(image), "mask": mask.long(), "index": index}
+
+
+class UnlabelledDataset(Dataset):
+    """UniMatch-style unlabelled views of one image.
+
+    ``weak``, ``strong1``, ``strong2``: ``(3, c, c)`` float; ``ignore``: 255 on padding, else 0; ``box1``/``box2``:
+    CutMix boxes; ``gt``: the ground truth through the same geometry when the source has it (255 otherwise). ``gt``
+    exists only to *measure* pseudo-label quality; no framework may read it.
+    """
+
+    def __init__(self, source: SegmentationSource, crop_size: int, scale_range: tuple[float, float], seed: int,
+                 cutmix_prob: float = 0.5):
+        self.source, self.crop_size, self.scale_range, self.seed = source, crop_size, scale_range, seed
+        self.cutmix_prob = cutmix_prob
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        sample = self.source.load(index)
+        rng = sample_rng(self.seed, UNLABELLED_STREAM, epoch, index)
+        h, w = sample.image.shape[:2]
+        ignore = torch.zeros(h, w, dtype=torch.uint8)
+        weak, (ignore, gt) = weak_geometry(
+            to_tensor_image(sample.image), [(ignore, 255), (_mask_tensor(sample.mask, (h, w)), 255)],
+            self.crop_size, self.scale_range, rng)
+        strong1 = strong_colour(weak, rng)
+        box1 = cutmix_box(self.crop_size, rng, self.cutmix_prob)
+        strong2 = strong_colour(weak, rng)
+        box2 = cutmix_box(self.crop_size, rng, self.cutmix_prob)
+        return {
+            "weak": normalize(weak), "strong1": normalize(strong1), "strong2": normalize(strong2),
+            "ignore": ignore.long(), "box1": box1.bool(), "box2": box2.bool(), "gt": gt.long(), "index": index,
+        }
+
+
+class EvalDataset(Dataset):
+    """Whole validation images, normalised, with their masks."""
+
+    def __init__(self, source: SegmentationSource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.source.load(index)
+        if sample.mask is None:
+            raise ValueError(f"validation image {sample.id!r} has no mask")
+        return {"image": normalize(to_tensor_image(sample.image)), "mask": torch.from_numpy(
+            np.ascontiguousarray(sample.mask)).long(), "index": index}

@@ -1,0 +1,129 @@
+"""What every SSL framework shares: the step interface of the trainer and the one door to the weighting plug-in.
+
+A framework is a loss recipe. The shared trainer gives it a labelled batch and an unlabelled batch per iteration
+and gets back a loss to minimise; the framework never owns the optimiser, the data or the logs.
+The weighting is reached only through :class:`PseudoLabelWeighting`, which reads the framework's features,
+pseudo-labels and confidences and returns ``W`` (``None`` when the method is off, so the framework runs exactly as
+published).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from hafis.config import Config, WeightingConfig
+from hafis.weighting import PseudoLabelWeighter, confident_pixels, labelled_qualify_mask, weighted_cross_entropy
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor
+    #: named loss terms and diagnostics (0-d tensors), logged by the trainer; non-finite terms are reported by name
+    terms: dict[str, Tensor] = field(default_factory=dict)
+
+
+class PseudoLabelWeighting:
+    """The framework-side adapter of :class:`~hafis.weighting.PseudoLabelWeighter` (the plug-in's one door).
+
+    ``update`` feeds the bank (labelled pixels predicted right with confidence > ``labelled_threshold``; unlabelled
+    pixels judged reliable by ``reliable``); ``weights`` returns ``W`` for pseudo-labels; ``loss`` is the weighted CE
+    with the configured normalisation. With ``enabled: false`` nothing is stored and ``weights`` is ``None``.
+    """
+
+    def __init__(self, config: WeightingConfig, num_classes: int, feature_dim: int, seed: int) -> None:
+        self.config = config
+        self.enabled = config.enabled
+        self.weighter: Optional[PseudoLabelWeighter] = None
+        if self.enabled:
+            self.weighter = PseudoLabelWeighter(
+                num_classes, feature_dim, k=config.k, offset=config.offset, memory_per_class=config.memory_per_class,
+                samples_per_class=config.samples_per_class, align=config.align, seed=seed,
+            )
+
+    def to(self, device: torch.device) -> "PseudoLabelWeighting":
+        if self.weighter is not None:
+            self.weighter.to(device)
+        return self
+
+    @torch.no_grad()
+    def update(self, features_l: Tensor, logits_l: Tensor, labels: Tensor,
+               features_u: Tensor, confidence_u: Tensor, pseudo_u: Tensor, ignore_u: Tensor) -> None:
+        if self.weighter is None:
+            return
+        self.weighter.update_labelled(features_l, labels,
+                                      labelled_qualify_mask(logits_l, labels, self.config.labelled_threshold))
+        self.weighter.update_unlabelled(features_u, pseudo_u, self.reliable(confidence_u, pseudo_u, ignore_u))
+
+    def reliable(self, confidence_u: Tensor, pseudo_u: Tensor, ignore_u: Tensor) -> Tensor:
+        return confident_pixels(confidence_u, pseudo_u, self.config.tau_seg) & (ignore_u != 255)
+
+    def weights(self, features_u: Tensor, pseudo_u: Tensor) -> Optional[Tensor]:
+        if self.weighter is None:
+            return None
+        return self.weighter.weights(features_u, pseudo_u)
+
+    def loss(self, logits: Tensor, target: Tensor, weight: Optional[Tensor], mask: Tensor,
+             denominator_mask: Optional[Tensor] = None) -> Tensor:
+        """The framework's per-pixel CE times ``W``; ``normalize: weight`` swaps the framework's ``Z`` for ``Σ W``."""
+        normalize = self.config.normalize if weight is not None else "count"
+        return weighted_cross_entropy(logits, target, weight, mask, normalize, denominator_mask)
+
+    def state_dict(self) -> dict:
+        return self.weighter.state_dict() if self.weighter is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.weighter is not None:
+            self.weighter.load_state_dict(state)
+
+
+class Framework:
+    """Base class of the loss recipes. Subclasses set ``name`` and implement :meth:`train_step`."""
+
+    name = "base"
+    uses_unlabelled = True
+
+    def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
+        self.config = config
+        self.model = model
+        self.num_classes = num_classes
+        self.weighting = PseudoLabelWeighting(config.weighting, num_classes, config.model.feature_dim, config.seed)
+
+    def to(self, device: torch.device) -> "Framework":
+        self.weighting.to(device)
+        return self
+
+    def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, iteration: int) -> None:
+        """Hook for teachers (EMA) and banks updated after the weights change."""
+
+    def eval_model(self) -> nn.Module:
+        """The network that is evaluated and checkpointed as 'the model' (the student, or a teacher)."""
+        return self.model
+
+    @torch.no_grad()
+    def pseudo_labels(self, images: Tensor) -> dict[str, Tensor]:
+        """Pseudo-labels, confidence, reliable mask and weights of unlabelled images, for reports and pictures."""
+        model = self.eval_model()
+        was_training = model.training
+        model.eval()
+        out = model(images)
+        model.train(was_training)
+        conf, pseudo = out.logits.softmax(dim=1).max(dim=1)
+        ignore = torch.zeros_like(pseudo)
+        result = {"pseudo": pseudo, "confidence": conf, "reliable": self.weighting.reliable(conf, pseudo, ignore)}
+        w = self.weighting.weights(out.features, pseudo)
+        if w is not None:
+            result["weight"] = w
+        return result
+
+    def state_dict(self) -> dict:
+        return {"weighting": self.weighting.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weighting.load_state_dict(state.get("weighting", {}))
