@@ -52,6 +52,8 @@ class ModelConfig:
     pretrained_path: Optional[str] = None
     output_stride: int = choice(16, 8, 16)
     feature_dim: int = 256
+    #: channels of the ASPP branches (256 as published; smaller for the tiny CPU configs)
+    aspp_channels: int = 256
     #: UniMatch's feature perturbation: Dropout2d rate on the encoder features
     fp_dropout: float = 0.5
 

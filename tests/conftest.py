@@ -1,0 +1,14 @@
+import os
+
+import pytest
+import torch
+
+# Tests run two at a time (pytest -n 2) on 2 cores: one intra-op thread each avoids oversubscription.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Generated data goes to a per-session cache, never the user's ~/.cache."""
+    cache = os.environ.get("HAFIS_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "hafis-cache")
+    monkeypatch.setenv("HAFIS_CACHE", cache)

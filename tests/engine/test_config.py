@@ -1,0 +1,61 @@
+import pytest
+
+from hafis.config import ConfigError, load_config
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    path = write(tmp_path, "a.yaml", "name: x\ntrain: {iterations: 7}\nweighting: {enabled: true}\n")
+    config = load_config(path, ["train.batch_size=3", "weighting.offset=1", "data.scale_range=[1, 2]"])
+    assert config.name == "x" and config.train.iterations == 7 and config.train.batch_size == 3
+    assert config.weighting.enabled is True and config.weighting.offset == 1.0
+    assert isinstance(config.weighting.offset, float)
+    assert config.data.scale_range == (1.0, 2.0)
+    assert config.weighting.k == 5  # default kept
+
+
+def test_base_chain(tmp_path):
+    write(tmp_path, "base.yaml", "name: base\ntrain: {iterations: 7, batch_size: 5}\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\ntrain: {iterations: 9}\n")
+    config = load_config(child)
+    assert (config.name, config.train.iterations, config.train.batch_size) == ("base", 9, 5)
+
+
+def test_unknown_key_names_it_and_lists_valid_ones(tmp_path):
+    path = write(tmp_path, "a.yaml", "train: {iteratons: 7}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "train.iteratons" in message and "did you mean 'train.iterations'" in message
+    assert str(path) in message and "batch_size" in message
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("train.iterations=many", "'train.iterations' must be int"),
+        ("weighting.enabled=3", "'weighting.enabled' must be bool"),
+        ("weighting.normalize=sum", "'weighting.normalize' must be one of"),
+        ("train.framework=fixmatch", "'train.framework' must be one of"),
+        ("data.scale_range=[1]", "'data.scale_range' must be a list of 2"),
+        ("nosuch.key=1", "unknown key 'nosuch'"),
+        ("train=3", "'train' must be a mapping"),
+        ("data.synthetic.image_size=4", "image_size must be >= 16"),
+        ("oops", "key=value"),
+    ],
+)
+def test_bad_values(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "bad.yaml", "a: [1,\n"))
