@@ -74,14 +74,16 @@ class PseudoLabelWeighter(nn.Module):
         B, H, W = pseudo_labels.shape
         protos, has_proto = self.bank.prototypes()
         proto_mask = topk_mask(protos, self.k, dim=1) & has_proto[:, None]  # (C, D); all-False without prototype
+        # channels-last: the top-k and its tie-break run along contiguous memory, and the resize keeps that layout
+        features = features.contiguous(memory_format=torch.channels_last)
         if self.align == "bilinear":
             features = resize_features(features, (H, W), "bilinear")
-        feat_mask = topk_mask(features, self.k, dim=1)  # (B, D, h, w)
-        b, d, h, w = feat_mask.shape
-        # one (C x D) @ (D x h*w) product per image gives s for every class; then the pseudo-label's class is read
+        b, d, h, w = features.shape
+        feat_mask = topk_mask(features.permute(0, 2, 3, 1), self.k, dim=-1)  # (B, h, w, D)
+        # one (h*w x D) @ (D x C) product per image gives s for every class; then the pseudo-label's class is read
         work_dtype = torch.float32 if features.device.type == "cpu" else features.dtype
-        scores = torch.matmul(proto_mask.to(work_dtype), feat_mask.view(b, d, h * w).to(work_dtype))
-        scores = scores.view(b, self.num_classes, h, w)
+        scores = torch.matmul(feat_mask.reshape(b, h * w, d).to(work_dtype), proto_mask.t().to(work_dtype))
+        scores = scores.view(b, h, w, self.num_classes).permute(0, 3, 1, 2)
         if (h, w) != (H, W):  # align == "nearest": score maps are resized, labels stay as they are
             scores = F.interpolate(scores, size=(H, W), mode="nearest")
         labels = pseudo_labels.long()
