@@ -1,4 +1,4 @@
-"""``hafis`` command line: ``train``, ``eval``, ``demo``.
+"""``hafis`` command line: ``train``, ``eval``, ``detect``, ``prepare``, ``demo``.
 
 Errors a user can fix (a bad config key, a missing file, an unreadable checkpoint) print one line naming the key or
 file and exit with status 2; nothing is written before the config is valid.
@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 from hafis.config import ConfigError, load_config
 
 EXIT_USAGE = 2
+#: training stopped on a NaN / inf loss (the last checkpoint is intact)
+EXIT_NONFINITE = 3
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -34,10 +36,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     import torch
-    from torch.utils.data import DataLoader
 
     from hafis.data import build_sources
-    from hafis.data.ssl import EvalDataset
     from hafis.engine.checkpoint import load_checkpoint
     from hafis.engine.trainer import build_model, evaluate, resolve_device
 
@@ -49,14 +49,31 @@ def _eval(args: argparse.Namespace) -> int:
     model = build_model(config, val.num_classes)
     model.load_state_dict(state["model"])
     model.to(device)
-    loader = DataLoader(EvalDataset(val), batch_size=config.eval.batch_size, num_workers=config.data.num_workers)
-    result = evaluate(model, loader, val.num_classes, device)
-    names = list(val.class_names)
-    print(f"checkpoint {args.checkpoint} (iteration {state.get('iteration')}): mIoU {100 * result.miou:.2f}")
-    for name, iou in zip(names, result.iou):
-        print(f"  {name:>16s}  {'-' if iou is None else f'{100 * iou:.2f}'}")
+    from hafis.engine.evaluation import build_eval_loader, eval_settings, iou_table
+
+    loader = build_eval_loader(val, config.eval.batch_size, config.data.num_workers)
+    settings = eval_settings(config)
+    result = evaluate(model, loader, val.num_classes, device, **settings)
+    print(f"checkpoint {args.checkpoint} (iteration {state.get('iteration')}), {settings['mode']} evaluation on "
+          f"{len(val)} images: mIoU {100 * result.miou:.2f}")
+    print(iou_table(result.iou, val.class_names, result.miou))
     print(json.dumps({"iteration": state.get("iteration"), **result.record()}))
     return 0
+
+
+def _detect(args: argparse.Namespace) -> int:
+    from hafis.engine.detect import run_detect
+
+    config = load_config(args.config, args.overrides)
+    detections, cache = run_detect(config, retrain=args.retrain)
+    print(json.dumps({"cache": str(cache.path), **detections.summary(config.weighting.tau_det)}))
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from hafis.data.splits import prepare_command
+
+    return prepare_command(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -83,6 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.set_defaults(func=_eval)
 
+    p = sub.add_parser("detect", help="train the detector on the labelled images and cache its detections over the "
+                                      "unlabelled ones (for weighting.reliable: detector); resumable")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="config overrides; use the same ones as for hafis train")
+    p.add_argument("--retrain", action="store_true", help="train the detector again even if a matching one exists")
+    p.set_defaults(func=_detect)
+
+    from hafis.data.splits import add_prepare_arguments
+
+    p = sub.add_parser("prepare", help="check a dataset tree (every problem, with paths) and write seeded split "
+                                       "lists: hafis prepare DATASET ROOT --labelled N|FRACTION --seed S")
+    add_prepare_arguments(p)
+    p.set_defaults(func=_prepare)
+
     p = sub.add_parser("demo", help="supervised vs UniMatch vs UniMatch + weighting on the built-in scenes")
     p.add_argument("--quick", action="store_true", help="a smaller run (under 3 minutes on 2 CPU cores)")
     p.add_argument("--out", default="demo_out")
@@ -94,12 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from hafis.engine.checkpoint import CheckpointError
+    from hafis.engine.trainer import NonFiniteLossError
 
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError) as exc:
         print(f"hafis {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except NonFiniteLossError as exc:
+        print(f"hafis {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
 
 
 if __name__ == "__main__":

@@ -31,8 +31,22 @@ def choice(default: Any, *choices: Any, doc: str = "") -> Any:
 
 @dataclass
 class DataConfig:
-    dataset: str = choice("synthetic", "synthetic")
+    #: synthetic = the built-in scenes; voc / cityscapes / coco = the datasets' official trees; folder = your own
+    #: ``images/ + masks/ + classes.txt`` (formats: hafis.data.voc, .cityscapes, .coco, .folder)
+    dataset: str = choice("synthetic", "synthetic", "voc", "cityscapes", "coco", "folder")
+    #: the dataset's folder (VOC: the VOC2012 folder; Cityscapes: holds leftImg8bit/ and gtFine/; COCO: holds
+    #: train2017/, val2017/, annotations/)
     root: Optional[str] = None
+    #: split files, one image id a line (published lists or ``hafis prepare`` output); relative paths are relative to
+    #: ``root``. null: labelled = every image that can be labelled, unlabelled = the other training images,
+    #: val = the dataset's validation set
+    labelled_split: Optional[str] = None
+    unlabelled_split: Optional[str] = None
+    val_split: Optional[str] = None
+    #: Pascal VOC: classic = labelled from the 1,464 fine masks; blended = from the 10,582 SBD-augmented masks
+    voc_setting: str = choice("classic", "classic", "blended")
+    #: folder datasets: the class list (one name a line); null = ``root/classes.txt``
+    classes: Optional[str] = None
     crop_size: int = 64
     #: random scale range of the weak augmentation (published: 0.5-2.0)
     scale_range: tuple[float, float] = (0.5, 2.0)
@@ -70,17 +84,29 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    framework: str = choice("unimatch", "supervised", "unimatch")
+    framework: str = choice("unimatch", "supervised", "unimatch", "u2pl", "ael", "augseg")
     iterations: int = 1000
     batch_size: int = 8
     unlabelled_batch_size: int = 8
     eval_interval: int = 100
     log_interval: int = 10
-    #: checkpoints are written at every evaluation and at the end; the newest ``keep_checkpoints`` are kept
+    #: checkpoints are written every ``checkpoint_interval`` iterations (0 = at every evaluation) and at the end;
+    #: the newest ``keep_checkpoints`` are kept
+    checkpoint_interval: int = 0
     keep_checkpoints: int = 2
     progress_bar: bool = True
     tensorboard: bool = True
     device: str = choice("auto", "auto", "cpu", "cuda")
+    #: mixed precision of the training step: bf16 needs no loss scaling; fp16 uses a GradScaler
+    amp: str = choice("off", "off", "bf16", "fp16")
+    #: channels-last memory format for the model and its inputs (faster convolutions on recent GPUs)
+    channels_last: bool = False
+    #: torch.compile the segmenter (first steps are slow while it compiles)
+    compile: bool = False
+    #: a non-finite loss skips its step; more than this many skipped steps in a run stop training (0 = stop at once)
+    max_nonfinite_skips: int = 0
+    #: convert BatchNorm to SyncBatchNorm under torchrun, so batch statistics cover the global batch
+    sync_bn: bool = False
 
 
 @dataclass
@@ -91,6 +117,97 @@ class UniMatchConfig:
     #: the published loss is (loss_x + 0.25 loss_s1 + 0.25 loss_s2 + 0.5 loss_fp) / 2
     strong_weight: float = 0.25
     fp_weight: float = 0.5
+
+
+@dataclass
+class U2PLConfig:
+    """U2PL (frameworks/u2pl.py); defaults are the released Pascal VOC ones."""
+
+    #: labelled-only iterations before the teacher starts; null = one epoch (one pass over the unlabelled images,
+    #: the released code's epoch, which repeats the labelled list to the unlabelled list's length)
+    sup_only_iterations: Optional[int] = None
+    ema_decay: float = 0.99
+    unsup_weight: float = 1.0
+    #: α_0 in percent: at iteration t the α_t = α_0 (1 - t/T) % highest-entropy pixels are unreliable (dropped from
+    #: the CE, contrastive negatives) and the α_t % lowest-entropy ones are the unlabelled anchor candidates
+    alpha: float = 20.0
+    #: probability (per batch) of U2PL's half-area CutMix
+    cutmix_prob: float = 0.5
+    contrastive_weight: float = 0.1
+    temperature: float = 0.5
+    #: anchors per class and negatives per anchor: the paper's 50 / 256 (the released configs use 256 / 50)
+    num_anchors: int = 50
+    num_negatives: int = 256
+    #: negatives of class c: labelled pixels ranking c in [0, low_rank), unreliable ones ranking it in
+    #: [low_rank, high_rank) (ranks from 0 = the argmax)
+    low_rank: int = 3
+    high_rank: int = 20
+    #: δ_p: anchors need a teacher probability of their class above this
+    anchor_threshold: float = 0.3
+    #: per-class FIFO memory of negative keys (released: 30000)
+    queue_size: int = 30000
+    #: channels of the representation head (released: 256)
+    rep_dim: int = 256
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low_rank <= self.high_rank:
+            raise ValueError(f"u2pl needs 0 <= low_rank <= high_rank, got {self.low_rank}, {self.high_rank}")
+        if self.sup_only_iterations is not None and self.sup_only_iterations < 0:
+            raise ValueError(f"u2pl.sup_only_iterations must be >= 0, got {self.sup_only_iterations}")
+        for key in ("num_anchors", "num_negatives", "queue_size", "rep_dim"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"u2pl.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class AELConfig:
+    """AEL (frameworks/ael.py); defaults are the released Pascal VOC ones."""
+
+    ema_decay: float = 0.99
+    #: teacher confidence below this: no pseudo-label (released VOC: 0.7)
+    threshold: float = 0.7
+    unsup_weight: float = 1.0
+    #: dynamic re-weighting: each pseudo-labelled pixel counts with (teacher confidence)^gamma
+    gamma: float = 2.0
+    #: adaptive equalization sampling: class c is sampled at ((1 - conf_c) / max(1 - conf))^sample_gamma
+    sample_gamma: float = 1.0
+    #: EMA momentum of the confidence bank (released: 0.999, i.e. a time constant of ~1000 iterations)
+    momentum: float = 0.999
+    #: starting confidence of every class; null = uniform random per class (the released torch.rand)
+    confidence_init: Optional[float] = None
+    copy_paste: bool = True
+    #: probability that a labelled image gets pasted pixels
+    copy_paste_prob: float = 0.5
+    #: classes drawn (with replacement) per iteration as the pasted content (released VOC: 1)
+    copy_paste_classes: int = 1
+    #: class indices never pasted ("stuff"; VOC and the synthetic scenes: background; Cityscapes: 0 1 2 8 10)
+    paste_exclude: list[int] = field(default_factory=lambda: [0])
+    cutmix: bool = True
+    #: false: CutMix with random half-area boxes instead of class-guided ones (an ablation)
+    adaptive_cutmix: bool = True
+    #: a class must cover this share of a candidate image (and of a connected component) to guide its box
+    area_thresh: float = 0.03
+
+
+@dataclass
+class AugSegConfig:
+    """AugSeg (frameworks/augseg.py); defaults are the released Pascal VOC ones."""
+
+    ema_decay: float = 0.999
+    #: τ of the thresholded CE against the teacher (released VOC: 0.95)
+    threshold: float = 0.95
+    unsup_weight: float = 1.0
+    #: at most this many intensity ops per image (released: 3), their count uniform in 1..num_augs
+    num_augs: int = 3
+    #: false: exactly num_augs ops per image
+    random_num_augs: bool = True
+    cutmix: bool = True
+    #: probability (per batch) of the adaptive label-aided CutMix (released: 1.0)
+    cutmix_prob: float = 1.0
+    #: the student also sees the weak unlabelled view (its predictions unused; BatchNorm statistics only)
+    extra_weak: bool = True
+    #: the teacher copies the student during these first iterations; null = one epoch (released)
+    teacher_copy_iterations: Optional[int] = None
 
 
 @dataclass
@@ -106,18 +223,72 @@ class WeightingConfig:
     samples_per_class: int = 32
     #: labelled pixels feed the bank when predicted right with confidence above this (the paper: 0.95)
     labelled_threshold: float = 0.95
-    #: how unlabelled pixels are judged reliable for the bank: confidence ≥ tau_seg alone (until detections
-    #: are available, and as the ablation)
-    reliable: str = choice("confidence", "confidence")
+    #: how unlabelled pixels are judged reliable for the bank: ``detector`` = the paper's rule (confidence ≥ tau_seg
+    #: and a same-class detection ≥ tau_det covers the pixel; needs ``hafis detect CONFIG`` first, see
+    #: ``detector``); ``confidence`` = confidence ≥ tau_seg alone (the ablation; no detector needed)
+    reliable: str = choice("detector", "detector", "confidence")
     tau_seg: float = 0.95
+    #: detections scoring at least this become boxes of the per-class box mask (the authors' code: 0.95)
+    tau_det: float = 0.95
+    #: pseudo-labels of classes the detector has no class for (background, stuff), with ``reliable: detector``:
+    #: ``exclude`` = never reliable (the authors' code), ``confidence`` = judged by tau_seg alone
+    stuff: str = choice("exclude", "exclude", "confidence")
     #: features are resized to the labels' size: bilinear (authors) or nearest (cheaper)
     align: str = choice("bilinear", "bilinear", "nearest")
 
 
 @dataclass
+class DetectorConfig:
+    """The detector of ``weighting.reliable: detector`` (method.md step 1), trained by ``hafis detect CONFIG`` on
+    the labelled images only; its detections over the unlabelled images are cached on disk."""
+
+    #: resnet50_fpn = the paper's Faster R-CNN ResNet-50-FPN (GPU); mobilenet_v3_large_fpn = lighter; tiny = a CPU
+    #: detector with 8-64 px anchors for 32-128 px images (tests, demo)
+    arch: str = choice("resnet50_fpn", "resnet50_fpn", "mobilenet_v3_large_fpn", "tiny")
+    #: training steps (Adam); the authors train "many epochs"
+    iterations: int = 10000
+    batch_size: int = 4
+    #: the authors' Adam learning rate; a tiny detector trained briefly needs a larger one
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    #: training boxes: instances = the reader's instance boxes, components = connected components of each thing
+    #: class in the mask, auto = instance boxes where the image has any, else components
+    boxes: str = choice("auto", "auto", "instances", "components")
+    #: connected components smaller than this many pixels give no box (the authors: 90 px for thin classes)
+    component_min_area: int = 0
+    #: torchvision's input resize (shorter side, longer-side cap); null = the first labelled image's own size
+    min_size: Optional[int] = None
+    max_size: Optional[int] = None
+    #: lowest score stored in the cache (so weighting.tau_det can change without running the detector again)
+    score_threshold: float = 0.05
+    detections_per_image: int = 100
+    #: a trained detector to use as it is (hafis detect then only runs it); null = train one into output_dir
+    checkpoint: Optional[str] = None
+    #: where the trained detector (detector.pt) and the detection cache go; ``{name}`` is the experiment name
+    output_dir: str = "runs/{name}/detector"
+    #: local torchvision ResNet-50 weights for resnet50_fpn's backbone (nothing is ever downloaded)
+    backbone_weights: Optional[str] = None
+    inference_batch_size: int = 8
+    #: images per resumable piece of the detection cache
+    chunk_size: int = 256
+
+    def __post_init__(self) -> None:
+        for key in ("iterations", "batch_size", "inference_batch_size", "chunk_size", "detections_per_image"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"detector.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
 class EvalConfig:
+    #: images per forward pass; validation images of different sizes are run one at a time
     batch_size: int = 8
-    mode: str = choice("whole", "whole")
+    #: whole = the whole image in one pass (VOC as published); sliding = overlapping windows whose softmax
+    #: outputs are averaged (Cityscapes, COCO as published)
+    mode: str = choice("whole", "whole", "sliding")
+    #: sliding window side in pixels; null = data.crop_size (the published choice)
+    window: Optional[int] = None
+    #: step between windows; null = 2/3 of the window (an overlap of 1/3, as published)
+    stride: Optional[int] = None
 
 
 @dataclass
@@ -131,7 +302,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     unimatch: UniMatchConfig = field(default_factory=UniMatchConfig)
+    u2pl: U2PLConfig = field(default_factory=U2PLConfig)
+    ael: AELConfig = field(default_factory=AELConfig)
+    augseg: AugSegConfig = field(default_factory=AugSegConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property

@@ -44,3 +44,14 @@ def _json_default(value: Any) -> Any:
 def read_metrics(path: Path) -> list[dict]:
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop the records after ``iteration`` (a resumed run replays those steps and logs them again)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(path) if r.get("iteration", 0) <= iteration]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)

@@ -6,8 +6,10 @@ framework is a recipe of a few dozen lines and all of them log, evaluate and res
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -24,8 +26,9 @@ from hafis.frameworks import Framework, build_framework
 from hafis.models import build_segmenter
 
 from .checkpoint import CheckpointManager, load_checkpoint
+from .evaluation import eval_batches, eval_collate, eval_settings, predict
 from .metrics import confusion_matrix, iou_per_class, mean_iou
-from .run_log import RunLog
+from .run_log import RunLog, truncate_metrics
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -64,14 +67,17 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, device: torch.device) -> EvalResult:
-    """Whole-image evaluation: one confusion matrix over the set, then per-class IoU and mIoU."""
+def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
+             mode: str = "whole", window: Optional[int] = None, stride: Optional[int] = None) -> EvalResult:
+    """One confusion matrix over the set, then per-class IoU and mIoU; ``mode`` whole-image or sliding-window
+    (:mod:`hafis.engine.evaluation`; a batch of mixed image sizes runs one image at a time)."""
     was_training = model.training
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     for batch in loader:
-        logits = model(batch["image"].to(device)).logits
-        confusion += confusion_matrix(logits.argmax(dim=1), batch["mask"].to(device), num_classes)
+        for images, masks in eval_batches(batch):
+            scores = predict(model, images.to(device), mode, window, stride)
+            confusion += confusion_matrix(scores.argmax(dim=1), masks.to(device), num_classes)
     model.train(was_training)
     confusion = confusion.cpu()
     iou = [None if math.isnan(v) else v for v in iou_per_class(confusion).tolist()]
@@ -94,24 +100,46 @@ class Trainer:
         self.class_names = list(self.labelled_source.class_names)
         self.model = build_model(config, self.num_classes).to(self.device)
         self.framework: Framework = build_framework(config, self.model, self.num_classes).to(self.device)
+        self.framework.epoch_iterations = max(1, len(self.unlabelled_source) // config.train.unlabelled_batch_size)
+        self.framework.weighting.thing_classes = tuple(self.unlabelled_source.thing_classes)
+        #: detection box masks of the unlabelled images (weighting.reliable: detector), else None
+        self.box_masks = self._box_masks()
         o = config.optim
         self.optimizer = torch.optim.SGD(
-            self.model.param_groups(o.lr, o.head_lr_multiplier, o.weight_decay), lr=o.lr, momentum=o.momentum,
+            self.model.param_groups(o.lr, o.head_lr_multiplier, o.weight_decay)
+            + self.framework.param_groups(o.lr, o.head_lr_multiplier, o.weight_decay), lr=o.lr, momentum=o.momentum,
             weight_decay=o.weight_decay,
         )
         self.run_dir = config.run_dir
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", config.train.keep_checkpoints)
         self.iteration = 0
         self.best_miou = float("-inf")
+        self.nonfinite_skips = 0
+        #: loss scaling only for fp16; a disabled scaler is a pass-through
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train.amp == "fp16")
         self.val_loader = DataLoader(EvalDataset(self.val_source), batch_size=config.eval.batch_size,
-                                     num_workers=config.data.num_workers)
+                                     num_workers=config.data.num_workers, collate_fn=eval_collate,
+                                     generator=torch.Generator().manual_seed(config.seed))
 
     # ------------------------------------------------------------------------------------------------ data
+    def _box_masks(self):
+        """The cached detections' box masks when the weighting uses the detector; a missing or stale cache stops
+        here with the ``hafis detect`` command to run (nothing has been written yet)."""
+        w = self.config.weighting
+        if not (w.enabled and w.reliable == "detector" and self.framework.uses_unlabelled):
+            return None
+        from .detect import box_mask_provider
+
+        return box_mask_provider(self.config, self.labelled_source, self.unlabelled_source, self.num_classes)
+
     def _stream(self, dataset, batch_size: int, seed: int) -> Iterator[dict]:
         sampler = InfiniteSampler(len(dataset), seed, start=self.iteration * batch_size)
+        # a loader of its own generator: creating its iterator must not draw from the global RNG, or a resumed run
+        # (whose loaders start at another point of the RNG stream) would diverge from an uninterrupted one
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                             num_workers=self.config.data.num_workers, pin_memory=self.device.type == "cuda",
-                            persistent_workers=self.config.data.num_workers > 0)
+                            persistent_workers=self.config.data.num_workers > 0,
+                            generator=torch.Generator().manual_seed(seed))
         for batch in loader:
             yield {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -122,7 +150,7 @@ class Trainer:
         unlabelled = None
         if self.framework.uses_unlabelled:
             dataset = UnlabelledDataset(self.unlabelled_source, c.data.crop_size, c.data.scale_range, c.seed,
-                                        c.unimatch.cutmix_prob)
+                                        c.unimatch.cutmix_prob, box_masks=self.box_masks)
             unlabelled = self._stream(dataset, c.train.unlabelled_batch_size, c.seed + 1)
         return labelled, unlabelled
 
@@ -135,6 +163,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "framework": self.framework.state_dict(),
             "best_miou": self.best_miou,
+            "nonfinite_skips": self.nonfinite_skips,
+            "scaler": self.scaler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "config": to_dict(self.config),
@@ -146,6 +176,9 @@ class Trainer:
         self.framework.load_state_dict(state["framework"])
         self.iteration = state["iteration"]
         self.best_miou = state["best_miou"]
+        self.nonfinite_skips = state.get("nonfinite_skips", 0)
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -167,6 +200,8 @@ class Trainer:
         c = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(c), sort_keys=False))
+        if self.iteration > 0:  # resumed: records past the checkpoint will be written again by the replayed steps
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
         log = RunLog(self.run_dir, tensorboard=c.train.tensorboard)
         labelled, unlabelled = self._streams()
         total = c.train.iterations
@@ -180,12 +215,16 @@ class Trainer:
                 it = self.iteration
                 for group in self.optimizer.param_groups:
                     group["lr"] = poly_lr(group["initial_lr"], it, total, c.optim.poly_power)
-                step = self.framework.train_step(next(labelled), next(unlabelled) if unlabelled else None, it)
-                self._check_finite(step, it)
+                batch_l = next(labelled)
+                batch_u = next(unlabelled) if unlabelled else None
+                with self._autocast():
+                    step = self.framework.train_step(batch_l, batch_u, it)
                 self.optimizer.zero_grad(set_to_none=True)
-                step.loss.backward()
-                self.optimizer.step()
-                self.framework.after_optimizer_step(it)
+                if self._finite_or_skip(step, it):
+                    self.scaler.scale(step.loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.framework.after_optimizer_step(it)
                 self.iteration = it + 1
                 bar.update(1)
                 if self.iteration % c.train.log_interval == 0 or self.iteration == total:
@@ -195,25 +234,44 @@ class Trainer:
                     window_start = time.perf_counter()
                     log.write(record, "train")
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
-                if self.iteration % c.train.eval_interval == 0 or self.iteration == total:
-                    result = self._evaluate_and_save(log)
+                evaluate_now = self.iteration % c.train.eval_interval == 0 or self.iteration == total
+                save_now = evaluate_now if c.train.checkpoint_interval <= 0 else \
+                    (self.iteration % c.train.checkpoint_interval == 0 or self.iteration == total)
+                if evaluate_now:
+                    result = self._evaluate(log)
+                if save_now:
+                    self.checkpoints.save(self.state_dict(), self.iteration)
+                if evaluate_now and self.on_eval is not None:
+                    self.on_eval(self, self.iteration, result)
         finally:
             bar.close()
             log.close()
         return result
 
-    def _check_finite(self, step, iteration: int) -> None:
-        if torch.isfinite(step.loss):
-            return
-        bad = [k for k, v in step.terms.items() if not torch.isfinite(v)] or ["loss"]
-        raise NonFiniteLossError(f"non-finite loss at iteration {iteration}: term(s) {', '.join(bad)}")
+    def _autocast(self):
+        amp = self.config.train.amp
+        if amp == "off":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
-    def _evaluate_and_save(self, log: RunLog) -> EvalResult:
-        result = evaluate(self.framework.eval_model(), self.val_loader, self.num_classes, self.device)
+    def _finite_or_skip(self, step, iteration: int) -> bool:
+        """True when the loss is finite; else the step is skipped, or training stops once too many were skipped."""
+        if bool(torch.isfinite(step.loss.detach())):
+            return True
+        bad = [k for k, v in step.terms.items() if not bool(torch.isfinite(v))] or ["loss"]
+        self.nonfinite_skips += 1
+        limit = self.config.train.max_nonfinite_skips
+        message = (f"non-finite loss at iteration {iteration}: term(s) {', '.join(bad)} "
+                   f"({self.nonfinite_skips} non-finite step(s) so far, train.max_nonfinite_skips={limit})")
+        if self.nonfinite_skips > limit:
+            raise NonFiniteLossError(message + "; stopping, the last checkpoint is kept")
+        warnings.warn(message + "; step skipped", stacklevel=2)
+        return False
+
+    def _evaluate(self, log: RunLog) -> EvalResult:
+        result = evaluate(self.framework.eval_model(), self.val_loader, self.num_classes, self.device,
+                          **eval_settings(self.config))
         self.best_miou = max(self.best_miou, result.miou)
         log.write({"iteration": self.iteration, "event": "eval", **result.record(), "best_miou": self.best_miou,
-                   "seed": self.config.seed}, "val")
-        self.checkpoints.save(self.state_dict(), self.iteration)
-        if self.on_eval is not None:
-            self.on_eval(self, self.iteration, result)
+                   "seed": self.config.seed, "iou_by_class": dict(zip(self.class_names, result.iou))}, "val")
         return result
