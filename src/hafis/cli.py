@@ -124,12 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from hafis.data.base import DataError
     from hafis.engine.checkpoint import CheckpointError
     from hafis.engine.trainer import NonFiniteLossError
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as exc:
         print(f"hafis {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLossError as exc:

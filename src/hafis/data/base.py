@@ -15,6 +15,13 @@ import numpy as np
 IGNORE_INDEX = 255
 
 
+class DataError(ValueError):
+    """A sample cannot be used: unreadable file, wrong size, or a label value outside the class range.
+
+    The message names the file (or the sample id where the reader has no file) and the offending value.
+    """
+
+
 @dataclass
 class Sample:
     """One image with its annotations, as loaded from disk.
@@ -53,3 +60,23 @@ class SegmentationSource:
 
     def load(self, index: int) -> Sample:  # pragma: no cover - implemented by readers
         raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """Where sample ``index`` comes from, for error messages (readers with files name them)."""
+        return f"sample {self.ids[index]!r} of {type(self).__name__}"
+
+
+def load_checked(source: SegmentationSource, index: int) -> Sample:
+    """``source.load(index)`` whose failures become :class:`DataError` naming the file, with labels range-checked."""
+    try:
+        sample = source.load(index)
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError) as exc:  # Pillow raises all three for broken files
+        raise DataError(f"cannot read {source.describe(index)}: {exc}") from exc
+    if sample.mask is not None:
+        bad = (sample.mask >= source.num_classes) & (sample.mask != IGNORE_INDEX)
+        if bad.any():
+            raise DataError(f"{source.describe(index)}: label value {int(sample.mask[bad][0])} is outside "
+                            f"[0, {source.num_classes}) and not the ignore value {IGNORE_INDEX}")
+    return sample

@@ -7,13 +7,13 @@ worker count), and resuming at iteration ``t`` replays exactly the batches an un
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .base import IGNORE_INDEX, SegmentationSource
+from .base import IGNORE_INDEX, SegmentationSource, load_checked
 from .transforms import cutmix_box, normalize, strong_colour, to_tensor_image, weak_geometry
 
 LABELLED_STREAM, UNLABELLED_STREAM = 1, 2
@@ -63,7 +63,7 @@ class LabelledDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
-        sample = self.source.load(index)
+        sample = load_checked(self.source, index)
         if sample.mask is None:
             raise ValueError(f"labelled image {sample.id!r} has no mask")
         rng = sample_rng(self.seed, LABELLED_STREAM, epoch, index)
@@ -78,33 +78,43 @@ class UnlabelledDataset(Dataset):
     ``weak``, ``strong1``, ``strong2``: ``(3, c, c)`` float; ``ignore``: 255 on padding, else 0; ``box1``/``box2``:
     CutMix boxes; ``gt``: the ground truth through the same geometry when the source has it (255 otherwise). ``gt``
     exists only to *measure* pseudo-label quality; no framework may read it.
+    ``box_masks``: optional ``(index, (H, W)) -> (C, H, W)`` uint8 per-class detection box mask of an image (e.g. a
+    :class:`hafis.engine.detections.BoxMaskProvider`); it goes through the same geometry as the pixels (nearest,
+    padding 0) and comes out as ``box_mask`` ``(C, c, c)`` bool. It draws no random numbers, so the views are the
+    same with and without it.
     """
 
     def __init__(self, source: SegmentationSource, crop_size: int, scale_range: tuple[float, float], seed: int,
-                 cutmix_prob: float = 0.5):
+                 cutmix_prob: float = 0.5, box_masks: Optional[Callable[[int, tuple[int, int]], torch.Tensor]] = None):
         self.source, self.crop_size, self.scale_range, self.seed = source, crop_size, scale_range, seed
         self.cutmix_prob = cutmix_prob
+        self.box_masks = box_masks
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
-        sample = self.source.load(index)
+        sample = load_checked(self.source, index)
         rng = sample_rng(self.seed, UNLABELLED_STREAM, epoch, index)
         h, w = sample.image.shape[:2]
         ignore = torch.zeros(h, w, dtype=torch.uint8)
-        weak, (ignore, gt) = weak_geometry(
-            to_tensor_image(sample.image), [(ignore, 255), (_mask_tensor(sample.mask, (h, w)), 255)],
-            self.crop_size, self.scale_range, rng)
+        maps = [(ignore, 255), (_mask_tensor(sample.mask, (h, w)), 255)]
+        if self.box_masks is not None:
+            maps.append((self.box_masks(index, (h, w)), 0))
+        weak, (ignore, gt, *box_mask) = weak_geometry(to_tensor_image(sample.image), maps, self.crop_size,
+                                                      self.scale_range, rng)
         strong1 = strong_colour(weak, rng)
         box1 = cutmix_box(self.crop_size, rng, self.cutmix_prob)
         strong2 = strong_colour(weak, rng)
         box2 = cutmix_box(self.crop_size, rng, self.cutmix_prob)
-        return {
+        out = {
             "weak": normalize(weak), "strong1": normalize(strong1), "strong2": normalize(strong2),
             "ignore": ignore.long(), "box1": box1.bool(), "box2": box2.bool(), "gt": gt.long(), "index": index,
         }
+        if box_mask:
+            out["box_mask"] = box_mask[0].bool()
+        return out
 
 
 class EvalDataset(Dataset):
@@ -117,7 +127,7 @@ class EvalDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
-        sample = self.source.load(index)
+        sample = load_checked(self.source, index)
         if sample.mask is None:
             raise ValueError(f"validation image {sample.id!r} has no mask")
         return {"image": normalize(to_tensor_image(sample.image)), "mask": torch.from_numpy(

@@ -10,13 +10,14 @@ published).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from hafis.config import Config, WeightingConfig
-from hafis.weighting import PseudoLabelWeighter, confident_pixels, labelled_qualify_mask, weighted_cross_entropy
+from hafis.weighting import (PseudoLabelWeighter, confident_pixels, detector_reliable, labelled_qualify_mask,
+                             weighted_cross_entropy)
 
 
 @dataclass
@@ -32,11 +33,17 @@ class PseudoLabelWeighting:
     ``update`` feeds the bank (labelled pixels predicted right with confidence > ``labelled_threshold``; unlabelled
     pixels judged reliable by ``reliable``); ``weights`` returns ``W`` for pseudo-labels; ``loss`` is the weighted CE
     with the configured normalisation. With ``enabled: false`` nothing is stored and ``weights`` is ``None``.
+
+    ``reliable: detector`` (the paper) needs the unlabelled batch's per-class box mask ``box_mask_u``
+    ``(B, C, H, W)``, geometrically aligned with (and CutMixed like) ``pseudo_u``, and ``thing_classes`` (the classes
+    the detector has a class for; the trainer sets it from the dataset).
     """
 
-    def __init__(self, config: WeightingConfig, num_classes: int, feature_dim: int, seed: int) -> None:
+    def __init__(self, config: WeightingConfig, num_classes: int, feature_dim: int, seed: int,
+                 thing_classes: Sequence[int] = ()) -> None:
         self.config = config
         self.enabled = config.enabled
+        self.thing_classes = tuple(thing_classes)
         self.weighter: Optional[PseudoLabelWeighter] = None
         if self.enabled:
             self.weighter = PseudoLabelWeighter(
@@ -51,15 +58,29 @@ class PseudoLabelWeighting:
 
     @torch.no_grad()
     def update(self, features_l: Tensor, logits_l: Tensor, labels: Tensor,
-               features_u: Tensor, confidence_u: Tensor, pseudo_u: Tensor, ignore_u: Tensor) -> None:
+               features_u: Tensor, confidence_u: Tensor, pseudo_u: Tensor, ignore_u: Tensor,
+               box_mask_u: Optional[Tensor] = None) -> None:
         if self.weighter is None:
             return
         self.weighter.update_labelled(features_l, labels,
                                       labelled_qualify_mask(logits_l, labels, self.config.labelled_threshold))
-        self.weighter.update_unlabelled(features_u, pseudo_u, self.reliable(confidence_u, pseudo_u, ignore_u))
+        self.weighter.update_unlabelled(features_u, pseudo_u,
+                                        self.reliable(confidence_u, pseudo_u, ignore_u, box_mask_u))
 
-    def reliable(self, confidence_u: Tensor, pseudo_u: Tensor, ignore_u: Tensor) -> Tensor:
-        return confident_pixels(confidence_u, pseudo_u, self.config.tau_seg) & (ignore_u != 255)
+    def reliable(self, confidence_u: Tensor, pseudo_u: Tensor, ignore_u: Tensor,
+                 box_mask_u: Optional[Tensor] = None) -> Tensor:
+        """Unlabelled pixels that may feed the bank (``weighting.reliable``). With the method off and no box mask
+        (reports of a plain run) the confidence rule answers; with it on, a missing box mask is an error."""
+        valid = ignore_u != 255
+        c = self.config
+        if c.reliable == "confidence" or (box_mask_u is None and not self.enabled):
+            return confident_pixels(confidence_u, pseudo_u, c.tau_seg) & valid
+        if box_mask_u is None:
+            raise ValueError("weighting.reliable is 'detector' but the unlabelled batch has no 'box_mask': the "
+                             "trainer adds it from the detections of `hafis detect`; a framework must pass it "
+                             "(CutMixed like its pseudo-labels) to PseudoLabelWeighting.update / reliable")
+        return detector_reliable(confidence_u, pseudo_u, valid, box_mask_u, self.thing_classes, c.tau_seg, c.stuff)
+
 
     def weights(self, features_u: Tensor, pseudo_u: Tensor) -> Optional[Tensor]:
         if self.weighter is None:
@@ -107,8 +128,9 @@ class Framework:
         return self.model
 
     @torch.no_grad()
-    def pseudo_labels(self, images: Tensor) -> dict[str, Tensor]:
-        """Pseudo-labels, confidence, reliable mask and weights of unlabelled images, for reports and pictures."""
+    def pseudo_labels(self, images: Tensor, box_mask: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """Pseudo-labels, confidence, reliable mask and weights of unlabelled images, for reports and pictures
+        (``box_mask``: the images' ``(B, C, H, W)`` detection box masks, needed with ``reliable: detector``)."""
         model = self.eval_model()
         was_training = model.training
         model.eval()
@@ -116,7 +138,8 @@ class Framework:
         model.train(was_training)
         conf, pseudo = out.logits.softmax(dim=1).max(dim=1)
         ignore = torch.zeros_like(pseudo)
-        result = {"pseudo": pseudo, "confidence": conf, "reliable": self.weighting.reliable(conf, pseudo, ignore)}
+        result = {"pseudo": pseudo, "confidence": conf,
+                  "reliable": self.weighting.reliable(conf, pseudo, ignore, box_mask)}
         w = self.weighting.weights(out.features, pseudo)
         if w is not None:
             result["weight"] = w
