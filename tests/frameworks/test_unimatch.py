@@ -46,7 +46,7 @@ def make_batch(seed=0, n=2, size=4):
 
 def framework(threshold=0.0, **weighting):
     overrides = [f"unimatch.threshold={threshold}", "model.feature_dim=3", "weighting.k=1",
-                 *(f"weighting.{k}={v}" for k, v in weighting.items())]
+                 "weighting.reliable=confidence", *(f"weighting.{k}={v}" for k, v in weighting.items())]
     return UniMatch(load_config(None, overrides), StubModel(), C)
 
 

@@ -7,7 +7,7 @@ weight of wrong pseudo-labels lower than that of right ones.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -25,12 +25,16 @@ def load_images(source: SegmentationSource, indices: Sequence[int]) -> tuple[tor
 
 
 @torch.no_grad()
-def pseudo_label_quality(framework, images: torch.Tensor, gt: torch.Tensor, batch_size: int = 16) -> dict:
-    """Shares of wrong pseudo-label pixels (all, confident, reliable) and mean ``W`` on right vs wrong pixels."""
+def pseudo_label_quality(framework, images: torch.Tensor, gt: torch.Tensor, batch_size: int = 16,
+                         box_masks: Optional[torch.Tensor] = None) -> dict:
+    """Shares of wrong pseudo-label pixels (all, confident, reliable) and mean ``W`` on right vs wrong pixels.
+
+    ``box_masks``: ``(N, C, H, W)`` detection box masks of the images, for ``weighting.reliable: detector``."""
     sums = torch.zeros(9, dtype=torch.float64)
     device = next(framework.model.parameters()).device
     for start in range(0, images.shape[0], batch_size):
-        out = framework.pseudo_labels(images[start:start + batch_size].to(device))
+        box = None if box_masks is None else box_masks[start:start + batch_size].to(device)
+        out = framework.pseudo_labels(images[start:start + batch_size].to(device), box)
         target = gt[start:start + batch_size].to(device)
         valid = target != 255
         wrong = (out["pseudo"] != target) & valid

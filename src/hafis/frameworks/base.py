@@ -81,7 +81,6 @@ class PseudoLabelWeighting:
                              "(CutMixed like its pseudo-labels) to PseudoLabelWeighting.update / reliable")
         return detector_reliable(confidence_u, pseudo_u, valid, box_mask_u, self.thing_classes, c.tau_seg, c.stuff)
 
-
     def weights(self, features_u: Tensor, pseudo_u: Tensor) -> Optional[Tensor]:
         if self.weighter is None:
             return None
@@ -106,6 +105,9 @@ class Framework:
 
     name = "base"
     uses_unlabelled = True
+    #: iterations in one pass over the unlabelled images (the released codes' "epoch"); the trainer sets it, the
+    #: mean-teacher recipes read it for their epoch-based schedules (U2PL's supervised-only epoch, AugSeg's warm-up)
+    epoch_iterations: Optional[int] = None
 
     def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
         self.config = config
@@ -119,6 +121,11 @@ class Framework:
 
     def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
         raise NotImplementedError
+
+    def param_groups(self, lr: float, head_lr_multiplier: float, weight_decay: float) -> list[dict]:
+        """SGD groups for parameters the framework owns besides the model's (U2PL's representation head); the
+        trainer appends them to the model's groups. None by default."""
+        return []
 
     def after_optimizer_step(self, iteration: int) -> None:
         """Hook for teachers (EMA) and banks updated after the weights change."""

@@ -61,7 +61,9 @@ class UniMatch(Framework):
 
         with torch.no_grad():
             conf_w, mask_w = pred_w.detach().softmax(dim=1).max(dim=1)
-            self.weighting.update(feat_l, pred_x.detach(), y, feat_w, conf_w, mask_w, ignore)
+            # the bank reads the weak view (not CutMixed), so its box mask is the weak view's own
+            self.weighting.update(feat_l, pred_x.detach(), y, feat_w, conf_w, mask_w, ignore,
+                                  unlabelled.get("box_mask"))
             w = self.weighting.weights(feat_w, mask_w)
 
         loss_x = F.cross_entropy(pred_x, y, ignore_index=255)

@@ -9,14 +9,16 @@
 
 from .bank import PrototypeBank
 from .loss import weighted_cross_entropy
-from .reliable import confident_pixels, labelled_qualify_mask
+from .reliable import box_mask_from_detections, confident_pixels, detector_reliable, labelled_qualify_mask
 from .similarity import topk_index_similarity, topk_mask
 from .weighter import PseudoLabelWeighter
 
 __all__ = [
     "PrototypeBank",
     "PseudoLabelWeighter",
+    "box_mask_from_detections",
     "confident_pixels",
+    "detector_reliable",
     "labelled_qualify_mask",
     "topk_index_similarity",
     "topk_mask",

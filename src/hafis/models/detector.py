@@ -1,0 +1,311 @@
+"""The detector of the method's first step: torchvision Faster R-CNN, trained on the labelled images only.
+
+The paper (method.md, step 1) trains a Faster R-CNN ResNet-50-FPN on the labelled subset, without COCO detection
+weights, with Adam at lr 5e-5; its boxes come from instance masks, plus connected components for thin classes. Its
+detections (cached on disk by :mod:`hafis.engine.detections`) decide which unlabelled pixels feed the prototype bank;
+the detector itself never runs inside the training loop.
+
+Architectures (``detector.arch``):
+
+- ``resnet50_fpn``: torchvision's ``fasterrcnn_resnet50_fpn``, the paper's detector (real runs, GPU).
+- ``mobilenet_v3_large_fpn``: torchvision's ``fasterrcnn_mobilenet_v3_large_fpn``, a lighter alternative.
+- ``tiny``: a three-convolution stride-4 backbone with anchors of 8-64 px, for CPU tests and the demo on 32-128 px
+  images (torchvision's own anchors start at 32 px, larger than most objects of such images).
+
+Class ids: the network's labels are ``1..T`` (0 is torchvision's background) and map to the segmentation classes
+``thing_classes[label - 1]``. Everything outside this module (boxes, the cache, the ensemble rule) speaks
+segmentation class ids only.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor, nn
+
+from hafis.data.base import IGNORE_INDEX, Sample, SegmentationSource
+
+__all__ = [
+    "DETECTOR_ARCHS",
+    "boxes_from_instance_mask",
+    "boxes_from_connected_components",
+    "sample_boxes",
+    "build_detector",
+    "DetectionDataset",
+    "train_detector",
+    "detect",
+]
+
+DETECTOR_ARCHS = ("resnet50_fpn", "mobilenet_v3_large_fpn", "tiny")
+
+
+# ------------------------------------------------------------------------------------------------- boxes
+def _slices_to_boxes(slices: Sequence[Optional[tuple]]) -> np.ndarray:
+    """``scipy.ndimage.find_objects`` slices -> ``(n, 4)`` float32 ``x0, y0, x1, y1`` (x1 / y1 exclusive)."""
+    rows = [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in slices]
+    return np.asarray(rows, np.float32).reshape(-1, 4)
+
+
+def boxes_from_instance_mask(instance_ids: np.ndarray, semantic: Optional[np.ndarray] = None, *,
+                             ignore_index: int = IGNORE_INDEX, background_id: int = 0,
+                             min_area: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Tight boxes of every instance of an instance-id map, and each instance's semantic class.
+
+    ``instance_ids``: ``(H, W)`` ints; ``background_id`` (0) and ``ignore_index`` (255, VOC's object borders) are no
+    instance; any other value is one instance (Cityscapes' ``class * 1000 + k`` ids work as they are).
+    ``semantic``: ``(H, W)`` class ids; pixels where it is ``ignore_index`` do not count, and an instance's label is
+    the most frequent semantic class of its pixels (without ``semantic`` the label is the instance id itself).
+    Instances with fewer than ``min_area`` counted pixels are dropped. Returns ``(boxes (n, 4) float32 x0, y0, x1, y1
+    with x1 / y1 exclusive, labels (n,) int64)``, in increasing instance id. Vectorised: one ``np.unique``, one
+    ``find_objects`` and one ``bincount``, no loop over pixels.
+    """
+    inst = np.asarray(instance_ids)
+    keep = (inst != background_id) & (inst != ignore_index)
+    if semantic is not None:
+        sem = np.asarray(semantic)
+        if sem.shape != inst.shape:
+            raise ValueError(f"semantic mask {sem.shape} and instance map {inst.shape} differ in shape")
+        keep &= sem != ignore_index
+    ids, compact = np.unique(inst[keep], return_inverse=True)
+    if ids.size == 0:
+        return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+    n = ids.size
+    label_map = np.zeros(inst.shape, np.int64)  # 0 = no instance, 1..n = the instances in increasing id
+    label_map[keep] = compact.ravel() + 1
+    slices = ndimage.find_objects(label_map, max_label=n)
+    area = np.bincount(label_map.ravel(), minlength=n + 1)[1:]
+    if semantic is not None:
+        num_sem = int(sem[keep].max()) + 1
+        joint = np.bincount(label_map[keep] * num_sem + sem[keep].astype(np.int64),
+                            minlength=(n + 1) * num_sem).reshape(n + 1, num_sem)[1:]
+        labels = joint.argmax(axis=1).astype(np.int64)
+    else:
+        labels = ids.astype(np.int64)
+    ok = area >= max(min_area, 1)
+    boxes = _slices_to_boxes([s for s, k in zip(slices, ok) if k])
+    return boxes, labels[ok]
+
+
+def boxes_from_connected_components(semantic: np.ndarray, classes: Sequence[int], min_area: int = 0, *,
+                                    connectivity: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """One box per connected component of each class in ``classes`` (for masks without instance annotations).
+
+    ``connectivity`` 8 (default, diagonal neighbours join) or 4. Components with fewer than ``min_area`` pixels are
+    dropped (the authors keep components over 90 px for thin classes). Returns boxes ordered by class, then by
+    component label (raster order of each component's first pixel). The loop is over classes; each class is one
+    ``ndimage.label`` + ``find_objects`` + ``bincount``.
+    """
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    sem = np.asarray(semantic)
+    structure = ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
+    all_boxes, all_labels = [], []
+    for c in classes:
+        comp, n = ndimage.label(sem == c, structure=structure)
+        if n == 0:
+            continue
+        area = np.bincount(comp.ravel(), minlength=n + 1)[1:]
+        ok = area >= min_area
+        boxes = _slices_to_boxes([s for s, k in zip(ndimage.find_objects(comp), ok) if k])
+        all_boxes.append(boxes)
+        all_labels.append(np.full(len(boxes), c, np.int64))
+    if not all_boxes:
+        return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+    return np.concatenate(all_boxes), np.concatenate(all_labels)
+
+
+def sample_boxes(sample: Sample, thing_classes: Sequence[int], mode: str = "auto",
+                 min_area: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The detector's training boxes of one labelled sample, restricted to ``thing_classes``.
+
+    ``mode``: ``instances`` uses the reader's instance boxes (``Sample.boxes``); ``components`` the connected
+    components of the semantic mask; ``auto`` the instance boxes when the sample has any, else components (an image
+    whose reader gives no boxes and whose mask has no thing pixels has no boxes either way).
+    """
+    if mode not in ("auto", "instances", "components"):
+        raise ValueError(f"unknown box mode {mode!r}; expected auto, instances or components")
+    things = np.asarray(list(thing_classes), np.int64)
+    if mode == "instances" or (mode == "auto" and len(sample.boxes)):
+        boxes, labels = np.asarray(sample.boxes, np.float32).reshape(-1, 4), np.asarray(sample.box_labels, np.int64)
+    elif sample.mask is None:
+        raise ValueError(f"sample {sample.id!r} has neither instance boxes nor a mask to take components from")
+    else:
+        boxes, labels = boxes_from_connected_components(sample.mask, things.tolist(), min_area)
+    keep = np.isin(labels, things)
+    return boxes[keep], labels[keep]
+
+
+# ------------------------------------------------------------------------------------------------- models
+class TinyBackbone(nn.Sequential):
+    """Three 3x3 conv-BN-ReLU blocks, stride 4, ``out_channels`` wide: a CPU detector for 32-128 px scenes."""
+
+    def __init__(self, width: int = 32, out_channels: int = 64) -> None:
+        def block(i, o, s):
+            return [nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+        super().__init__(*block(3, width, 2), *block(width, out_channels, 2), *block(out_channels, out_channels, 1))
+        self.out_channels = out_channels
+
+
+def build_detector(arch: str, num_thing_classes: int, *, min_size: int = 512, max_size: int = 1024,
+                   score_threshold: float = 0.05, detections_per_image: int = 100,
+                   backbone_weights: Optional[str] = None) -> nn.Module:
+    """A Faster R-CNN with ``num_thing_classes + 1`` outputs (torchvision's background 0), no pretrained weights.
+
+    ``min_size`` / ``max_size``: torchvision's resize of every input (shorter side to ``min_size`` unless the longer
+    side would pass ``max_size``). ``score_threshold``: the lowest score kept at inference (the cache stores all of
+    them, so ``weighting.tau_det`` can change without running the detector again). ``backbone_weights``: a local
+    torchvision ResNet-50 state dict loaded into ``resnet50_fpn``'s backbone (no download ever happens).
+    """
+    from torchvision.models.detection import FasterRCNN, fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_resnet50_fpn
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    if num_thing_classes < 1:
+        raise ValueError("the detector needs at least one thing class")
+    num_classes = num_thing_classes + 1
+    common = dict(min_size=min_size, max_size=max_size, box_score_thresh=score_threshold,
+                  box_detections_per_img=detections_per_image)
+    if arch == "resnet50_fpn":
+        model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **common)
+        if backbone_weights:
+            _load_resnet_weights(model.backbone.body, backbone_weights)
+        return model
+    if backbone_weights:
+        raise ValueError(f"detector.backbone_weights is only supported for resnet50_fpn, not {arch!r}")
+    if arch == "mobilenet_v3_large_fpn":
+        return fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
+                                                 **common)
+    if arch == "tiny":
+        backbone = TinyBackbone()
+        anchors = AnchorGenerator(sizes=((8, 16, 32, 64),), aspect_ratios=((0.5, 1.0, 2.0),))
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+        return FasterRCNN(
+            backbone, rpn_anchor_generator=anchors,
+            box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
+            box_head=TwoMLPHead(backbone.out_channels * 49, 128), box_predictor=FastRCNNPredictor(128, num_classes),
+            rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=200,
+            rpn_post_nms_top_n_test=50, rpn_batch_size_per_image=64, box_batch_size_per_image=64, **common,
+        )
+    raise ValueError(f"unknown detector arch {arch!r}; valid: {', '.join(DETECTOR_ARCHS)}")
+
+
+def _load_resnet_weights(body: nn.Module, path: str) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    own = body.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
+    if not matched or missing:
+        raise ValueError(f"detector.backbone_weights {path}: {len(matched)} of {len(own)} ResNet-50 keys match; "
+                         f"missing e.g. {missing[:5]}")
+    body.load_state_dict(matched, strict=False)
+
+
+# ------------------------------------------------------------------------------------------------- training
+def image_tensor(image: np.ndarray) -> Tensor:
+    """``(H, W, 3)`` uint8 -> ``(3, H, W)`` float in [0, 1], what torchvision's detectors take."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Labelled images and their boxes as torchvision detection targets (labels ``1..T``), random h-flip.
+
+    Keys are ``(epoch, index)`` as from :class:`hafis.data.ssl.InfiniteSampler`; the flip is drawn from
+    ``(seed, epoch, index)`` so training is reproducible whatever the worker count.
+    """
+
+    def __init__(self, source: SegmentationSource, thing_classes: Sequence[int], box_mode: str = "auto",
+                 min_area: int = 0, seed: int = 0, flip: bool = True) -> None:
+        self.source, self.thing_classes = source, list(thing_classes)
+        self.box_mode, self.min_area, self.seed, self.flip = box_mode, min_area, seed, flip
+        self.lut = {c: i + 1 for i, c in enumerate(self.thing_classes)}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key) -> tuple[Tensor, dict]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        sample = self.source.load(index)
+        boxes, labels = sample_boxes(sample, self.thing_classes, self.box_mode, self.min_area)
+        image = image_tensor(sample.image)
+        boxes = torch.from_numpy(boxes)
+        if self.flip and np.random.default_rng([self.seed, 7, epoch, index]).random() < 0.5:
+            w = image.shape[-1]
+            image = image.flip(-1)
+            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+        target = {"boxes": boxes.reshape(-1, 4),
+                  "labels": torch.tensor([self.lut[int(c)] for c in labels], dtype=torch.int64)}
+        return image, target
+
+
+def _collate(batch):
+    return tuple(zip(*batch))
+
+
+def train_detector(model: nn.Module, dataset: DetectionDataset, iterations: int, *, batch_size: int = 4,
+                   lr: float = 5e-5, weight_decay: float = 0.0, seed: int = 0, device: torch.device | str = "cpu",
+                   num_workers: int = 0, on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
+    """Adam on the summed Faster R-CNN losses for ``iterations`` steps; returns the loss of every step.
+
+    The authors' recipe is Adam at lr 5e-5 for many epochs; ``lr`` is configurable because a tiny detector trained
+    for a few hundred steps (the CPU demo) needs a larger one.
+    """
+    from hafis.data.ssl import InfiniteSampler
+
+    device = torch.device(device)
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=InfiniteSampler(len(dataset), seed),
+                                         collate_fn=_collate, num_workers=num_workers, drop_last=True)
+    losses: list[float] = []
+    it = iter(loader)
+    for step in range(iterations):
+        images, targets = next(it)
+        images = [im.to(device) for im in images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"detector loss is not finite at step {step}: "
+                                     f"{ {k: float(v) for k, v in loss_dict.items()} }")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def detect(model: nn.Module, images: Sequence[np.ndarray], thing_classes: Sequence[int],
+           device: torch.device | str = "cpu") -> list[dict[str, np.ndarray]]:
+    """Run the detector on uint8 ``(H, W, 3)`` images; boxes ``(n, 4)`` float32 in pixels, labels in
+    *segmentation* class ids, scores float32, highest score first."""
+    was_training = model.training
+    model.eval()
+    lut = torch.as_tensor([-1, *thing_classes], dtype=torch.int64)
+    out = model([image_tensor(im).to(device) for im in images])
+    model.train(was_training)
+    return [{"boxes": o["boxes"].float().cpu().numpy().reshape(-1, 4),
+             "labels": lut[o["labels"].cpu()].numpy(),
+             "scores": o["scores"].float().cpu().numpy()} for o in out]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def native_min_size(source: SegmentationSource) -> tuple[int, int]:
+    """``(min_size, max_size)`` that keep the first image of ``source`` at its own scale."""
+    h, w = source.load(0).image.shape[:2]
+    return min(h, w), max(h, w)
