@@ -76,6 +76,16 @@ def _prepare(args: argparse.Namespace) -> int:
     return prepare_command(args)
 
 
+def _visualize(args: argparse.Namespace) -> int:
+    from hafis.engine.visualize import visualize
+
+    config = load_config(args.config, args.overrides)
+    indices = [int(i) for i in args.images.split(",")] if args.images else None
+    for path in visualize(config, Path(args.checkpoint), Path(args.out), args.split, indices):
+        print(path)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from hafis.demo import run_demo
 
@@ -113,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "lists: hafis prepare DATASET ROOT --labelled N|FRACTION --seed S")
     add_prepare_arguments(p)
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("visualize", help="PNG grids of predictions, pseudo-labels, reliable masks and weight maps")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", choices=("unlabelled", "labelled", "val"), default="unlabelled")
+    p.add_argument("--images", default="", help="comma-separated image indices of the split (default: the first 4)")
+    p.set_defaults(func=_visualize)
 
     p = sub.add_parser("demo", help="supervised vs UniMatch vs UniMatch + weighting on the built-in scenes")
     p.add_argument("--quick", action="store_true", help="a smaller run (under 3 minutes on 2 CPU cores)")

@@ -16,13 +16,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from hafis.config import load_config  # noqa: E402
-from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from hafis.engine.diagnostics import load_images, pseudo_label_quality  # noqa: E402
 from hafis.engine.trainer import Trainer  # noqa: E402
+from hafis.engine.visualize import inspect, save_grid  # noqa: E402
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -125,42 +123,11 @@ def plot_curves(records: list[RunRecord], miou_path: Path, quality_path: Path) -
     plt.close(fig)
 
 
-def colourise(mask: np.ndarray, num_classes: int) -> np.ndarray:
-    palette = (plt.get_cmap("tab10")(np.arange(10))[:, :3] * 255).astype(np.uint8)
-    rgb = palette[np.clip(mask, 0, 9) % 10]
-    rgb[mask == 255] = 255
-    return rgb
-
-
-def denormalise(image: torch.Tensor) -> np.ndarray:
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-
-
 def plot_pseudo_labels(trainer: Trainer, path: Path, count: int = 4) -> None:
-    """Image, ground truth, pseudo-label, reliable mask and weight map of a few unlabelled images."""
-    images, gt = load_images(trainer.unlabelled_source, range(count))
-    out = trainer.framework.pseudo_labels(images.to(trainer.device))
-    cols = ["image", "ground truth (hidden)", "pseudo-label", "reliable (bank)", "weight W"]
-    fig, axes = plt.subplots(count, len(cols), figsize=(2.2 * len(cols), 2.2 * count), squeeze=False)
+    """Image, hidden ground truth, pseudo-label, confidence, reliable mask and weight map of unlabelled images."""
+    rows = inspect(trainer, trainer.unlabelled_source, range(count), use_boxes=True)
     offset = trainer.config.weighting.offset
-    for i in range(count):
-        panels = [denormalise(images[i]), colourise(gt[i].numpy(), trainer.num_classes),
-                  colourise(out["pseudo"][i].cpu().numpy(), trainer.num_classes),
-                  out["reliable"][i].cpu().numpy()]
-        for j, panel in enumerate(panels):
-            axes[i, j].imshow(panel, cmap="gray" if j == 3 else None, vmin=0, vmax=1, interpolation="nearest")
-        im = axes[i, 4].imshow(out["weight"][i].cpu().numpy(), cmap="viridis", vmin=offset, vmax=offset + 1,
-                               interpolation="nearest")
-        for j, title in enumerate(cols):
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
-            if i == 0:
-                axes[i, j].set_title(title, fontsize=8)
-    fig.colorbar(im, ax=axes[:, 4].tolist(), shrink=0.6)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_grid(rows, path, (offset, offset + 1), gt_title="ground truth (hidden)")
 
 
 # --------------------------------------------------------------------------------------------------- report
