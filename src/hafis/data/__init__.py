@@ -11,6 +11,19 @@ def build_sources(data_config) -> tuple[SegmentationSource, SegmentationSource, 
         from .synthetic import SyntheticScenes
 
         return tuple(SyntheticScenes(data_config.synthetic, split, cache_dir=data_config.cache_dir) for split in ("labelled", "unlabelled", "val"))
+    from .splits import DATASETS
+
+    if data_config.dataset in DATASETS:  # real datasets on disk: voc, cityscapes, coco, folder
+        from .layout import LayoutSource
+        from .splits import make_layout, split_ids
+
+        layout = make_layout(data_config.dataset, data_config.root, voc_setting=data_config.voc_setting,
+                             classes=data_config.classes, cache_dir=data_config.cache_dir)
+        ids = split_ids(layout, data_config.labelled_split, data_config.unlabelled_split, data_config.val_split)
+        parts = ("labelled", "unlabelled", "val")
+        for part_ids, part in zip(ids, parts):
+            layout.warm_cache(part_ids, part) if part != "unlabelled" else None
+        return tuple(LayoutSource(layout, part_ids, part) for part_ids, part in zip(ids, parts))
     raise ValueError(f"unknown dataset {data_config.dataset!r}")
 
 

@@ -144,6 +144,15 @@ class LayoutSource(SegmentationSource):
         return self.layout.load(self._ids[index], self.part)
 
     def describe(self, index: int) -> str:
+        id = self._ids[index]
+        where = f"{self.part} image {id!r} of {self.layout.name} ({self.layout.image_path(id, self.part)}"
+        try:
+            mask = self.layout.mask_path(id, self.part)
+        except Exception:  # describing must not fail (e.g. a COCO mask that cannot be rasterised)
+            mask = None
+        return where + (f", mask {mask})" if mask is not None else ")")
+
+    def describe(self, index: int) -> str:
         id_ = self._ids[index]
         mask = self.layout.mask_path(id_, self.part)
         return f"image {self.layout.image_path(id_, self.part)}" + (f" / mask {mask}" if mask else "")

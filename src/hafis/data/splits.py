@@ -1,0 +1,271 @@
+"""Split lists, tree validation and ``hafis prepare``.
+
+Split files are plain text, one image id a line, as the published lists are (UniMatch, U2PL, AugSeg). Lines may
+hold paths and a second column (``JPEGImages/2007_000032.jpg SegmentationClass/2007_000032.png``): the first token
+is read and the dataset turns it into its id (VOC / COCO: the file stem; Cityscapes: ``city/city_seq_frame``).
+Blank lines and lines starting with ``#`` are skipped.
+
+``hafis prepare DATASET ROOT --labelled N|FRACTION --seed S`` writes ``labelled.txt``, ``unlabelled.txt`` and
+``val.txt`` in that format (default folder ``ROOT/splits/[SETTING/]LABEL`` with LABEL ``92`` or ``1_16``), plus
+``prepare.json`` with the command's arguments. The labelled subset is the first N of a seeded permutation of the
+sorted labelled pool, so it depends on the seed and the pool only, and with one seed the smaller splits are
+subsets of the larger ones. A fraction gives ``ceil(fraction * pool)`` images: 1/16 of VOC's 10,582 is 662, of
+Cityscapes' 2,975 is 186, 1/512 of COCO's 118,287 is 232 (the published counts).
+
+Before writing anything it checks the tree: every missing or unreadable image or mask, mask of the wrong size, and
+label value outside the class range is reported, all at once, with its path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Optional, Sequence, TextIO
+
+import numpy as np
+
+from .io import Problem
+from .layout import DatasetLayout
+
+#: dataset name -> layout constructor keyword arguments it takes
+DATASETS = ("voc", "cityscapes", "coco", "folder")
+
+
+def make_layout(name: str, root, voc_setting: str = "classic", classes: Optional[str] = None,
+                cache_dir=None) -> DatasetLayout:
+    """The :class:`DatasetLayout` of dataset ``name`` stored at ``root``."""
+    if name == "voc":
+        from .voc import PascalVOC
+
+        return PascalVOC(root, voc_setting)
+    if name == "cityscapes":
+        from .cityscapes import Cityscapes
+
+        return Cityscapes(root)
+    if name == "coco":
+        from .coco import COCO
+
+        return COCO(root, cache_dir=cache_dir)
+    if name == "folder":
+        from .folder import ImageFolder
+
+        return ImageFolder(root, classes)
+    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+
+
+# ------------------------------------------------------------------------------------------------ split files
+def read_split(path, normalize: Callable[[str], str] = lambda t: t) -> list[str]:
+    """Ids of a split file (first token of each non-blank, non-``#`` line, through ``normalize``), in file order,
+    duplicates dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} does not exist")
+    ids, seen = [], set()
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        id = normalize(line.split()[0])
+        if id not in seen:
+            seen.add(id)
+            ids.append(id)
+    return ids
+
+
+def write_split(path, ids: Sequence[str]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{i}\n" for i in ids))
+
+
+@dataclass(frozen=True)
+class LabelledCount:
+    """``--labelled``: an absolute count (``92``) or a fraction of the pool (``1/16``, ``0.0625``)."""
+
+    count: Optional[int] = None
+    fraction: Optional[Fraction] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "LabelledCount":
+        text = str(text).strip()
+        if re.fullmatch(r"\d+", text):
+            n = int(text)
+            if n < 1:
+                raise ValueError("--labelled must be at least 1")
+            return cls(count=n)
+        try:
+            frac = Fraction(text)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"--labelled {text!r} is neither a count (92) nor a fraction (1/16, 0.0625)") from None
+        if not 0 < frac <= 1:
+            raise ValueError(f"--labelled fraction {text} must be in (0, 1]")
+        return cls(fraction=frac)
+
+    def resolve(self, pool_size: int) -> int:
+        if self.count is not None:
+            if self.count > pool_size:
+                raise ValueError(f"--labelled {self.count} exceeds the {pool_size} images of the labelled pool")
+            return self.count
+        return max(1, math.ceil(self.fraction * pool_size))
+
+    @property
+    def label(self) -> str:
+        """Folder name: ``92`` or ``1_16`` (``0.1`` -> ``1_10``)."""
+        if self.count is not None:
+            return str(self.count)
+        return f"{self.fraction.numerator}_{self.fraction.denominator}"
+
+
+def choose_labelled(pool: Sequence[str], n: int, seed: int) -> list[str]:
+    """The first ``n`` of a seeded permutation of the sorted pool, returned sorted (nested across ``n``)."""
+    ordered = sorted(set(pool))
+    if n > len(ordered):
+        raise ValueError(f"cannot choose {n} labelled images from a pool of {len(ordered)}")
+    perm = np.random.default_rng(seed).permutation(len(ordered))
+    return sorted(ordered[i] for i in perm[:n])
+
+
+# ------------------------------------------------------------------------------------------------- ids of a run
+def resolve_split_path(path, root) -> Path:
+    """A split path from the config: absolute, or relative to ``data.root``."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(root).expanduser() / p
+
+
+def split_ids(layout: DatasetLayout, labelled_split=None, unlabelled_split=None,
+              val_split=None) -> tuple[list[str], list[str], list[str]]:
+    """``(labelled, unlabelled, val)`` ids: the split files where given, else the layout's pools
+    (labelled = the whole labelled pool, unlabelled = the rest of the training pool, val = the val set)."""
+    def read(path):
+        return read_split(resolve_split_path(path, layout.root), layout.normalize_id)
+
+    labelled = read(labelled_split) if labelled_split else layout.labelled_pool()
+    if unlabelled_split:
+        unlabelled = read(unlabelled_split)
+    else:
+        chosen = set(labelled)
+        unlabelled = [i for i in layout.train_pool() if i not in chosen]
+    val = read(val_split) if val_split else layout.val_ids()
+    return labelled, unlabelled, val
+
+
+# ---------------------------------------------------------------------------------------------------- prepare
+def validate(layout: DatasetLayout, log: Optional[TextIO] = None) -> list[Problem]:
+    """Every problem of the tree: the labelled pool and val need masks; other training images need none (a mask
+    that is there is still checked)."""
+    problems: list[Problem] = []
+
+    failed = []
+
+    def pool(get) -> list[str]:  # a missing list or folder is one more problem, and the other pools still run
+        try:
+            return get()
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append(Problem(str(layout.root), str(exc)))
+            failed.append(get)
+            return []
+
+    labelled = pool(layout.labelled_pool)
+    lab = set(labelled)
+    others = [i for i in pool(layout.train_pool) if i not in lab]
+    val = pool(layout.val_ids)
+    for ids, part in ((labelled, "labelled"), (others, "unlabelled"), (val, "val")):
+        if log is not None:
+            print(f"checking {len(ids)} {part} image(s) ...", file=log)
+        problems += layout.check(ids, part)
+    if not labelled and layout.labelled_pool not in failed:
+        problems.append(Problem(str(layout.root), "no training image with a mask: the labelled pool is empty"))
+    if not val and layout.val_ids not in failed:
+        problems.append(Problem(str(layout.root), "no validation image"))
+    return problems
+
+
+def default_out(layout: DatasetLayout, count: LabelledCount) -> Path:
+    sub = layout.split_subdir()
+    return layout.root / "splits" / sub / count.label if sub else layout.root / "splits" / count.label
+
+
+def prepare(layout: DatasetLayout, labelled: Optional[str] = None, seed: int = 0, out=None, check: bool = True,
+            log: Optional[TextIO] = None) -> tuple[list[Problem], Optional[Path]]:
+    """Validate the tree (unless ``check`` is False) and, when ``labelled`` is given and nothing is wrong, write
+    the split files. Returns ``(problems, folder written or None)``."""
+    problems = validate(layout, log) if check else []
+    if problems or labelled is None:
+        return problems, None
+    count = LabelledCount.parse(labelled)
+    pool = layout.labelled_pool()
+    n = count.resolve(len(pool))
+    chosen = choose_labelled(pool, n, seed)
+    taken = set(chosen)
+    unlabelled = sorted(i for i in set(layout.train_pool()) if i not in taken)
+    val = layout.val_ids()
+    folder = Path(out) if out is not None else default_out(layout, count)
+    write_split(folder / "labelled.txt", chosen)
+    write_split(folder / "unlabelled.txt", unlabelled)
+    write_split(folder / "val.txt", val)
+    info = {"dataset": layout.name, "root": str(layout.root), "labelled": labelled, "seed": seed,
+            "setting": layout.split_subdir() or None, "counts": {"labelled": len(chosen),
+                                                                 "unlabelled": len(unlabelled), "val": len(val)},
+            "labelled_pool": len(pool)}
+    (folder / "prepare.json").write_text(json.dumps(info, indent=2) + "\n")
+    return [], folder
+
+
+# -------------------------------------------------------------------------------------------------- the command
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+
+
+def add_prepare_arguments(parser) -> None:
+    parser.add_argument("dataset", choices=DATASETS, help="the tree's format")
+    parser.add_argument("root", help="the dataset folder (VOC: VOC2012; Cityscapes: holds leftImg8bit and gtFine; "
+                                     "COCO: holds train2017, val2017, annotations; folder: holds classes.txt)")
+    parser.add_argument("--labelled", help="labelled images to draw: a count (92) or a fraction of the labelled "
+                                           "pool (1/16 or 0.0625); omit to only check the tree")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the labelled draw (default 0)")
+    parser.add_argument("--out", help="folder for labelled.txt / unlabelled.txt / val.txt "
+                                      "(default ROOT/splits/[SETTING/]LABEL, e.g. ROOT/splits/classic/92)")
+    parser.add_argument("--setting", choices=("classic", "blended"), default="classic",
+                        help="Pascal VOC: draw labelled images from the 1,464 fine (classic) or 10,582 (blended)")
+    parser.add_argument("--classes", help="folder format: the class list (default ROOT/classes.txt)")
+    parser.add_argument("--cache-dir", help="COCO: where rasterised masks are cached (default $HAFIS_CACHE or "
+                                            "~/.cache/hafis)")
+    parser.add_argument("--no-check", action="store_true", help="write the splits without checking the files")
+
+
+def prepare_command(args, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+    """``hafis prepare``: 0 = fine (splits written if asked), 1 = problems found (all listed), 2 = usage error."""
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        if args.labelled is not None:
+            LabelledCount.parse(args.labelled)
+        layout = make_layout(args.dataset, args.root, voc_setting=args.setting, classes=args.classes,
+                             cache_dir=args.cache_dir)
+        problems, folder = prepare(layout, args.labelled, args.seed, args.out, check=not args.no_check, log=err)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"hafis prepare: error: {exc}", file=err)
+        return EXIT_USAGE
+    if problems:
+        print(f"{len(problems)} problem(s) in {layout.root}:", file=out)
+        for problem in problems:
+            print(f"  {problem}", file=out)
+        print(f"hafis prepare: error: {len(problems)} problem(s) found; nothing written", file=err)
+        return EXIT_PROBLEMS
+    if not args.no_check:
+        print(f"{layout.root}: {layout.name} tree checked, no problem found", file=out)
+    if folder is not None:
+        counts = {name: len(read_split(folder / f"{name}.txt")) for name in ("labelled", "unlabelled", "val")}
+        print(f"wrote {folder}/{{labelled,unlabelled,val}}.txt: {counts['labelled']} labelled, "
+              f"{counts['unlabelled']} unlabelled, {counts['val']} val (seed {args.seed})", file=out)
+        print(f"use them with: data.labelled_split={folder / 'labelled.txt'} "
+              f"data.unlabelled_split={folder / 'unlabelled.txt'} data.val_split={folder / 'val.txt'}", file=out)
+    return 0
+
+
+__all__ = ["DATASETS", "LabelledCount", "choose_labelled", "default_out", "make_layout", "prepare", "read_split",
+           "resolve_split_path", "split_ids", "validate", "write_split", "add_prepare_arguments", "prepare_command"]
