@@ -7,10 +7,14 @@ from torch import nn
 from hafis.config import Config
 
 from .base import Framework, PseudoLabelWeighting, StepOutput
+from .ael import AEL
+from .augseg import AugSeg
 from .supervised import Supervised
+from .teacher import EMATeacher, MeanTeacherFramework
+from .u2pl import U2PL
 from .unimatch import UniMatch
 
-FRAMEWORKS: dict[str, type[Framework]] = {cls.name: cls for cls in (Supervised, UniMatch)}
+FRAMEWORKS: dict[str, type[Framework]] = {cls.name: cls for cls in (Supervised, UniMatch, U2PL, AEL, AugSeg)}
 
 
 def build_framework(config: Config, model: nn.Module, num_classes: int) -> Framework:
@@ -20,4 +24,4 @@ def build_framework(config: Config, model: nn.Module, num_classes: int) -> Frame
     return FRAMEWORKS[name](config, model, num_classes)
 
 
-__all__ = ["FRAMEWORKS", "Framework", "PseudoLabelWeighting", "StepOutput", "build_framework"]
+__all__ = ["FRAMEWORKS", "EMATeacher", "Framework", "MeanTeacherFramework", "PseudoLabelWeighting", "StepOutput", "build_framework"]
