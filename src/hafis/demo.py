@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from hafis.config import load_config  # noqa: E402
 from hafis.engine.diagnostics import load_images, pseudo_label_quality  # noqa: E402
 from hafis.engine.trainer import Trainer  # noqa: E402
+from hafis.demo_detector import (DETECTOR_RUN, needs_detector, plot_detections, prepare_detector,  # noqa: E402
+                                 probe_box_masks, report_lines)
 from hafis.engine.visualize import inspect, save_grid  # noqa: E402
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -54,13 +56,14 @@ def demo_config_path(quick: bool) -> Path:
 def run_demo(out: Path, quick: bool = False, overrides: Sequence[str] = (), log=print) -> list[RunRecord]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = RUNS + ([] if quick else [AUTHORS_RUN])
+    runs = RUNS + [DETECTOR_RUN] + ([] if quick else [AUTHORS_RUN])
     config_path = demo_config_path(quick)
     records, last_trainer = [], None
+    detector_info, detector_trainer = None, None
     t_all = time.perf_counter()
     for i, (label, run_overrides) in enumerate(runs):
         config = load_config(config_path, [*run_overrides, f"name=run{i}", f"output_dir={out / 'runs'}/{{name}}",
-                                           *overrides])
+                                           f"detector.output_dir={out / 'detector'}", *overrides])
         record = RunRecord(label)
         probe: dict = {}
 
@@ -68,13 +71,19 @@ def run_demo(out: Path, quick: bool = False, overrides: Sequence[str] = (), log=
             if not probe:
                 n = min(NUM_PROBE_IMAGES, len(trainer.unlabelled_source))
                 probe["images"], probe["gt"] = load_images(trainer.unlabelled_source, range(n))
+                probe["boxes"] = probe_box_masks(trainer, n)
             record.iterations.append(iteration)
             record.miou.append(result.miou)
-            record.quality.append(pseudo_label_quality(trainer.framework, probe["images"], probe["gt"]))
+            record.quality.append(pseudo_label_quality(trainer.framework, probe["images"], probe["gt"],
+                                                       box_masks=probe["boxes"]))
 
         log(f"[demo] run {i + 1}/{len(runs)}: {label}")
+        if needs_detector(config):
+            detector_info = prepare_detector(config, log)
         t0 = time.perf_counter()
         trainer = Trainer(config, on_eval=on_eval)
+        if needs_detector(config):
+            detector_trainer = trainer
         result = trainer.train()
         record.seconds = time.perf_counter() - t0
         record.final_iou, record.best_miou = result.iou, trainer.best_miou
@@ -86,7 +95,12 @@ def run_demo(out: Path, quick: bool = False, overrides: Sequence[str] = (), log=
     plot_curves(records, out / "miou.png", out / "pseudo_labels_quality.png")
     if last_trainer is not None:
         plot_pseudo_labels(last_trainer, out / "pseudo_labels.png")
+    if detector_trainer is not None:
+        plot_detections(detector_trainer, out / "detections.png")
     report = write_report(out / "report.md", records, class_names, quick, time.perf_counter() - t_all, config_path)
+    if detector_info is not None:
+        report += "\n".join(report_lines(detector_info, records))
+        (out / "report.md").write_text(report)
     log(report)
     return records
 
