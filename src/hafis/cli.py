@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,14 +24,32 @@ def _train(args: argparse.Namespace) -> int:
     from hafis.engine.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args)
     trainer = Trainer(config)
     if args.resume is not None:
         path = trainer.resume(Path(args.resume) if args.resume else None)
         print(f"resumed from {path} at iteration {trainer.iteration}" if path else "no checkpoint found; starting")
-    result = trainer.train()
-    if result is not None:
+    try:
+        result = trainer.train()
+    finally:
+        from hafis.engine import distributed
+
+        distributed.teardown()
+    if result is not None and trainer.dist.is_main:
         print(json.dumps({"run_dir": str(config.run_dir), "iteration": trainer.iteration, "miou": result.miou,
                           "best_miou": trainer.best_miou}))
+    return 0
+
+
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """``hafis train --nproc N``: the same command under ``torchrun --standalone --nproc_per_node N``."""
+    from torch.distributed.run import main as torchrun
+
+    command = ["--standalone", f"--nproc_per_node={args.nproc}", "-m", "hafis", "train", args.config, *args.overrides]
+    if args.resume is not None:
+        command += ["--resume", args.resume] if args.resume else ["--resume"]
+    torchrun(command)
     return 0
 
 
@@ -89,7 +108,16 @@ def _visualize(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from hafis.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, overrides=args.overrides)
+    frameworks = None
+    if args.frameworks:
+        from hafis.frameworks import FRAMEWORKS
+
+        frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+        bad = [f for f in frameworks if f not in FRAMEWORKS or f == "supervised"]
+        if bad or not frameworks:
+            raise ConfigError(f"--frameworks: unknown or unusable framework(s) {bad}; valid: "
+                              f"{', '.join(f for f in FRAMEWORKS if f != 'supervised')}")
+    run_demo(Path(args.out), quick=args.quick, overrides=args.overrides, frameworks=frameworks)
     return 0
 
 
@@ -102,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides such as train.iterations=100")
     p.add_argument("--resume", nargs="?", const="", default=None,
                    help="resume from PATH, or from the run's newest readable checkpoint when PATH is omitted")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (DDP via torchrun: one per GPU, or gloo on CPU)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the config's validation set")
@@ -136,13 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="supervised vs UniMatch vs UniMatch + weighting on the built-in scenes")
     p.add_argument("--quick", action="store_true", help="a smaller run (under 3 minutes on 2 CPU cores)")
     p.add_argument("--out", default="demo_out")
+    p.add_argument("--frameworks", default=None, metavar="A,B,...",
+                   help="instead of the default runs: supervised, then each of these frameworks without and with "
+                        "the weighting, in one table (e.g. unimatch,u2pl,ael,augseg)")
     p.add_argument("overrides", nargs="*", help="overrides applied to every run of the demo")
     p.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may also follow an option (hafis train CONFIG --nproc 2 a.b=1): argparse leaves those unparsed
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     from hafis.data.base import DataError
     from hafis.engine.checkpoint import CheckpointError
     from hafis.engine.trainer import NonFiniteLossError

@@ -16,17 +16,19 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from hafis.config import Config, to_dict
+from hafis.config import Config, ConfigError, to_dict
 from hafis.data import build_sources
 from hafis.data.ssl import EvalDataset, InfiniteSampler, LabelledDataset, UnlabelledDataset
 from hafis.frameworks import Framework, build_framework
 from hafis.models import build_segmenter
 
+from . import distributed
 from .checkpoint import CheckpointManager, load_checkpoint
 from .evaluation import eval_batches, eval_collate, eval_settings, predict
+from .optim import build_optimizer
 from .metrics import confusion_matrix, iou_per_class, mean_iou
 from .run_log import RunLog, truncate_metrics
 
@@ -79,6 +81,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, devic
             scores = predict(model, images.to(device), mode, window, stride)
             confusion += confusion_matrix(scores.argmax(dim=1), masks.to(device), num_classes)
     model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(confusion)  # each rank evaluated its shard of the set
     confusion = confusion.cpu()
     iou = [None if math.isnan(v) else v for v in iou_per_class(confusion).tolist()]
     return EvalResult(mean_iou(confusion), iou, confusion)
@@ -94,22 +98,34 @@ class Trainer:
         self.config = config
         self.on_eval = on_eval
         self.device = resolve_device(config.train.device)
+        self.dist = distributed.setup(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.batch_size = self._per_rank(config.train.batch_size, "train.batch_size")
+        self.unlabelled_batch_size = self._per_rank(config.train.unlabelled_batch_size, "train.unlabelled_batch_size")
         torch.manual_seed(config.seed)
         self.labelled_source, self.unlabelled_source, self.val_source = build_sources(config.data)
         self.num_classes = self.labelled_source.num_classes
         self.class_names = list(self.labelled_source.class_names)
-        self.model = build_model(config, self.num_classes).to(self.device)
+        self.model = build_model(config, self.num_classes)
+        if self.dist.enabled and config.train.sync_bn:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model.to(self.device)
+        if config.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.dist.enabled:
+            distributed.broadcast_module(self.model)
+        if config.train.compile:
+            self.model.compile()  # in place: state-dict keys and the frameworks' calls stay unchanged
         self.framework: Framework = build_framework(config, self.model, self.num_classes).to(self.device)
         self.framework.epoch_iterations = max(1, len(self.unlabelled_source) // config.train.unlabelled_batch_size)
         self.framework.weighting.thing_classes = tuple(self.unlabelled_source.thing_classes)
         #: detection box masks of the unlabelled images (weighting.reliable: detector), else None
         self.box_masks = self._box_masks()
         o = config.optim
-        self.optimizer = torch.optim.SGD(
+        self.optimizer = build_optimizer(
             self.model.param_groups(o.lr, o.head_lr_multiplier, o.weight_decay)
-            + self.framework.param_groups(o.lr, o.head_lr_multiplier, o.weight_decay), lr=o.lr, momentum=o.momentum,
-            weight_decay=o.weight_decay,
-        )
+            + self.framework.param_groups(o.lr, o.head_lr_multiplier, o.weight_decay), o)
         self.run_dir = config.run_dir
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", config.train.keep_checkpoints)
         self.iteration = 0
@@ -117,7 +133,10 @@ class Trainer:
         self.nonfinite_skips = 0
         #: loss scaling only for fp16; a disabled scaler is a pass-through
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train.amp == "fp16")
-        self.val_loader = DataLoader(EvalDataset(self.val_source), batch_size=config.eval.batch_size,
+        val = EvalDataset(self.val_source)
+        if self.dist.enabled:  # each rank evaluates every world_size-th image; confusion matrices are summed
+            val = Subset(val, range(self.dist.rank, len(val), self.dist.world_size))
+        self.val_loader = DataLoader(val, batch_size=config.eval.batch_size,
                                      num_workers=config.data.num_workers, collate_fn=eval_collate,
                                      generator=torch.Generator().manual_seed(config.seed))
 
@@ -133,7 +152,9 @@ class Trainer:
         return box_mask_provider(self.config, self.labelled_source, self.unlabelled_source, self.num_classes)
 
     def _stream(self, dataset, batch_size: int, seed: int) -> Iterator[dict]:
-        sampler = InfiniteSampler(len(dataset), seed, start=self.iteration * batch_size)
+        # the stream is global (start counts global samples); each rank takes its share of every global batch
+        sampler = InfiniteSampler(len(dataset), seed, start=self.iteration * batch_size * self.dist.world_size,
+                                  rank=self.dist.rank, world_size=self.dist.world_size)
         # a loader of its own generator: creating its iterator must not draw from the global RNG, or a resumed run
         # (whose loaders start at another point of the RNG stream) would diverge from an uninterrupted one
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
@@ -146,12 +167,12 @@ class Trainer:
     def _streams(self) -> tuple[Iterator[dict], Optional[Iterator[dict]]]:
         c = self.config
         labelled = self._stream(LabelledDataset(self.labelled_source, c.data.crop_size, c.data.scale_range, c.seed),
-                                c.train.batch_size, c.seed)
+                                self.batch_size, c.seed)
         unlabelled = None
         if self.framework.uses_unlabelled:
             dataset = UnlabelledDataset(self.unlabelled_source, c.data.crop_size, c.data.scale_range, c.seed,
                                         c.unimatch.cutmix_prob, box_masks=self.box_masks)
-            unlabelled = self._stream(dataset, c.train.unlabelled_batch_size, c.seed + 1)
+            unlabelled = self._stream(dataset, self.unlabelled_batch_size, c.seed + 1)
         return labelled, unlabelled
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -198,14 +219,16 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- training
     def train(self) -> Optional[EvalResult]:
         c = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(c), sort_keys=False))
-        if self.iteration > 0:  # resumed: records past the checkpoint will be written again by the replayed steps
-            truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
-        log = RunLog(self.run_dir, tensorboard=c.train.tensorboard)
+        main = self.dist.is_main  # only rank 0 writes logs and checkpoints
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(c), sort_keys=False))
+            if self.iteration > 0:  # resumed: records past the checkpoint will be written again by replayed steps
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
+        log = RunLog(self.run_dir, tensorboard=c.train.tensorboard, enabled=main)
         labelled, unlabelled = self._streams()
         total = c.train.iterations
-        bar = tqdm(total=total, initial=self.iteration, disable=not c.train.progress_bar, desc=c.name,
+        bar = tqdm(total=total, initial=self.iteration, disable=not (c.train.progress_bar and main), desc=c.name,
                    dynamic_ncols=True)
         result = None
         self.model.train()
@@ -222,8 +245,12 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self._finite_or_skip(step, it):
                     self.scaler.scale(step.loss).backward()
+                    if self.dist.enabled:
+                        distributed.average_gradients(self._optimised_parameters(), self.dist.world_size)
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
+                    if self.dist.enabled:  # BatchNorm statistics follow rank 0's, as DDP's broadcast_buffers
+                        distributed.broadcast_buffers(self.model)
                     self.framework.after_optimizer_step(it)
                 self.iteration = it + 1
                 bar.update(1)
@@ -240,13 +267,25 @@ class Trainer:
                 if evaluate_now:
                     result = self._evaluate(log)
                 if save_now:
-                    self.checkpoints.save(self.state_dict(), self.iteration)
+                    if self.dist.enabled:
+                        distributed.check_replicas(self.model, self.device)
+                    if main:
+                        self.checkpoints.save(self.state_dict(), self.iteration)
                 if evaluate_now and self.on_eval is not None:
                     self.on_eval(self, self.iteration, result)
         finally:
             bar.close()
             log.close()
         return result
+
+    def _per_rank(self, global_batch: int, key: str) -> int:
+        if global_batch % self.dist.world_size:
+            raise ConfigError(f"'{key}' = {global_batch} (the global batch) is not divisible by the "
+                              f"{self.dist.world_size} processes")
+        return global_batch // self.dist.world_size
+
+    def _optimised_parameters(self) -> list:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _autocast(self):
         amp = self.config.train.amp
@@ -256,7 +295,10 @@ class Trainer:
 
     def _finite_or_skip(self, step, iteration: int) -> bool:
         """True when the loss is finite; else the step is skipped, or training stops once too many were skipped."""
-        if bool(torch.isfinite(step.loss.detach())):
+        finite = bool(torch.isfinite(step.loss.detach()))
+        if self.dist.enabled:
+            finite = distributed.all_ranks_agree(finite, self.device)
+        if finite:
             return True
         bad = [k for k, v in step.terms.items() if not bool(torch.isfinite(v))] or ["loss"]
         self.nonfinite_skips += 1
