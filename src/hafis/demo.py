@@ -36,6 +36,16 @@ AUTHORS_RUN = ("unimatch + W (authors' code: 1+s/k, weight)",
                ["train.framework=unimatch", "weighting.enabled=true", "weighting.offset=1",
                 "weighting.normalize=weight"])
 NUM_PROBE_IMAGES = 64
+W_LABEL = " + W (paper: s/k, count)"
+
+
+def framework_runs(frameworks: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """``hafis demo --frameworks a,b``: supervised, then each framework without and with the weighting."""
+    runs = [RUNS[0]]
+    for name in frameworks:
+        runs += [(name, [f"train.framework={name}"]),
+                 (name + W_LABEL, [f"train.framework={name}", "weighting.enabled=true"])]
+    return runs
 
 
 @dataclass
@@ -53,10 +63,15 @@ def demo_config_path(quick: bool) -> Path:
     return CONFIG_DIR / ("demo_quick.yaml" if quick else "demo.yaml")
 
 
-def run_demo(out: Path, quick: bool = False, overrides: Sequence[str] = (), log=print) -> list[RunRecord]:
+def run_demo(out: Path, quick: bool = False, overrides: Sequence[str] = (), log=print,
+             frameworks: Optional[Sequence[str]] = None) -> list[RunRecord]:
+    """The default demo, or with ``frameworks`` supervised plus each framework with and without the weighting."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = RUNS + [DETECTOR_RUN] + ([] if quick else [AUTHORS_RUN])
+    if frameworks:
+        runs = framework_runs(frameworks)
+    else:
+        runs = RUNS + [DETECTOR_RUN] + ([] if quick else [AUTHORS_RUN])
     config_path = demo_config_path(quick)
     records, last_trainer = [], None
     detector_info, detector_trainer = None, None
@@ -97,7 +112,8 @@ def run_demo(out: Path, quick: bool = False, overrides: Sequence[str] = (), log=
         plot_pseudo_labels(last_trainer, out / "pseudo_labels.png")
     if detector_trainer is not None:
         plot_detections(detector_trainer, out / "detections.png")
-    report = write_report(out / "report.md", records, class_names, quick, time.perf_counter() - t_all, config_path)
+    report = write_report(out / "report.md", records, class_names, quick, time.perf_counter() - t_all, config_path,
+                          frameworks)
     if detector_info is not None:
         report += "\n".join(report_lines(detector_info, records))
         (out / "report.md").write_text(report)
@@ -150,7 +166,7 @@ def _pct(v: Optional[float]) -> str:
 
 
 def write_report(path: Path, records: list[RunRecord], class_names: list[str], quick: bool, seconds: float,
-                 config_path: Path) -> str:
+                 config_path: Path, frameworks: Optional[Sequence[str]] = None) -> str:
     lines = [f"# hafis demo ({'quick' if quick else 'full'})", "",
              f"Config: `{config_path.name}` (built-in synthetic scenes), one seed, same labelled subset for every run. "
              f"Total wall time {seconds:.0f} s.", "",
@@ -172,8 +188,10 @@ def write_report(path: Path, records: list[RunRecord], class_names: list[str], q
         lines.append(f"| {r.label} | {_pct(first['pseudo_error'])} → {_pct(last['pseudo_error'])} | "
                      f"{_pct(first['confident_share'])} → {_pct(last['confident_share'])} | "
                      f"{_pct(first['confident_error'])} → {_pct(last['confident_error'])} | {w_r} | {w_w} |")
+    if frameworks:
+        lines += frameworks_table(records, frameworks)
     base = records[1].miou[-1] if len(records) > 1 else None
-    if base is not None:
+    if base is not None and not frameworks:
         lines += ["", "Effect of the weighting on final mIoU, against plain UniMatch (one seed; identical runs of the "
                   "published frameworks differ by 0.3-1.4 points):", ""]
         for r in records[2:]:
@@ -185,3 +203,19 @@ def write_report(path: Path, records: list[RunRecord], class_names: list[str], q
     text = "\n".join(lines)
     path.write_text(text)
     return text
+
+
+def frameworks_table(records: list[RunRecord], frameworks: Sequence[str]) -> list[str]:
+    """Each framework without / with the weighting (records: supervised, then off / on pairs in order)."""
+    lines = ["", "Each framework without and with the weighting (paper form: W = s/k, the framework's own "
+             "normaliser); one seed, identical runs of the published frameworks differ by 0.3-1.4 points:", "",
+             "| framework | mIoU off | mIoU on | Δ | best off | best on | Δ best | wall time off / on (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k, name in enumerate(frameworks):
+        off, on = records[1 + 2 * k], records[2 + 2 * k]
+        lines.append(f"| {name} | {_pct(off.miou[-1])} | {_pct(on.miou[-1])} | "
+                     f"{100 * (on.miou[-1] - off.miou[-1]):+.2f} | {_pct(off.best_miou)} | {_pct(on.best_miou)} | "
+                     f"{100 * (on.best_miou - off.best_miou):+.2f} | {off.seconds:.0f} / {on.seconds:.0f} |")
+    lines.append(f"| (supervised only) | {_pct(records[0].miou[-1])} | | | {_pct(records[0].best_miou)} | | | "
+                 f"{records[0].seconds:.0f} |")
+    return lines
