@@ -136,7 +136,8 @@ class PrototypeBank(nn.Module):
         B, H, W = labels.shape
         C, n = self.num_classes, self.samples_per_class
         labels = labels.long()
-        qualifies = labels != self.ignore_index
+        # out-of-range labels never qualify, so a push with validation off (no host sync) cannot index out of bounds
+        qualifies = (labels != self.ignore_index) & (labels >= 0) & (labels < C)
         if mask is not None:
             qualifies &= mask.bool()
         noise = torch.rand(labels.shape, generator=self._generator(labels.device), device=labels.device) * 0.5

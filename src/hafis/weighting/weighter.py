@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .alignment import check_align, resize_features
 from .bank import PrototypeBank
 from .checks import check_features_labels
-from .similarity import _check_k, topk_mask
+from .similarity import _check_k, topk_indices, topk_mask
 
 
 class PseudoLabelWeighter(nn.Module):
@@ -24,7 +24,8 @@ class PseudoLabelWeighter(nn.Module):
             ``1`` gives the authors' released code, ``W = 1 + s/k`` (no pixel dropped, similar ones count up to 2x).
         align: features at a lower resolution than the pseudo-labels are brought to the labels' size, never the
             reverse: ``bilinear`` (default, like the authors' code and the logits) or ``nearest`` (each label pixel
-            takes the similarity of the feature cell it falls in; cheaper, since only ``C`` score maps are resized).
+            takes the similarity of the feature cell it falls in; cheaper: the top-k runs at the features'
+            resolution and only the ``k`` channel-index maps are resized).
         memory_per_class, samples_per_class, seed, gather_distributed, validate: passed to :class:`PrototypeBank`.
 
     A pseudo-label class with no prototype yet, and an ignored pixel, get ``s = 0`` (so ``W = offset``). Weights
@@ -71,25 +72,50 @@ class PseudoLabelWeighter(nn.Module):
         if self.validate:
             check_features_labels(features, pseudo_labels, self.num_classes, self.ignore_index, "pseudo_labels",
                                   feature_dim=self.feature_dim)
-        B, H, W = pseudo_labels.shape
-        protos, has_proto = self.bank.prototypes()
-        proto_mask = topk_mask(protos, self.k, dim=1) & has_proto[:, None]  # (C, D); all-False without prototype
-        # channels-last: the top-k and its tie-break run along contiguous memory, and the resize keeps that layout
+        index = self.channel_index(features, tuple(pseudo_labels.shape[-2:]))
+        return self.similarity_from_index(index, pseudo_labels)
+
+    @torch.no_grad()
+    def channel_index(self, features: Tensor, size: tuple[int, int]) -> Tensor:
+        """The top-k channels of every pixel at the labels' ``size``: ``(B, H, W, k)`` long, ties by lower index.
+
+        ``bilinear``: the features are upsampled (channels-last, one image at a time: the upsampled ``(D, H, W)``
+        map, the largest tensor of the method, exists for one image only; a batch slice resizes to the bits of the
+        whole batch) and ranked at every label pixel. ``nearest``: ranked at the features' resolution, and the
+        ``k`` index maps are resized.
+        """
+        H, W = size
+        # channels-last: each pixel's D channels are contiguous for the top-k, and the resize keeps that layout
         features = features.contiguous(memory_format=torch.channels_last)
-        if self.align == "bilinear":
-            features = resize_features(features, (H, W), "bilinear")
-        b, d, h, w = features.shape
-        feat_mask = topk_mask(features.permute(0, 2, 3, 1), self.k, dim=-1)  # (B, h, w, D)
-        # one (h*w x D) @ (D x C) product per image gives s for every class; then the pseudo-label's class is read
-        work_dtype = torch.float32 if features.device.type == "cpu" else features.dtype
-        scores = torch.matmul(feat_mask.reshape(b, h * w, d).to(work_dtype), proto_mask.t().to(work_dtype))
-        scores = scores.view(b, h, w, self.num_classes).permute(0, 3, 1, 2)
-        if (h, w) != (H, W):  # align == "nearest": score maps are resized, labels stay as they are
-            scores = F.interpolate(scores, size=(H, W), mode="nearest")
+        if self.align == "bilinear" and tuple(features.shape[-2:]) != (H, W):
+            return torch.stack([self._topk_channels(resize_features(features[i:i + 1], (H, W), "bilinear"))[0]
+                                for i in range(features.shape[0])])
+        index = self._topk_channels(features)  # (B, h, w, k)
+        if tuple(index.shape[1:3]) != (H, W):  # align == "nearest": each label pixel reads its feature cell
+            index = F.interpolate(index.permute(0, 3, 1, 2).float(), size=(H, W), mode="nearest")
+            index = index.round().long().permute(0, 2, 3, 1)
+        return index
+
+    @torch.no_grad()
+    def similarity_from_index(self, index: Tensor, pseudo_labels: Tensor) -> Tensor:
+        """``s (B, H, W)`` from :meth:`channel_index`'s ``(B, H, W, k)`` and the current prototypes.
+
+        How many of the pixel's top-k channels are among its pseudo-label's prototype's top-k: a gather of ``k``
+        entries of a ``(C + 1, D)`` table per pixel (no ``N x D`` mask, no product with every class, no host sync).
+        """
+        C, D = self.num_classes, self.feature_dim
+        protos, has_proto = self.bank.prototypes()
+        # row c marks the top-k channels of prototype c (all False without a prototype); the extra row C, all False,
+        # is read by ignored pixels and by out-of-range labels, so nothing indexes out of bounds without validation
+        table = torch.zeros(C + 1, D, dtype=torch.uint8, device=protos.device)
+        table[:C] = topk_mask(protos, self.k, dim=1) & has_proto[:, None]
         labels = pseudo_labels.long()
-        ignored = labels == self.ignore_index
-        s = scores.gather(1, torch.where(ignored, 0, labels)[:, None]).squeeze(1)
-        return torch.where(ignored, 0, s.round().long())
+        cls = torch.where((labels >= 0) & (labels < C), labels, C)
+        return table.flatten()[cls[..., None] * D + index].sum(dim=-1, dtype=torch.long)
+
+    def _topk_channels(self, features: Tensor) -> Tensor:
+        """``(B, D, h, w)`` (channels-last) -> ``(B, h, w, k)`` top-k channel indices, ties by the lower index."""
+        return topk_indices(features.permute(0, 2, 3, 1), self.k, dim=-1)
 
     @torch.no_grad()
     def weights(self, features: Tensor, pseudo_labels: Tensor) -> Tensor:

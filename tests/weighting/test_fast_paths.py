@@ -1,0 +1,132 @@
+"""The fast paths of the weighting (issue 8) against the exact references they replaced, ties included."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hafis.weighting import PseudoLabelWeighter, similarity, topk_index_similarity, topk_mask
+from hafis.weighting.alignment import resize_features
+from hafis.weighting.similarity import topk_indices
+
+
+def reference_topk_mask(x, k, dim=-1):
+    """The previous implementation: k-th largest value from torch.topk, then the tied entries in index order."""
+    kth = torch.topk(x, k, dim=dim, largest=True, sorted=True).values.narrow(dim, k - 1, 1)
+    above = x > kth
+    tied = x == kth
+    free = k - above.sum(dim=dim, keepdim=True)
+    return above | (tied & (torch.cumsum(tied, dim=dim) <= free))
+
+
+def reference_similarity(weighter, features, pseudo_labels):
+    """The previous ``PseudoLabelWeighter.similarity``: an (N x D) mask, one (hw x D)@(D x C) product, a gather."""
+    B, H, W = pseudo_labels.shape
+    protos, has_proto = weighter.bank.prototypes()
+    proto_mask = reference_topk_mask(protos, weighter.k, dim=1) & has_proto[:, None]
+    features = features.contiguous(memory_format=torch.channels_last)
+    if weighter.align == "bilinear":
+        features = resize_features(features, (H, W), "bilinear")
+    b, d, h, w = features.shape
+    feat_mask = reference_topk_mask(features.permute(0, 2, 3, 1), weighter.k, dim=-1)
+    scores = torch.matmul(feat_mask.reshape(b, h * w, d).float(), proto_mask.t().float())
+    scores = scores.view(b, h, w, weighter.num_classes).permute(0, 3, 1, 2)
+    if (h, w) != (H, W):
+        scores = F.interpolate(scores, size=(H, W), mode="nearest")
+    labels = pseudo_labels.long()
+    ignored = labels == weighter.ignore_index
+    s = scores.gather(1, torch.where(ignored, 0, labels)[:, None]).squeeze(1)
+    return torch.where(ignored, 0, s.round().long())
+
+
+def tie_heavy(shape, generator, levels=3):
+    return torch.randint(0, levels, shape, generator=generator).float()
+
+
+INPUTS = {
+    "gaussian": lambda g, n, d: torch.randn(n, d, generator=g),
+    "relu": lambda g, n, d: torch.relu(torch.randn(n, d, generator=g) - 1.0),  # many exact zeros: ties at the k-th
+    "three_levels": lambda g, n, d: tie_heavy((n, d), g),
+    "constant": lambda g, n, d: torch.ones(n, d),
+    "signed_zeros": lambda g, n, d: torch.where(torch.rand(n, d, generator=g) < 0.5, -0.0, 0.0),
+    "minus_inf": lambda g, n, d: torch.where(torch.rand(n, d, generator=g) < 0.9, float("-inf"),
+                                             tie_heavy((n, d), g, 2)),
+    "plus_inf": lambda g, n, d: torch.where(torch.rand(n, d, generator=g) < 0.3, float("inf"), tie_heavy((n, d), g)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind", sorted(INPUTS))
+@pytest.mark.parametrize("d,k", [(1, 1), (5, 5), (8, 3), (64, 5), (256, 5), (33, 10)])
+def test_topk_mask_equals_the_reference(kind, d, k, dtype):
+    g = torch.Generator().manual_seed(d * 100 + k)
+    x = INPUTS[kind](g, 300, d).to(dtype)
+    got = topk_mask(x, k, dim=1)
+    assert torch.equal(got, reference_topk_mask(x, k, dim=1))
+    assert torch.equal(got.sum(1), torch.full((300,), k))
+
+
+def test_all_minus_inf_rows_take_the_lowest_unchosen_indices():
+    x = torch.full((2, 6), float("-inf"))
+    x[0, 4] = 1.0
+    assert topk_indices(x, 3, dim=1).tolist() == [[4, 0, 1], [0, 1, 2]]
+
+
+@pytest.mark.parametrize("block_bytes", [4, 1000, 1 << 20])
+def test_blocks_do_not_change_the_result(monkeypatch, block_bytes):
+    monkeypatch.setattr(similarity, "CPU_BLOCK_BYTES", block_bytes)
+    g = torch.Generator().manual_seed(0)
+    x = tie_heavy((257, 40), g, 4)
+    idx = topk_indices(x, 5, dim=1)
+    assert torch.equal(torch.zeros_like(x, dtype=torch.bool).scatter_(1, idx, True), reference_topk_mask(x, 5, 1))
+    values = x.gather(1, idx)
+    assert (values[:, :-1] >= values[:, 1:]).all()  # largest first
+    tied = values[:, :-1] == values[:, 1:]
+    assert (idx[:, :-1][tied] < idx[:, 1:][tied]).all()  # ties in index order
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, -1])
+def test_any_dim_and_layout(dim):
+    g = torch.Generator().manual_seed(1)
+    x = tie_heavy((7, 9, 11), g).permute(2, 0, 1)  # not contiguous
+    assert torch.equal(topk_mask(x, 3, dim), reference_topk_mask(x, 3, dim))
+    assert topk_indices(x, 3, dim).shape[dim] == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32])
+def test_dtypes(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(100, 20, generator=g) * 3).to(dtype)
+    assert torch.equal(topk_mask(x, 5, 1), reference_topk_mask(x, 5, 1))
+    x = tie_heavy((100, 20), g).to(dtype)
+    assert torch.equal(topk_mask(x, 5, 1), reference_topk_mask(x, 5, 1))
+
+
+def test_empty_rows():
+    assert topk_indices(torch.zeros(0, 8), 2, dim=1).shape == (0, 2)
+    assert topk_mask(torch.zeros(3, 0, 8), 2, dim=-1).shape == (3, 0, 8)
+
+
+def test_similarity_equals_mask_intersection_with_ties():
+    g = torch.Generator().manual_seed(3)
+    feats, protos = tie_heavy((500, 16), g), tie_heavy((500, 16), g)
+    expected = (reference_topk_mask(feats, 4, 1) & reference_topk_mask(protos, 4, 1)).sum(1).float() / 4
+    assert torch.equal(topk_index_similarity(feats, protos, 4), expected)
+
+
+@pytest.mark.parametrize("align", ["bilinear", "nearest"])
+@pytest.mark.parametrize("kind", ["gaussian", "relu", "ties"])
+@pytest.mark.parametrize("size", [(6, 6), (13, 11), (24, 24)])
+def test_weighter_equals_the_reference(align, kind, size):
+    g = torch.Generator().manual_seed(sum(size))
+    C, D = 5, 12
+    weighter = PseudoLabelWeighter(num_classes=C, feature_dim=D, k=3, align=align, samples_per_class=16)
+    make = {"gaussian": lambda s: torch.randn(s, generator=g),
+            "relu": lambda s: torch.relu(torch.randn(s, generator=g)),
+            "ties": lambda s: tie_heavy(s, g)}[kind]
+    weighter.update_labelled(make((2, D, 6, 6)), torch.randint(0, C - 1, (2, 6, 6), generator=g))  # class 4: none
+    feats = make((3, D, 6, 6))
+    pseudo = torch.randint(0, C, (3, *size), generator=g)
+    pseudo[:, 0, :3] = 255
+    got = weighter.similarity(feats, pseudo)
+    assert torch.equal(got, reference_similarity(weighter, feats, pseudo))
+    assert got.dtype == torch.long and got.shape == pseudo.shape
