@@ -58,7 +58,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = choice("deeplabv3plus", "deeplabv3plus")
+    #: deeplabv3plus (ResNet, as the four frameworks publish) or segformer (hierarchical Transformer + MLP decoder)
+    name: str = choice("deeplabv3plus", "deeplabv3plus", "segformer")
+    #: deeplabv3plus: resnet18/50/101, resnet50s/101s, resnet_tiny; segformer: mit_b0..mit_b5, pvt_v2_b0..b5, mit_tiny
     backbone: str = "resnet50"
     #: ``imagenet`` loads the backbone's ImageNet weights through timm; ``null`` starts from scratch
     pretrained: Optional[str] = choice(None, None, "imagenet")
@@ -74,10 +76,15 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    #: sgd (momentum; the DeepLabV3+ frameworks as published) or adamw (Transformer segmenters)
+    name: str = choice("sgd", "sgd", "adamw")
     lr: float = 0.001
     #: the published recipes train the randomly initialised head 10x faster than the pretrained backbone
     head_lr_multiplier: float = 10.0
+    #: SGD only
     momentum: float = 0.9
+    #: AdamW only
+    betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-4
     poly_power: float = 0.9
 
@@ -279,6 +286,18 @@ class DetectorConfig:
 
 
 @dataclass
+class LossConfig:
+    """The supervised loss on labelled pixels (hafis.frameworks.losses; used by supervised and unimatch)."""
+
+    #: ce = cross-entropy; ohem = online hard example mining CE (the published Cityscapes recipes)
+    labelled: str = choice("ce", "ce", "ohem")
+    #: OHEM keeps pixels whose true-class probability is at most this ...
+    ohem_threshold: float = 0.7
+    #: ... and at least this many of the hardest pixels per image (UniMatch: 200,000 per 2-image GPU batch)
+    ohem_min_kept: int = 100000
+
+
+@dataclass
 class EvalConfig:
     #: images per forward pass; validation images of different sizes are run one at a time
     batch_size: int = 8
@@ -307,6 +326,7 @@ class Config:
     augseg: AugSegConfig = field(default_factory=AugSegConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property

@@ -22,7 +22,8 @@ def build_sources(data_config) -> tuple[SegmentationSource, SegmentationSource, 
         ids = split_ids(layout, data_config.labelled_split, data_config.unlabelled_split, data_config.val_split)
         parts = ("labelled", "unlabelled", "val")
         for part_ids, part in zip(ids, parts):
-            layout.warm_cache(part_ids, part) if part != "unlabelled" else None
+            if part != "unlabelled":  # COCO: rasterise missing masks once here, not in every loader worker
+                layout.warm_cache(part_ids, part)
         return tuple(LayoutSource(layout, part_ids, part) for part_ids, part in zip(ids, parts))
     raise ValueError(f"unknown dataset {data_config.dataset!r}")
 

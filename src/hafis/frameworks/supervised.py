@@ -1,12 +1,12 @@
-"""The supervised baseline: labelled images only, plain cross-entropy (the lower bound every SSL method beats)."""
+"""The supervised baseline: labelled images only, cross-entropy or OHEM (``loss.labelled``; the lower bound every SSL
+method beats)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
-import torch.nn.functional as F
-
 from .base import Framework, StepOutput
+from .losses import supervised_loss
 
 
 class Supervised(Framework):
@@ -15,5 +15,5 @@ class Supervised(Framework):
 
     def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
         out = self.model(labelled["image"])
-        loss = F.cross_entropy(out.logits, labelled["mask"], ignore_index=255)
+        loss = supervised_loss(out.logits, labelled["mask"], self.config.loss)
         return StepOutput(loss, {"loss_x": loss.detach()})

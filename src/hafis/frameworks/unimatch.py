@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Framework, StepOutput
+from .losses import supervised_loss
 
 
 def cutmix(inside: Tensor, base: Tensor, box: Tensor, partner: Tensor) -> Tensor:
@@ -66,7 +67,7 @@ class UniMatch(Framework):
                                   unlabelled.get("box_mask"))
             w = self.weighting.weights(feat_w, mask_w)
 
-        loss_x = F.cross_entropy(pred_x, y, ignore_index=255)
+        loss_x = supervised_loss(pred_x, y, self.config.loss)
         terms = {"loss_x": loss_x.detach()}
         unsup = []
         views = (("s1", pred_s1, box1), ("s2", pred_s2, box2), ("fp", pred_w_fp, None))

@@ -1,0 +1,49 @@
+"""The supervised (labelled) loss of a framework: plain CE, or OHEM CE as the published Cityscapes recipes use.
+
+OHEM (UniMatch's ``ProbOhemCrossEntropy2d``, also U2PL's / AEL's / AugSeg's on Cityscapes): keep the pixels whose
+probability of their true class is at most ``threshold``, but at least the ``min_kept`` hardest ones (the threshold
+is raised to the ``min_kept``-th smallest probability when that is larger), then the CE mean over the kept pixels.
+The released codes count ``min_kept`` per GPU batch (UniMatch Cityscapes: 200,000 for 2 images); hafis counts it per
+image (``loss.ohem_min_kept`` = 100,000), so the recipe does not depend on how a batch is split over GPUs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@torch.no_grad()
+def ohem_keep(logits: Tensor, target: Tensor, threshold: float, min_kept: int, ignore_index: int = 255) -> Tensor:
+    """``(B, H, W)`` bool: the pixels OHEM keeps (never an ignored one)."""
+    valid = target != ignore_index
+    num_valid = int(valid.sum())
+    if num_valid == 0 or min_kept > num_valid:
+        return valid  # as released: too few valid pixels -> plain CE over all of them
+    prob = logits.float().softmax(dim=1).gather(1, target.clamp(max=logits.shape[1] - 1).long().unsqueeze(1))[:, 0]
+    prob = prob.masked_fill(~valid, 1.0)
+    cut = threshold
+    if min_kept > 0:
+        kth = prob.flatten().kthvalue(min(num_valid, min_kept)).values
+        cut = max(threshold, float(kth))
+    return valid & (prob <= cut)
+
+
+def ohem_cross_entropy(logits: Tensor, target: Tensor, threshold: float = 0.7, min_kept: int = 100000,
+                       ignore_index: int = 255) -> Tensor:
+    keep = ohem_keep(logits, target, threshold, min_kept, ignore_index)
+    return F.cross_entropy(logits, target.masked_fill(~keep, ignore_index), ignore_index=ignore_index)
+
+
+def supervised_loss(logits: Tensor, target: Tensor, loss_config=None) -> Tensor:
+    """CE with ignore 255, or OHEM CE when ``loss.labelled == 'ohem'`` (``min_kept`` per image times the batch)."""
+    if loss_config is None or loss_config.labelled == "ce":
+        return F.cross_entropy(logits, target, ignore_index=255)
+    if loss_config.labelled == "ohem":
+        return ohem_cross_entropy(logits, target, loss_config.ohem_threshold,
+                                  loss_config.ohem_min_kept * logits.shape[0])
+    raise ValueError(f"unknown labelled loss {loss_config.labelled!r}; valid: ce, ohem")
+
+
+__all__ = ["ohem_cross_entropy", "ohem_keep", "supervised_loss"]

@@ -1,0 +1,85 @@
+"""The paper-setting configs: generated files up to date, every one loads, the published numbers are in them."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from hafis.config import load_config, to_dict
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("make_paper_configs", CONFIGS / "make_paper_configs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_configs_are_up_to_date_and_complete():
+    gen = _generator()
+    assert gen.main(["--check"]) == 0, "rerun: python configs/make_paper_configs.py"
+    names = {p.relative_to(CONFIGS).as_posix() for p in gen.files()}
+    for n in (92, 183, 366, 732, 1464):
+        for fw in ("unimatch", "u2pl", "ael", "augseg", "segformer_unimatch"):
+            assert {f"voc/classic/{n}/{fw}.yaml", f"voc/classic/{n}/{fw}_weighting.yaml"} <= names
+    for split in ("1_16", "1_8", "1_4"):
+        for fw in ("unimatch", "u2pl", "ael", "augseg"):
+            assert f"voc/blended/{split}/{fw}_weighting.yaml" in names
+    for split in ("1_16", "1_8", "1_4", "1_2"):
+        for fw in ("unimatch", "u2pl", "ael", "augseg"):
+            assert f"cityscapes/{split}/{fw}.yaml" in names
+    for split in ("1_512", "1_256", "1_128", "1_64", "1_32"):
+        assert {f"coco/{split}/unimatch.yaml", f"coco/{split}/unimatch_weighting.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")))
+def test_every_config_loads(path):
+    load_config(CONFIGS / path)
+
+
+def test_published_settings():
+    c = load_config(CONFIGS / "voc/classic/92/unimatch.yaml")
+    assert (c.data.dataset, c.data.voc_setting, c.data.crop_size) == ("voc", "classic", 321)
+    assert (c.train.batch_size, c.train.unlabelled_batch_size, c.optim.lr, c.optim.head_lr_multiplier) == \
+        (8, 8, 0.001, 10.0)
+    assert c.train.iterations == 80 * ((10582 - 92) // 8) == 104880 and c.eval.mode == "whole"
+    assert c.data.labelled_split == "splits/classic/92/labelled.txt" and c.model.backbone == "resnet101s"
+    assert c.loss.labelled == "ce" and not c.weighting.enabled
+
+    c = load_config(CONFIGS / "voc/blended/1_16/unimatch.yaml")
+    assert c.data.voc_setting == "blended" and c.train.iterations == 80 * ((10582 - 662) // 8)
+
+    c = load_config(CONFIGS / "cityscapes/1_16/unimatch.yaml")
+    assert (c.data.crop_size, c.optim.lr, c.optim.head_lr_multiplier, c.unimatch.threshold) == (801, 0.005, 1.0, 0.0)
+    assert c.train.iterations == 240 * ((2975 - 186) // 8) and c.loss.labelled == "ohem"
+    assert (c.eval.mode, c.eval.window, c.eval.stride) == ("sliding", None, None)  # = crop, 2/3 of it
+
+    c = load_config(CONFIGS / "cityscapes/1_2/u2pl.yaml")
+    assert (c.data.crop_size, c.train.batch_size, c.optim.lr, c.optim.weight_decay, c.model.output_stride) == \
+        (769, 16, 0.01, 0.0005, 8)
+    assert c.train.iterations == 200 * ((2975 - 1488) // 16) and c.u2pl.sup_only_iterations == 0
+
+    c = load_config(CONFIGS / "coco/1_512/unimatch.yaml")
+    assert (c.data.crop_size, c.optim.lr, c.train.iterations) == (513, 0.004, 30 * ((118287 - 232) // 8))
+    assert c.eval.mode == "sliding"
+
+    c = load_config(CONFIGS / "voc/classic/1464/segformer_unimatch.yaml")
+    assert (c.model.name, c.model.backbone, c.optim.name) == ("segformer", "mit_b5", "adamw")
+
+
+def test_weighting_variants_differ_only_in_the_method_and_name():
+    for path in CONFIGS.rglob("*_weighting.yaml"):
+        if path.parent.name in ("synthetic", "tiny"):
+            continue
+        on = to_dict(load_config(path))
+        off = to_dict(load_config(path.with_name(path.name.replace("_weighting", ""))))
+        assert on["weighting"]["enabled"] and not off["weighting"]["enabled"]
+        on["weighting"]["enabled"] = False
+        assert on.pop("name") == off.pop("name") + "-weighting"
+        assert on == off, path
