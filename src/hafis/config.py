@@ -211,8 +211,9 @@ class AugSegConfig:
     cutmix: bool = True
     #: probability (per batch) of the adaptive label-aided CutMix (released: 1.0)
     cutmix_prob: float = 1.0
-    #: the student also sees the weak unlabelled view (its predictions unused; BatchNorm statistics only)
-    extra_weak: bool = True
+    #: the student also sees the weak unlabelled view (its predictions unused; BatchNorm statistics only): off in the
+    #: configs of the released training logs behind the paper's numbers, on in the repository's exps/ VOC configs
+    extra_weak: bool = False
     #: the teacher copies the student during these first iterations; null = one epoch (released)
     teacher_copy_iterations: Optional[int] = None
 

@@ -20,8 +20,9 @@ Per iteration:
    images get ground truth more often: its labels, confidence 1), then the unlabelled box from the result for
    image ``π(i)``. Pixels from labelled images carry their ground truth (255 stays ignored) and ``W = 1``: ``W``
    re-weights pseudo-labels only, ground truth keeps the framework's own weight.
-4. **Student** on ``cat(x, u_w, u_s)`` (``augseg.extra_weak``: the released VOC configs pass the weak view through
-   the student too, for its BatchNorm statistics only) or ``cat(x, u_s)``.
+4. **Student** on ``cat(x, u_s)``, or ``cat(x, u_w, u_s)`` with ``augseg.extra_weak`` (the weak view's predictions
+   are unused: it only enters the BatchNorm statistics; off in the released training logs' configs, on in the
+   repository's ``exps/`` VOC configs).
 5. ``loss = CE(x) + augseg.unsup_weight · L_u`` with the **thresholded CE** against the teacher,
    ``L_u = Σ_i [q_i ≥ τ] m_i ℓ_i / N`` (``τ = augseg.threshold`` = 0.95). **Normaliser**: ``N`` = all pixels of
    the unlabelled batch (the released ``loss.mean()`` over a map with ignored pixels set to zero); ignored pixels
