@@ -236,8 +236,8 @@ def files() -> dict[Path, str]:
 
 
 def table() -> str:
-    rows = ["| dataset / setting | splits (labelled) | framework | crop | batch (l+u) | lr (head) | epochs -> iterations"
-            " | eval | source |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| dataset / setting | splits (labelled) | framework | crop | batch (l+u) | lr (head) | labelled loss | "
+            "epochs -> iterations | eval | source |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (dataset, setting), splits in SPLITS.items():
         for key in FRAMEWORKS[dataset]:
             if key.startswith("segformer") and setting != "classic":
@@ -246,7 +246,8 @@ def table() -> str:
             its = ", ".join(f"{r.epochs * r.iterations_per_epoch(n):,}" for _, n, _ in splits)
             ev = "whole" if dataset == "voc" else f"sliding {r.crop}/{int(r.crop * 2 / 3)}"
             rows.append(f"| {dataset}{' ' + setting if setting else ''} | {', '.join(d for _, _, d in splits)} | "
-                        f"{key} | {r.crop} | {r.batch}+{r.batch} | {r.lr:g} (x{r.head:g}) | {r.epochs} -> {its} | "
+                        f"{key} | {r.crop} | {r.batch}+{r.batch} | {_yaml_value(r.lr)} (x{r.head:g}) | {r.loss} | "
+                        f"{r.epochs} -> {its} | "
                         f"{ev} | {r.source} |")
     return "\n".join(rows)
 
