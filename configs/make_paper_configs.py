@@ -62,12 +62,14 @@ class Recipe:
     weight_decay: float
     epochs: int
     output_stride: int
-    loss: str  # the published supervised loss (hafis applies OHEM in supervised / unimatch only)
+    loss: str  # the published supervised loss
     extra: dict = field(default_factory=dict)  # the framework's own section
     model: str = "deeplabv3plus"
     backbone: str = "resnet101s"
     optim: dict = field(default_factory=dict)
     note: str = ""
+    #: OHEM's min_kept of the released config per GPU batch, and that per-GPU batch: hafis counts per image
+    ohem_min_kept: tuple = (100000, 2)
 
     def iterations_per_epoch(self, labelled: int) -> int:
         return (TRAIN_IMAGES[self.dataset] - labelled) // self.batch
@@ -79,15 +81,16 @@ RECIPES = {
     ("unimatch", "voc"): Recipe("unimatch", "voc", "UniMatch configs/pascal.yaml", 321, 8, 0.001, 10, 1e-4, 80, 16,
                                 "CE", {"threshold": 0.95}),
     ("unimatch", "cityscapes"): Recipe("unimatch", "cityscapes", "UniMatch configs/cityscapes.yaml", 801, 8, 0.005,
-                                       1, 1e-4, 240, 16, OHEM, {"threshold": 0.0}),
+                                       1, 1e-4, 240, 16, OHEM, {"threshold": 0.0}, ohem_min_kept=(200000, 2)),
     ("unimatch", "coco"): Recipe("unimatch", "coco", "UniMatch configs/coco.yaml", 513, 8, 0.004, 10, 1e-4, 30, 16,
                                  "CE", {"threshold": 0.95},
                                  note="UniMatch used Xception-65; hafis has no Xception, so ResNet-101 (deep stem)"),
     # U2PL (Haochen-Wang409/U2PL experiments/*/config.yaml; VOC: batch 4 x 4 GPUs, Cityscapes: 2 x 8 GPUs)
     ("u2pl", "voc"): Recipe("u2pl", "voc", "U2PL experiments/pascal/1464/ours", 513, 16, 0.001, 10, 1e-4, 80, 8,
-                            OHEM, {"ema_decay": 0.99}),
+                            OHEM, {"ema_decay": 0.99}, ohem_min_kept=(100000, 4)),
     ("u2pl", "cityscapes"): Recipe("u2pl", "cityscapes", "U2PL experiments/cityscapes/744/ours", 769, 16, 0.01, 1,
-                                   5e-4, 200, 8, OHEM, {"ema_decay": 0.99, "sup_only_iterations": 0}),
+                                   5e-4, 200, 8, OHEM, {"ema_decay": 0.99, "sup_only_iterations": 0},
+                                   ohem_min_kept=(100000, 2)),
     # AEL (hzhupku/SemiSeg-AEL experiments/{pascal_4,cityscapes_2}: batch 2 x 8 GPUs)
     ("ael", "voc"): Recipe("ael", "voc", "AEL experiments/pascal_4", 513, 16, 0.01, 10, 1e-4, 80, 8, OHEM,
                            {"ema_decay": 0.99, "threshold": 0.7, "gamma": 2.0, "momentum": 0.999,
@@ -104,7 +107,8 @@ RECIPES = {
     ("augseg", "cityscapes"): Recipe("augseg", "cityscapes", "AugSeg training-logs (Semi-citys)", 800, 16, 0.01, 1,
                                      5e-4, 240, 16, OHEM, {"ema_decay": 0.996, "threshold": 0.0, "extra_weak": False,
                                                            "cutmix_prob": 1.0, "num_augs": 3},
-                                     note="released threshold -0.1 (every pixel); hafis writes 0.0, the same"),
+                                     note="released threshold -0.1 (every pixel); hafis writes 0.0, the same",
+                                     ohem_min_kept=(100000, 4)),
     # hafis's Transformer segmenter on VOC: not a paper setting (the seed paper uses DeepLabV3+ only)
     ("segformer_unimatch", "voc"): Recipe(
         "unimatch", "voc", "SegFormer recipe (AdamW 6e-5, head x10, wd 0.01) on UniMatch's VOC schedule", 321, 8,
@@ -171,9 +175,6 @@ def framework_base(key: str, dataset: str) -> str:
              f" labelled loss {r.loss}\n")
     if r.note:
         text += f"# note: {r.note}\n"
-    if r.loss.startswith("OHEM") and r.framework not in ("unimatch", "supervised"):
-        text += (f"# hafis's {r.framework} uses plain CE on labelled pixels (see its module docstring); loss.labelled"
-                 " applies to supervised / unimatch\n")
     text += "base: base.yaml\n"
     data = {"crop_size": r.crop}
     text += _section("data", data)
@@ -185,9 +186,10 @@ def framework_base(key: str, dataset: str) -> str:
     text += _section("optim", {**r.optim, "lr": r.lr, "head_lr_multiplier": float(r.head),
                                "weight_decay": r.weight_decay})
     text += _section("train", {"framework": r.framework, "batch_size": r.batch, "unlabelled_batch_size": r.batch})
-    if r.loss.startswith("OHEM") and r.framework in ("unimatch", "supervised"):
-        # UniMatch: min_kept 200,000 per GPU batch of 2 images; hafis counts per image
-        text += _section("loss", {"labelled": "ohem", "ohem_threshold": 0.7, "ohem_min_kept": 100000})
+    if r.loss.startswith("OHEM"):
+        kept, per_gpu = r.ohem_min_kept
+        text += f"# OHEM: released min_kept {kept} per GPU batch of {per_gpu} images; hafis counts it per image\n"
+        text += _section("loss", {"labelled": "ohem", "ohem_threshold": 0.7, "ohem_min_kept": kept // per_gpu})
     text += _section(r.framework, r.extra)
     return text
 

@@ -64,6 +64,7 @@ def test_published_settings():
     assert (c.data.crop_size, c.train.batch_size, c.optim.lr, c.optim.weight_decay, c.model.output_stride) == \
         (769, 16, 0.01, 0.0005, 8)
     assert c.train.iterations == 200 * ((2975 - 1488) // 16) and c.u2pl.sup_only_iterations == 0
+    assert (c.loss.labelled, c.loss.ohem_min_kept) == ("ohem", 50000)  # released: 100,000 per 2-image GPU batch
 
     c = load_config(CONFIGS / "coco/1_512/unimatch.yaml")
     assert (c.data.crop_size, c.optim.lr, c.train.iterations) == (513, 0.004, 30 * ((118287 - 232) // 8))

@@ -196,3 +196,9 @@ def test_split_ids_defaults_and_files(voc_tree, mini):
     lab, unl, val = split_ids(layout, None, "u.txt", None)
     assert lab == list(mini.VOC_FINE_TRAIN) and unl == [mini.VOC_AUG_ONLY[0]] and val == list(mini.VOC_VAL)
     assert read_split(voc_tree / "u.txt") == [mini.VOC_AUG_ONLY[0]]
+
+
+def test_a_split_naming_missing_images_fails_before_training(voc_tree, mini):
+    (voc_tree / "bad.txt").write_text(f"{mini.VOC_FINE_TRAIN[0]}\n2012_999999\n")
+    with pytest.raises(FileNotFoundError, match=r"1 labelled image\(s\) of the split are missing, e.g. .*2012_999999"):
+        build_sources(data_config("voc", voc_tree, labelled_split="bad.txt"))

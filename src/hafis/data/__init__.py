@@ -15,13 +15,18 @@ def build_sources(data_config) -> tuple[SegmentationSource, SegmentationSource, 
 
     if data_config.dataset in DATASETS:  # real datasets on disk: voc, cityscapes, coco, folder
         from .layout import LayoutSource
-        from .splits import make_layout, split_ids
+        from .splits import make_layout, missing_images, split_ids
 
         layout = make_layout(data_config.dataset, data_config.root, voc_setting=data_config.voc_setting,
                              classes=data_config.classes, cache_dir=data_config.cache_dir)
         ids = split_ids(layout, data_config.labelled_split, data_config.unlabelled_split, data_config.val_split)
         parts = ("labelled", "unlabelled", "val")
         for part_ids, part in zip(ids, parts):
+            missing = missing_images(layout, part_ids, part)
+            if missing:  # a split file naming images that are not there fails now, not hours into training
+                raise FileNotFoundError(
+                    f"{len(missing)} {part} image(s) of the split are missing, e.g. {', '.join(missing[:5])} "
+                    f"(check data.root and the split files; `hafis prepare {layout.name} {layout.root}` checks the tree)")
             if part != "unlabelled":  # COCO: rasterise missing masks once here, not in every loader worker
                 layout.warm_cache(part_ids, part)
         return tuple(LayoutSource(layout, part_ids, part) for part_ids, part in zip(ids, parts))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -107,7 +106,6 @@ class COCO(DatasetLayout):
         self.cache_root = hafis_cache_dir(cache_dir) / "coco"
         self._index: dict[str, dict] = {}
         self._annotations: dict[str, dict[int, list]] = {}
-        self._lock = threading.Lock()
 
     # ---- index
     def json_path(self, split: str) -> Path:
@@ -184,9 +182,9 @@ class COCO(DatasetLayout):
         self._annotations[split] = by_image
 
     def annotations(self, split: str) -> dict[int, list]:
-        with self._lock:
-            if split not in self._annotations:
-                self._store_annotations(split, self._read_json(split))
+        """Annotations by image id, parsed from the JSON on first use (only to rasterise masks not cached yet)."""
+        if split not in self._annotations:
+            self._store_annotations(split, self._read_json(split))
         return self._annotations[split]
 
     def label_of(self, split: str = "train") -> dict[int, int]:
