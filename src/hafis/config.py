@@ -288,7 +288,7 @@ class DetectorConfig:
 
 @dataclass
 class LossConfig:
-    """The supervised loss on labelled pixels (hafis.frameworks.losses; used by supervised and unimatch)."""
+    """The supervised loss on labelled pixels (hafis.frameworks.losses; used by every framework)."""
 
     #: ce = cross-entropy; ohem = online hard example mining CE (the published Cityscapes recipes)
     labelled: str = choice("ce", "ce", "ohem")

@@ -9,13 +9,18 @@ from torch import nn
 from hafis.config import load_config
 from hafis.frameworks.ael import (AEL, category_confidence, component_box, cutmix_class_probabilities,
                                   equalization_rates, paste_class_probabilities, random_half_box)
+from hafis.frameworks.losses import ohem_cross_entropy
 from hafis.models import SegOutput
 
 
 class Stub(nn.Module):
     def __init__(self, classes=3):
         super().__init__()
+        g = torch.Generator().manual_seed(0)
         self.conv = nn.Conv2d(3, classes, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(classes, 3, 1, 1, generator=g))
+            self.conv.bias.zero_()
 
     def forward(self, x, feature_perturbation=False):
         return SegOutput(self.conv(x), x)
@@ -46,15 +51,21 @@ def test_category_confidence():
     assert got.tolist() == pytest.approx([0.6, 0.2, 0.0])
 
 
-def test_confidence_bank_update_in_a_step():
-    fw = ael(**{"ael.confidence_init": 0.5, "ael.momentum": 0.9, "ael.copy_paste": False, "ael.cutmix": False})
+def test_confidence_bank_update_in_a_step_and_the_labelled_loss():
+    fw = ael(**{"ael.confidence_init": 0.5, "ael.momentum": 0.9, "ael.copy_paste": False, "ael.cutmix": False,
+                "loss.labelled": "ohem", "loss.ohem_min_kept": 3, "loss.ohem_threshold": 0.0})
     g = torch.Generator().manual_seed(0)
     labelled = {"image": torch.randn(2, 3, 4, 4, generator=g), "mask": torch.randint(0, 3, (2, 4, 4), generator=g)}
     unlabelled = {"weak": torch.randn(2, 3, 4, 4, generator=g), "ignore": torch.zeros(2, 4, 4, dtype=torch.long)}
-    fw.train_step(labelled, unlabelled, 0)
+    out = fw.train_step(labelled, unlabelled, 0)
     with torch.no_grad():
-        batch = category_confidence(fw.model.conv(labelled["image"]), labelled["mask"], 3)
+        logits = fw.model.conv(labelled["image"])
+        batch = category_confidence(logits, labelled["mask"], 3)
     assert fw.confidence.tolist() == pytest.approx((0.9 * 0.5 + 0.1 * batch).tolist())
+    # loss.labelled applies to AEL's supervised term (OHEM with min_kept per image: 6 for the batch of 2)
+    expected = ohem_cross_entropy(logits, labelled["mask"], 0.0, 6)
+    assert out.terms["loss_x"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert expected.item() != pytest.approx(F.cross_entropy(logits, labelled["mask"]).item(), rel=1e-3)
 
 
 def test_dynamic_reweighting_and_equalization_sampling():

@@ -38,11 +38,12 @@ Per iteration:
    With the weighting on, ``W`` multiplies the unlabelled term's per-pixel loss after AEL's own sampling and
    re-weighting: ``Σ W r m ℓ / Σ r`` (``normalize: count``) or ``/ Σ W r`` (``normalize: weight``); the
    labelled-image consistency term is unchanged (its pixels have ground truth).
-6. ``loss = CE(x) + ael.unsup_weight · (L_cons(labelled) + L_cons(unlabelled))``; after the optimiser step the
+6. ``loss = L_x + ael.unsup_weight · (L_cons(labelled) + L_cons(unlabelled))``; after the optimiser step the
    teacher takes the EMA with ``min(1 − 1/(t + 1), ael.ema_decay)``.
 
-The teacher is what is evaluated (as released). Deviations: the supervised term is plain CE (released: OHEM and an
-auxiliary head); the teacher runs in eval mode (released: train mode; see :mod:`hafis.frameworks.teacher`).
+The teacher is what is evaluated (as released). Deviations: the supervised term is ``loss.labelled`` (CE by default;
+released: OHEM, ``loss.labelled: ohem``, plus an auxiliary head hafis's segmenter does not have); the teacher runs
+in eval mode (released: train mode; see :mod:`hafis.frameworks.teacher`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from torch import Tensor, nn
 from hafis.config import Config
 
 from .base import StepOutput
+from .losses import supervised_loss
 from .teacher import MeanTeacherFramework
 from .unimatch import partner_index
 
@@ -221,7 +223,7 @@ class AEL(MeanTeacherFramework):
 
         pred_l = self.model(x).logits
         pred_u = self.model(u_mix).logits
-        loss_x = F.cross_entropy(pred_l, y, ignore_index=255)
+        loss_x = supervised_loss(pred_l, y, self.config.loss)
         with torch.no_grad():
             batch_conf = category_confidence(pred_l, y, self.num_classes)
             self.confidence = cfg.momentum * self.confidence + (1.0 - cfg.momentum) * batch_conf

@@ -23,7 +23,8 @@ Per iteration:
 4. **Student** on ``cat(x, u_s)``, or ``cat(x, u_w, u_s)`` with ``augseg.extra_weak`` (the weak view's predictions
    are unused: it only enters the BatchNorm statistics; off in the released training logs' configs, on in the
    repository's ``exps/`` VOC configs).
-5. ``loss = CE(x) + augseg.unsup_weight · L_u`` with the **thresholded CE** against the teacher,
+5. ``loss = L_x + augseg.unsup_weight · L_u`` (``L_x``: ``loss.labelled``, CE as released on VOC, OHEM on
+   Cityscapes) with the **thresholded CE** against the teacher,
    ``L_u = Σ_i [q_i ≥ τ] m_i ℓ_i / N`` (``τ = augseg.threshold`` = 0.95). **Normaliser**: ``N`` = all pixels of
    the unlabelled batch (the released ``loss.mean()`` over a map with ignored pixels set to zero); ignored pixels
    (padding, labelled 255) carry no loss. With the weighting on: ``Σ W [q ≥ τ] m ℓ / N`` (``normalize: count``)
@@ -44,7 +45,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
@@ -52,6 +52,7 @@ from hafis.config import Config
 from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 from .base import StepOutput
+from .losses import supervised_loss
 from .teacher import MeanTeacherFramework, softmax_entropy
 
 #: the released pool (``get_augment_list(flag_using_wide=False)``) and each op's magnitude range
@@ -248,7 +249,7 @@ class AugSeg(MeanTeacherFramework):
         views = [x, u_w, maps["image"]] if cfg.extra_weak else [x, maps["image"]]
         pred = self.model(torch.cat(views)).logits
         pred_x, pred_s = pred[:n_l], pred[-n_u:]
-        loss_x = F.cross_entropy(pred_x, y, ignore_index=255)
+        loss_x = supervised_loss(pred_x, y, self.config.loss)
 
         target = maps["target"]
         keep = (maps["conf"] >= cfg.threshold) & (maps["ignore"] != 255) & (target != 255)

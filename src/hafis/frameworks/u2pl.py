@@ -42,7 +42,7 @@ Recipe, per iteration ``t`` of ``T`` (``train.iterations``):
    unlabelled image per GPU feed its contrastive loss, and its negative mask multiplies in the pixel's own one-hot
    label (which empties the labelled negatives); hafis implements the loss as the paper describes it, on all images.
 
-6. ``loss = CE(x) + u2pl.unsup_weight · L_u + u2pl.contrastive_weight · L_contra``.
+6. ``loss = L_x + u2pl.unsup_weight · L_u + u2pl.contrastive_weight · L_contra``.
 
 The **representation head** lives in the framework, not in the segmenter: ``conv3x3(D → rep_dim) + BN + ReLU +
 Dropout2d(0.1) + conv1x1(rep_dim → rep_dim)`` on the decoder feature (the released head is three convolutions on
@@ -50,8 +50,10 @@ the 512-d decoder concat; hafis's decoder feature has already been through two 3
 join the optimiser through :meth:`param_groups` at the head's learning rate (×10), it is EMA'd into the teacher with
 the segmenter, and it is saved in the framework's checkpoint state (with the teacher and the queues).
 
-Deviations from the released code (all documented in the config): the supervised term is plain CE (the released VOC
-configs use OHEM and an auxiliary head), the teacher runs in eval mode (see :mod:`hafis.frameworks.teacher`).
+Deviations from the released code: the supervised term is ``loss.labelled`` (CE by default; the released configs
+use OHEM, ``loss.labelled: ohem``, plus an auxiliary head that hafis's segmenter does not have); the teacher runs in
+eval mode (see :mod:`hafis.frameworks.teacher`). The negative queues are checkpointed for an exact resume: at the
+published size (30,000 keys of 256 floats per class) that is ~30 MB per class.
 With the weighting on, ``W`` is computed from the teacher's decoder features of the weak view (the view the
 pseudo-labels come from) and the bank is fed from the teacher's labelled and weak-view outputs; the contrastive
 term is unchanged.
@@ -69,6 +71,7 @@ from torch import Tensor, nn
 from hafis.config import Config
 
 from .base import StepOutput
+from .losses import supervised_loss
 from .teacher import MeanTeacherFramework, softmax_entropy
 from .unimatch import cutmix, partner_index
 
@@ -231,7 +234,7 @@ class U2PL(MeanTeacherFramework):
         x, y = labelled["image"], labelled["mask"]
         t0 = self.sup_only_iterations()
         if iteration < t0:
-            loss_x = F.cross_entropy(self.model(x).logits, y, ignore_index=255)
+            loss_x = supervised_loss(self.model(x).logits, y, self.config.loss)
             return StepOutput(loss_x, {"loss_x": loss_x.detach()})
         if iteration == t0:
             self.teacher.copy_from(self.student)
@@ -254,7 +257,7 @@ class U2PL(MeanTeacherFramework):
 
         out, rep = self.student(torch.cat([x, u_mix]))
         pred_x, pred_u = out.logits.split([n_l, n_u])
-        loss_x = F.cross_entropy(pred_x, y, ignore_index=255)
+        loss_x = supervised_loss(pred_x, y, self.config.loss)
 
         with torch.no_grad():
             out_t, rep_t = self.teacher(torch.cat([x, u_mix]))
