@@ -25,7 +25,6 @@ val set. Every generated file says it is generated; change this script and rerun
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,8 +9,7 @@ from PIL import Image
 from hafis.config import load_config
 from hafis.data import build_sources
 from hafis.data.cityscapes import LABEL_TO_TRAIN, Cityscapes, label_ids_to_train_ids
-from hafis.data.coco import COCO, COCO_CATEGORIES, rasterise
-from hafis.data.folder import ImageFolder
+from hafis.data.coco import COCO, rasterise
 from hafis.data.splits import read_split, split_ids
 from hafis.data.voc import CLASS_NAMES as VOC_CLASSES
 from hafis.data.voc import PascalVOC

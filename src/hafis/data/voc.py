@@ -33,7 +33,7 @@ from typing import Optional
 import numpy as np
 
 from .base import IGNORE_INDEX
-from .io import boxes_from_components, empty_boxes, find_image, read_instance_ids, read_label, stack_boxes
+from .io import box_of, boxes_from_components, empty_boxes, find_image, read_instance_ids, stack_boxes
 from .layout import DatasetLayout
 
 CLASS_NAMES = (
@@ -156,8 +156,6 @@ class PascalVOC(DatasetLayout):
 
 def instance_boxes(instances: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Boxes of a VOC ``SegmentationObject`` map (0 = background, 255 = border); class = majority label."""
-    from .io import box_of
-
     boxes, labels = [], []
     for inst in np.unique(instances):
         inst = int(inst)
@@ -189,4 +187,4 @@ def xml_boxes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return stack_boxes(boxes, labels)
 
 
-__all__ = ["CLASS_NAMES", "PascalVOC", "SETTINGS", "instance_boxes", "read_label", "voc_palette", "xml_boxes"]
+__all__ = ["CLASS_NAMES", "PascalVOC", "SETTINGS", "instance_boxes", "voc_palette", "xml_boxes"]
