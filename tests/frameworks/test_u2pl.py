@@ -115,9 +115,16 @@ def test_contrastive_loss_end_to_end_on_a_two_pixel_batch():
 
 def test_queue_keeps_the_newest_keys():
     fw = u2pl(**{"u2pl.queue_size": 3})
-    fw.enqueue(1, torch.tensor([[1.0, 1.0], [2.0, 2.0]]))
-    fw.enqueue(1, torch.tensor([[3.0, 3.0], [4.0, 4.0]]))
-    assert fw.queues[1][:, 0].tolist() == [2.0, 3.0, 4.0] and fw.queues[0].shape == (0, 2)
+
+    def push(*values):
+        fw.enqueue(1, torch.tensor([[v, v] for v in values]))
+        return fw.queue(1)[:, 0].tolist()
+
+    assert push(1.0, 2.0) == [1.0, 2.0]
+    assert push(3.0, 4.0) == [2.0, 3.0, 4.0] and fw.queues[1][:, 0].tolist() == [4.0, 2.0, 3.0]  # a ring, in place
+    assert push(5.0) == [3.0, 4.0, 5.0]
+    assert push(6.0, 7.0, 8.0, 9.0) == [7.0, 8.0, 9.0]
+    assert push() == [7.0, 8.0, 9.0] and fw.queues[0].shape == (0, 2)
 
 
 def test_half_area_boxes():
@@ -180,3 +187,25 @@ def test_supervised_only_phase_then_teacher_copy():
     fw.after_optimizer_step(2)
     assert fw.ema_updates == 1 and fw.eval_model() is fw.teacher.module.segmenter
     assert len(fw.param_groups(0.1, 10.0, 1e-4)[0]["params"]) == 6 and fw.param_groups(0.1, 10, 0)[0]["lr"] == 1.0
+
+
+
+def test_negative_keys_are_gathered_across_ranks(monkeypatch):
+    """Two ranks, simulated: rank 0 holds 1 key of class 0 and 2 of class 1, rank 1 one key of class 1."""
+    import hafis.frameworks.u2pl as mod
+
+    other = {"counts": torch.tensor([0, 1]), "keys": torch.tensor([[10.0, 10.0]])}
+
+    def all_gather(out, tensor):
+        if tensor.dtype == torch.long:  # the counts
+            out[0].copy_(tensor), out[1].copy_(other["counts"])
+        else:  # the keys, padded to the longest rank's
+            out[0].copy_(tensor)
+            out[1].zero_()[:1] = other["keys"]
+
+    monkeypatch.setattr(mod.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(mod.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(mod.dist, "all_gather", all_gather)
+    keys, counts = mod.gather_keys(torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]), torch.tensor([1, 2]))
+    assert counts.tolist() == [1, 3]
+    assert keys[:, 0].tolist() == [0.0, 1.0, 2.0, 10.0]  # class by class, ranks in order within a class

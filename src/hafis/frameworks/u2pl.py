@@ -65,6 +65,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -168,6 +169,26 @@ def negative_masks(ranks_l: Tensor, labels_l: Tensor, ranks_u: Tensor, unreliabl
     return torch.cat([neg_l, neg_u], dim=1)
 
 
+@torch.no_grad()
+def gather_keys(keys: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Under ``torch.distributed``, every rank's negative keys (``keys``: the classes' keys concatenated, ``counts``
+    per class), so that every rank's queues hold the keys of the global batch, as the released memory bank does;
+    returned class by class (class 0 of every rank in rank order, then class 1, ...). Unchanged on one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return keys, counts
+    world = dist.get_world_size()
+    all_counts = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(all_counts, counts.contiguous())
+    totals = [int(c.sum()) for c in all_counts]
+    padded = keys.new_zeros(max(max(totals), 1), keys.shape[1])
+    padded[:keys.shape[0]] = keys
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    per_rank = [g[:t].split(c.tolist()) for g, t, c in zip(gathered, totals, all_counts)]
+    out = [torch.cat([pieces[k] for pieces in per_rank]) for k in range(counts.numel())]
+    return torch.cat(out), torch.stack(all_counts).sum(dim=0)
+
+
 def contrastive_term(anchors: Tensor, positive: Tensor, negatives: Tensor, temperature: float) -> Tensor:
     """``mean_a CE(cos(a, [p, n_a1 .. n_aK]) / τ, 0)``; anchors ``(A, D)``, positive ``(D,)``, negatives ``(A, K, D)``."""
     keys = torch.cat([positive.view(1, 1, -1).expand(anchors.shape[0], 1, -1), negatives], dim=1)
@@ -182,8 +203,10 @@ class U2PL(MeanTeacherFramework):
         cfg = config.u2pl
         self.rep_head = RepresentationHead(config.model.feature_dim, cfg.rep_dim)
         super().__init__(config, model, num_classes, student=SegmenterWithRepresentation(model, self.rep_head))
-        #: per-class FIFO queues of negative keys (teacher representations), newest last
+        #: per-class FIFO memories of negative keys (teacher representations): each grows to ``u2pl.queue_size``
+        #: rows, then is a ring buffer whose oldest row ``queue_ptr[c]`` is overwritten next (no copy per iteration)
         self.queues: list[Tensor] = [torch.zeros(0, cfg.rep_dim) for _ in range(num_classes)]
+        self.queue_ptr: list[int] = [0] * num_classes
 
     # ------------------------------------------------------------------------------------------ plumbing
     def teacher_segmenter(self) -> nn.Module:
@@ -201,13 +224,14 @@ class U2PL(MeanTeacherFramework):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "rep_head": self.rep_head.state_dict(),
-                "queues": [q.detach().cpu() for q in self.queues]}
+                "queues": [q.detach().cpu() for q in self.queues], "queue_ptr": list(self.queue_ptr)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.rep_head.load_state_dict(state["rep_head"])
         device = self.queues[0].device if self.queues else torch.device("cpu")
         self.queues = [q.to(device) for q in state["queues"]]
+        self.queue_ptr = [int(p) for p in state["queue_ptr"]]
 
     def sup_only_iterations(self) -> int:
         n = self.config.u2pl.sup_only_iterations
@@ -225,8 +249,28 @@ class U2PL(MeanTeacherFramework):
     # ------------------------------------------------------------------------------------------ queues
     @torch.no_grad()
     def enqueue(self, c: int, keys: Tensor) -> None:
-        queue = torch.cat([self.queues[c], keys.detach().to(self.queues[c].dtype)])
-        self.queues[c] = queue[-self.config.u2pl.queue_size:]
+        """Push ``keys`` into class ``c``'s memory, which keeps the newest ``u2pl.queue_size`` keys."""
+        size = self.config.u2pl.queue_size
+        keys = keys.detach().to(self.queues[c].dtype)[-size:]
+        queue = self.queues[c]
+        if queue.shape[0] < size:  # still growing
+            room = size - queue.shape[0]
+            queue = self.queues[c] = torch.cat([queue, keys[:room]])
+            keys = keys[room:]
+            self.queue_ptr[c] = 0
+        n = keys.shape[0]
+        if n == 0:
+            return
+        ptr = self.queue_ptr[c]
+        first = min(n, size - ptr)
+        queue[ptr:ptr + first] = keys[:first]
+        queue[:n - first] = keys[first:]
+        self.queue_ptr[c] = (ptr + n) % size
+
+    def queue(self, c: int) -> Tensor:
+        """Class ``c``'s keys, oldest first."""
+        q, ptr = self.queues[c], self.queue_ptr[c]
+        return torch.cat([q[ptr:], q[:ptr]])
 
     # --------------------------------------------------------------------------------------------- step
     def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
@@ -304,12 +348,12 @@ class U2PL(MeanTeacherFramework):
 
         rep_pix = rep.permute(0, 2, 3, 1)
         rep_t_pix = rep_t.permute(0, 2, 3, 1)
-        present = []
-        for c in range(self.num_classes):
-            cand_c = candidate & (labels == c)
-            self.enqueue(c, rep_t_pix[negatives[c]])
-            if bool(cand_c.any()):
-                present.append(c)
+        keys = [rep_t_pix[negatives[c]] for c in range(self.num_classes)]
+        counts = torch.tensor([k.shape[0] for k in keys], device=rep.device)
+        keys, counts = gather_keys(torch.cat(keys), counts)
+        for c, keys_c in enumerate(keys.split(counts.tolist())):
+            self.enqueue(c, keys_c)
+        present = [c for c in range(self.num_classes) if bool((candidate & (labels == c)).any())]
         zero = rep.sum() * 0.0
         if len(present) <= 1:
             return zero
