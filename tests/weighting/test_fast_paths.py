@@ -130,3 +130,94 @@ def test_weighter_equals_the_reference(align, kind, size):
     got = weighter.similarity(feats, pseudo)
     assert torch.equal(got, reference_similarity(weighter, feats, pseudo))
     assert got.dtype == torch.long and got.shape == pseudo.shape
+
+
+def reference_select(bank, features, labels, mask):
+    """The previous ``PrototypeBank._select``: the same keys, sorted as floats."""
+    from hafis.weighting.alignment import sample_features
+
+    B, H, W = labels.shape
+    C, n = bank.num_classes, bank.samples_per_class
+    labels = labels.long()
+    qualifies = (labels != bank.ignore_index) & mask.bool()
+    noise = torch.rand(labels.shape, generator=bank._generator(labels.device)) * 0.5
+    key = torch.where(qualifies, labels.to(noise.dtype), torch.full_like(noise, float(C))) + noise
+    order = torch.argsort(key.flatten(), stable=True)
+    per_class = torch.zeros(C + 1, dtype=torch.long)
+    per_class.scatter_add_(0, torch.where(qualifies, labels, C).flatten(), torch.ones_like(order))
+    start = torch.cumsum(per_class, 0) - per_class
+    rank = torch.arange(n)
+    valid = rank[None, :] < per_class[:C, None]
+    pos = (start[:C, None] + rank[None, :]).clamp_max(order.numel() - 1)
+    pixel = order[pos].flatten()
+    batch = torch.div(pixel, H * W, rounding_mode="floor")
+    values = sample_features(features, batch, pixel - batch * H * W, (H, W), bank.align)
+    return values.view(C, n, -1).float(), valid
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bank_selection_equals_the_float_sort(seed):
+    from hafis.weighting import PrototypeBank
+
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(3, 8, 5, 5, generator=g)
+    labels = torch.randint(0, 6, (3, 10, 10), generator=g)
+    labels[labels == 5] = 255
+    mask = torch.rand(3, 10, 10, generator=g) < 0.7
+    new, old = PrototypeBank(5, 8, samples_per_class=7, seed=seed), PrototypeBank(5, 8, samples_per_class=7, seed=seed)
+    for _ in range(3):  # the generators advance identically
+        values, valid = new._select(feats, labels, mask)
+        ref_values, ref_valid = reference_select(old, feats, labels, mask)
+        assert torch.equal(valid, ref_valid) and torch.equal(values, ref_values)
+
+
+def _inputs(device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    feats = torch.relu(torch.randn(2, 16, 6, 6, generator=g)).to(device)
+    return feats, torch.randint(0, 4, (2, 24, 24), generator=g).to(device)
+
+
+def _run_weighting_step(weighter, feats, labels):
+    weighter.update_labelled(feats, labels, labels != 0)
+    weighter.update_unlabelled(feats, labels, labels != 1)
+    return weighter.weights(feats, labels)
+
+
+@pytest.mark.parametrize("align", ["bilinear", "nearest"])
+def test_hot_path_never_reads_a_tensor_on_the_host(monkeypatch, align):
+    """With validation off, bank pushes and weights call none of the Python-level host reads of a tensor."""
+    weighter = PseudoLabelWeighter(num_classes=4, feature_dim=16, k=5, align=align, validate=False)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read of a tensor in the weighting hot path")
+
+    feats, labels = _inputs()
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    w = _run_weighting_step(weighter, feats, labels)
+    monkeypatch.undo()
+    assert w.shape == (2, 24, 24)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hot_path_has_no_cuda_sync():
+    weighter = PseudoLabelWeighter(num_classes=4, feature_dim=16, k=5, validate=False).cuda()
+    feats, labels = _inputs("cuda")
+    _run_weighting_step(weighter, feats, labels)  # warm-up: generators, allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _run_weighting_step(weighter, feats, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_reused_resize_buffer_gives_the_reference_on_every_call():
+    g = torch.Generator().manual_seed(5)
+    weighter = PseudoLabelWeighter(num_classes=4, feature_dim=8, k=3, samples_per_class=16)
+    weighter.update_labelled(torch.randn(2, 8, 6, 6, generator=g), torch.randint(0, 4, (2, 6, 6), generator=g))
+    for size, label_size in [((6, 6), (20, 20)), ((6, 6), (20, 20)), ((5, 7), (13, 9)), ((6, 6), (20, 20))]:
+        feats = torch.randn(3, 8, *size, generator=g)
+        pseudo = torch.randint(0, 4, (3, *label_size), generator=g)
+        assert torch.equal(weighter.similarity(feats, pseudo), reference_similarity(weighter, feats, pseudo))
+    assert "_resize_buffer" not in weighter.state_dict()

@@ -54,6 +54,11 @@ class PseudoLabelWeighting:
     def to(self, device: torch.device) -> "PseudoLabelWeighting":
         if self.weighter is not None:
             self.weighter.to(device)
+            # the label-range checks cost one host-device sync per call on a GPU (free on CPU, where they stay on);
+            # the frameworks' pseudo-labels are argmaxes (always in range), and out-of-range labels can neither enter
+            # the bank nor index out of bounds in the weights, so a GPU step runs without them
+            validate = torch.device(device).type == "cpu"
+            self.weighter.validate = self.weighter.bank.validate = validate
         return self
 
     @torch.no_grad()

@@ -142,7 +142,11 @@ class PrototypeBank(nn.Module):
             qualifies &= mask.bool()
         noise = torch.rand(labels.shape, generator=self._generator(labels.device), device=labels.device) * 0.5
         key = torch.where(qualifies, labels.to(noise.dtype), torch.full_like(noise, float(C))) + noise
-        order = torch.argsort(key.flatten(), stable=True)
+        # the keys are non-negative floats, whose bit patterns sort like the floats: sorting them as integers gives
+        # the same permutation and takes the CPU's radix sort (several times faster than the float sort)
+        key = key.flatten()
+        bits = {torch.float32: torch.int32, torch.float64: torch.int64}.get(key.dtype)
+        order = torch.argsort(key if bits is None else key.view(bits), stable=True)
         per_class = torch.zeros(C + 1, dtype=torch.long, device=labels.device)
         per_class.scatter_add_(0, torch.where(qualifies, labels, C).flatten(), torch.ones_like(order))
         start = torch.cumsum(per_class, 0) - per_class

@@ -81,14 +81,16 @@ class PseudoLabelWeighter(nn.Module):
 
         ``bilinear``: the features are upsampled (channels-last, one image at a time: the upsampled ``(D, H, W)``
         map, the largest tensor of the method, exists for one image only; a batch slice resizes to the bits of the
-        whole batch) and ranked at every label pixel. ``nearest``: ranked at the features' resolution, and the
-        ``k`` index maps are resized.
+        whole batch) and ranked at every label pixel. On CPU the upsampled map is written into one buffer kept
+        between calls (``D x H x W`` floats, e.g. 105 MB at 321 x 321): a fresh allocation of that size is new
+        memory from the OS, and faulting its pages in costs several times the resize itself.
+        ``nearest``: ranked at the features' resolution, and the ``k`` index maps are resized.
         """
         H, W = size
         # channels-last: each pixel's D channels are contiguous for the top-k, and the resize keeps that layout
         features = features.contiguous(memory_format=torch.channels_last)
         if self.align == "bilinear" and tuple(features.shape[-2:]) != (H, W):
-            return torch.stack([self._topk_channels(resize_features(features[i:i + 1], (H, W), "bilinear"))[0]
+            return torch.stack([self._topk_channels(self._upsample(features[i:i + 1], (H, W)))[0]
                                 for i in range(features.shape[0])])
         index = self._topk_channels(features)  # (B, h, w, k)
         if tuple(index.shape[1:3]) != (H, W):  # align == "nearest": each label pixel reads its feature cell
@@ -112,6 +114,17 @@ class PseudoLabelWeighter(nn.Module):
         labels = pseudo_labels.long()
         cls = torch.where((labels >= 0) & (labels < C), labels, C)
         return table.flatten()[cls[..., None] * D + index].sum(dim=-1, dtype=torch.long)
+
+    def _upsample(self, image: Tensor, size: tuple[int, int]) -> Tensor:
+        """Bilinear resize of one channels-last ``(1, D, h, w)`` image: ``F.interpolate``'s kernel and bits."""
+        if image.device.type != "cpu":
+            return resize_features(image, size, "bilinear")
+        shape = (1, image.shape[1], *size)
+        buffer = getattr(self, "_resize_buffer", None)
+        if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != image.dtype:
+            buffer = torch.empty(shape, dtype=image.dtype).contiguous(memory_format=torch.channels_last)
+            self._resize_buffer = buffer  # a plain attribute: not state, not moved by .to()
+        return torch.ops.aten.upsample_bilinear2d.out(image, list(size), False, None, None, out=buffer)
 
     def _topk_channels(self, features: Tensor) -> Tensor:
         """``(B, D, h, w)`` (channels-last) -> ``(B, h, w, k)`` top-k channel indices, ties by the lower index."""
