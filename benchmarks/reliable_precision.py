@@ -12,7 +12,8 @@ scenes (the demo's data by default), at a few points of one UniMatch training ru
 
    - precision = share of reliable pixels whose pseudo-label is right;
    - coverage = reliable pixels / all labelled (non-ignore) pixels;
-   - thing coverage = reliable pixels of the object classes / object-class pixels of the ground truth.
+   - object recall = reliable pixels with the right object-class pseudo-label / object-class pixels of the ground
+     truth (how much correct object material the bank can draw on).
 
 Rules: confidence ≥ τ_seg (all classes, and object classes only: the fair comparison, since the detector rule
 excludes background by default), confidence ⊕ detector at τ_det = 0.95 (the authors') and lower τ_det, with
@@ -79,9 +80,9 @@ def measure(trainer: Trainer, images, gt, det_masks, gt_masks, things, tau_seg, 
             acc = sums.setdefault(name, [0.0, 0.0, 0.0])
             acc[0] += float(mask.sum())
             acc[1] += float((mask & right).sum())
-            acc[2] += float((mask & thing_gt).sum())
+            acc[2] += float((mask & right & thing_gt).sum())
     return {name: {"precision": r / max(n, 1), "coverage": n / max(valid_total, 1),
-                   "thing_coverage": th / max(thing_total, 1), "pixels": int(n)}
+                   "object_recall": th / max(thing_total, 1), "pixels": int(n)}
             for name, (n, r, th) in sums.items()}
 
 
@@ -163,12 +164,12 @@ def main(argv=None) -> int:
     names = list(next(iter(results.values())))
     lines = [f"Reliable unlabelled pixels on {n} synthetic scenes ({config.data.synthetic.image_size} px, "
              f"{config.data.synthetic.num_labelled} labelled images), UniMatch, tau_seg {config.weighting.tau_seg:g}. "
-             f"Cells: precision % / coverage % / object-pixel coverage %.", "",
+             f"Cells: precision % / coverage % / object recall %.", "",
              "| rule | " + " | ".join(f"it {it} (mIoU {100 * miou[it]:.1f})" for it in points) + " |",
              "|---|" + "---|" * len(points)]
     for name in names:
         cells = [f"{100 * results[it][name]['precision']:.1f} / {100 * results[it][name]['coverage']:.2f} / "
-                 f"{100 * results[it][name]['thing_coverage']:.2f}" for it in points]
+                 f"{100 * results[it][name]['object_recall']:.2f}" for it in points]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Detector ({config.detector.arch}, {config.detector.iterations} steps, lr {config.detector.lr:g}) "
               f"boxes on the same images (IoU >= 0.5, same class):", "",

@@ -119,7 +119,8 @@ def _draw_boxes(ax, boxes, labels, scores, tau: float, palette: np.ndarray, fain
 def plot_detections(trainer, path: Path, count: int = 4) -> Optional[Path]:
     """Detections over pseudo-labels: image + detections (solid: score >= tau_det, dashed: 0.5 to tau_det),
     pseudo-label + the boxes that count, reliable pixels by confidence alone and by confidence + detector, and the
-    hidden ground truth, for a few unlabelled images."""
+    hidden ground truth, for a few unlabelled images (the first ones with a detection >= tau_det, so the picture
+    shows the rule at work; images without one have no detector-reliable pixel at all)."""
     from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from hafis.engine.diagnostics import load_images
     from hafis.weighting import confident_pixels
@@ -127,8 +128,12 @@ def plot_detections(trainer, path: Path, count: int = 4) -> Optional[Path]:
     if getattr(trainer, "box_masks", None) is None:
         return None
     provider, w = trainer.box_masks, trainer.config.weighting
-    images, gt = load_images(trainer.unlabelled_source, range(count))
-    box_mask = provider.batch(range(count)).to(trainer.device)
+    det = provider.detections
+    with_boxes = [i for i in range(len(det)) if bool((det.get(i)[2] >= w.tau_det).any())][:count]
+    indices = (with_boxes + [i for i in range(len(det)) if i not in with_boxes])[:count]
+    count = len(indices)
+    images, gt = load_images(trainer.unlabelled_source, indices)
+    box_mask = provider.batch(indices).to(trainer.device)
     out = trainer.framework.pseudo_labels(images.to(trainer.device), box_mask)
     confident = confident_pixels(out["confidence"], out["pseudo"], w.tau_seg).cpu().numpy()
     palette = _palette(trainer.num_classes)
@@ -137,7 +142,7 @@ def plot_detections(trainer, path: Path, count: int = 4) -> Optional[Path]:
             "reliable: confidence + detector", "ground truth (hidden)"]
     fig, axes = plt.subplots(count, len(cols), figsize=(2.3 * len(cols), 2.3 * count), squeeze=False)
     for i in range(count):
-        boxes, labels, scores = provider.detections.get(i)
+        boxes, labels, scores = det.get(indices[i])
         image = (images[i] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
         panels = [image, _colourise(out["pseudo"][i].cpu().numpy(), palette), confident[i],
                   out["reliable"][i].cpu().numpy(), _colourise(gt[i].numpy(), palette)]
@@ -149,6 +154,7 @@ def plot_detections(trainer, path: Path, count: int = 4) -> Optional[Path]:
             if i == 0:
                 ax.set_title(cols[j], fontsize=7)
         _draw_boxes(axes[i, 0], boxes, labels, scores, w.tau_det, palette)
+        axes[i, 0].set_ylabel(str(det.ids[indices[i]]), fontsize=6)
         keep = scores >= w.tau_det
         _draw_boxes(axes[i, 1], boxes[keep], labels[keep], scores[keep], w.tau_det, palette)
     handles = [patches.Patch(color=palette[c], label=name) for c, name in enumerate(trainer.class_names)]

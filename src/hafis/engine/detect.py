@@ -23,7 +23,7 @@ import torch
 
 from hafis.config import Config, to_dict
 from hafis.data import build_sources
-from hafis.data.base import SegmentationSource
+from hafis.data.base import SegmentationSource, load_checked
 
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .detections import (BoxMaskProvider, DetectionCache, DetectionCacheError, Detections, DetectionsMissingError,
@@ -196,7 +196,7 @@ def run_detect(config: Config, *, retrain: bool = False, log: Callable[[str], No
     cache = detection_cache(config, unlabelled, file_digest(path))
 
     def run(indices):
-        samples = [unlabelled.load(i) for i in indices]
+        samples = [load_checked(unlabelled, i) for i in indices]
         out = detect(model, [s.image for s in samples], things, device)
         for o, s in zip(out, samples):
             o["size"] = s.image.shape[:2]

@@ -27,7 +27,7 @@ import torch
 from scipy import ndimage
 from torch import Tensor, nn
 
-from hafis.data.base import IGNORE_INDEX, Sample, SegmentationSource
+from hafis.data.base import IGNORE_INDEX, Sample, SegmentationSource, load_checked
 
 __all__ = [
     "DETECTOR_ARCHS",
@@ -233,7 +233,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key) -> tuple[Tensor, dict]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        sample = self.source.load(index)
+        sample = load_checked(self.source, index)
         boxes, labels = sample_boxes(sample, self.thing_classes, self.box_mode, self.min_area)
         image = image_tensor(sample.image)
         boxes = torch.from_numpy(boxes)
@@ -300,12 +300,3 @@ def detect(model: nn.Module, images: Sequence[np.ndarray], thing_classes: Sequen
              "labels": lut[o["labels"].cpu()].numpy(),
              "scores": o["scores"].float().cpu().numpy()} for o in out]
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def native_min_size(source: SegmentationSource) -> tuple[int, int]:
-    """``(min_size, max_size)`` that keep the first image of ``source`` at its own scale."""
-    h, w = source.load(0).image.shape[:2]
-    return min(h, w), max(h, w)
