@@ -76,3 +76,18 @@ def test_resume_replays_the_uninterrupted_run(tmp_path, framework):
     resumed = read_metrics(resumed_dir / "metrics.jsonl")
     tail = [r for r in losses(full) if r["iteration"] > 2]
     assert tail and [r for r in losses(resumed) if r["iteration"] > 2][-len(tail):] == tail
+
+
+def test_detector_verified_bank_through_the_three_frameworks(tmp_path, capsys):
+    """weighting.reliable: detector: the weak view's box masks reach the bank (one detector serves the three)."""
+    detector = ["weighting.enabled=true", "weighting.reliable=detector", "weighting.stuff=confidence",
+                "weighting.tau_seg=0.0", "weighting.tau_det=0.0", "weighting.labelled_threshold=0.0",
+                "detector.arch=tiny", "detector.iterations=2", "detector.batch_size=2",
+                f"detector.output_dir={tmp_path / 'detector'}"]
+    assert main(["detect", str(TINY), *COMMON, *detector, f"output_dir={tmp_path / 'det'}"]) == 0
+    for framework in FRAMEWORKS:
+        train(tmp_path / framework, framework, *detector)
+        state = torch.load(tmp_path / framework / "checkpoints" / "ckpt_00000003.pt", map_location="cpu",
+                           weights_only=False)
+        assert state["framework"]["weighting"]["bank.unlabelled.count"].sum() > 0
+    capsys.readouterr()
