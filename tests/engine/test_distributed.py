@@ -4,7 +4,7 @@ They cannot be bit-identical, for documented reasons (hafis.engine.distributed):
 (SyncBatchNorm needs GPUs), each rank normalises its loss by its own pixel count before gradients are averaged,
 UniMatch's CutMix partners are drawn inside each rank's share of the batch, and the prototype bank subsamples each
 rank's pixels before the all-gather. What must hold: the run finishes, only rank 0 writes, every rank ends with the
-same weights (checked by the trainer at each checkpoint), and the result is close to the one-process run.
+same weights and prototype bank (checked by the trainer at each checkpoint), and the result is close to the one-process run.
 """
 
 import os

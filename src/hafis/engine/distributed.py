@@ -105,4 +105,5 @@ def check_replicas(module: torch.nn.Module, device: torch.device) -> None:
     gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, sums)
     if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
-        raise RuntimeError("model replicas differ between ranks; gradients were not averaged identically")
+        raise RuntimeError(f"{type(module).__name__} replicas differ between ranks; their state was not reduced "
+                           "identically")

@@ -269,6 +269,8 @@ class Trainer:
                 if save_now:
                     if self.dist.enabled:
                         distributed.check_replicas(self.model, self.device)
+                        if self.framework.weighting.weighter is not None:  # one prototype bank on every rank
+                            distributed.check_replicas(self.framework.weighting.weighter, self.device)
                     if main:
                         self.checkpoints.save(self.state_dict(), self.iteration)
                 if evaluate_now and self.on_eval is not None:
