@@ -71,8 +71,17 @@ def test_all_minus_inf_rows_take_the_lowest_unchosen_indices():
     assert topk_indices(x, 3, dim=1).tolist() == [[4, 0, 1], [0, 1, 2]]
 
 
+@pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
+def threads(request):
+    """Intra-op threads of the caller: with several, the CPU blocks run on a pool of worker threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("block_bytes", [4, 1000, 1 << 20])
-def test_blocks_do_not_change_the_result(monkeypatch, block_bytes):
+def test_blocks_do_not_change_the_result(monkeypatch, block_bytes, threads):
     monkeypatch.setattr(similarity, "CPU_BLOCK_BYTES", block_bytes)
     g = torch.Generator().manual_seed(0)
     x = tie_heavy((257, 40), g, 4)
@@ -84,12 +93,28 @@ def test_blocks_do_not_change_the_result(monkeypatch, block_bytes):
     assert (idx[:, :-1][tied] < idx[:, 1:][tied]).all()  # ties in index order
 
 
+@pytest.mark.parametrize("contiguous", [False, True])
 @pytest.mark.parametrize("dim", [0, 1, 2, -1])
-def test_any_dim_and_layout(dim):
+def test_any_dim_and_layout(dim, contiguous):
     g = torch.Generator().manual_seed(1)
     x = tie_heavy((7, 9, 11), g).permute(2, 0, 1)  # not contiguous
+    if contiguous:  # a reduced dim other than the last: the column path
+        x = x.contiguous()
     assert torch.equal(topk_mask(x, 3, dim), reference_topk_mask(x, 3, dim))
     assert topk_indices(x, 3, dim).shape[dim] == 3
+
+
+@pytest.mark.parametrize("block_bytes", [8, 5000, 1 << 22])
+@pytest.mark.parametrize("kind", sorted(INPUTS))
+def test_channels_first_columns_equal_the_reference(monkeypatch, block_bytes, kind, threads):
+    monkeypatch.setattr(similarity, "CPU_BLOCK_BYTES", block_bytes)
+    g = torch.Generator().manual_seed(7)
+    x = INPUTS[kind](g, 3 * 11 * 13, 20).view(3, 11, 13, 20).permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
+    idx = topk_indices(x, 5, dim=1)
+    assert idx.shape == (3, 5, 11, 13)
+    assert torch.equal(torch.zeros_like(x, dtype=torch.bool).scatter_(1, idx, True), reference_topk_mask(x, 5, 1))
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 20)
+    assert torch.equal(idx.permute(0, 2, 3, 1).reshape(-1, 5), topk_indices(rows, 5, dim=1))  # same order too
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32])

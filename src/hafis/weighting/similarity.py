@@ -6,6 +6,10 @@ positive scaling of a feature and insensitive to small noise: that robustness is
 
 from __future__ import annotations
 
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch import Tensor
 
@@ -38,47 +42,116 @@ def topk_indices(x: Tensor, k: int, dim: int = -1) -> Tensor:
     row-wise ``amax`` (a plain vectorised reduction), each knocking the chosen key out. Exact, deterministic on every
     device, and on CPU several times faster than ``torch.topk`` alone. float16 / bfloat16 / float32 inputs take this
     path (the half types are widened to float32 exactly); float64 and integer inputs, whose values do not fit in
-    half a key, take k passes of ``torch.max`` (documented to return the first maximal index). On CPU the rows are
-    processed in cache-sized blocks (a loop over blocks of thousands of rows, never over pixels or channels); on
-    other devices in one block.
+    half a key, take k passes of ``torch.max`` (documented to return the first maximal index). A contiguous ``x``
+    reduced along a dimension other than its last (channels-first features) is ranked in place, across ``D`` rows of
+    contiguous columns (one pass per leading index, e.g. per image); other layouts as rows of ``D``. On CPU the work
+    is split into cache-sized blocks (a loop over blocks of thousands of rows, never over pixels or channels), spread
+    over ``torch.get_num_threads()`` threads; on other devices it runs in one block.
     """
     _check_k(k, x.shape[dim])
-    x = x.movedim(dim, -1)
-    lead, d = x.shape[:-1], x.shape[-1]
-    rows = x.reshape(-1, d)
-    n = rows.shape[0]
-    out = torch.empty(n, k, dtype=torch.long, device=x.device)
+    dim = dim % x.dim()
+    d, device = x.shape[dim], x.device
+    lead = x.movedim(dim, -1).shape[:-1]
     keyed = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    work = torch.int64 if keyed else torch.float64
-    block = max(1, CPU_BLOCK_BYTES // (8 * d)) if x.device.type == "cpu" else n
-    if n:
-        scratch = torch.empty(min(block, n), d, dtype=work, device=x.device)
-        low = torch.arange(d - 1, -1, -1, dtype=torch.int64, device=x.device) if keyed else None
-        for start in range(0, n, block):
-            stop = min(start + block, n)
-            if keyed:
-                _keyed_topk(rows[start:stop], k, scratch[: stop - start], low, out[start:stop])
-            else:
-                y = scratch[: stop - start]
-                y.copy_(rows[start:stop])
-                _knockout_topk(y, k, out[start:stop])
+    block = max(1, CPU_BLOCK_BYTES // (8 * d)) if device.type == "cpu" else None
+    if keyed and x.stride(dim) != 1 and x.is_contiguous():
+        # channels-first (e.g. the model's (B, D, h, w)): reduce across D rows of contiguous pixel columns, each
+        # pass an elementwise max of D vectors; no transposed copy of the input
+        L, M = math.prod(x.shape[:dim]), math.prod(x.shape[dim + 1:])
+        cols = x.reshape(L, d, M)
+        out = torch.empty(L, M, k, dtype=torch.long, device=device)
+        step = block or max(M, 1)
+        tasks = [(cols[i, :, s:s + step], out[i, s:s + step]) for i in range(L) for s in range(0, M, step)]
+        _run_keyed(tasks, k, 0, (d, min(step, M)), device)
+        return out.view(*lead, k).movedim(-1, dim)
+    rows = x.movedim(dim, -1).reshape(-1, d)
+    n = rows.shape[0]
+    out = torch.empty(n, k, dtype=torch.long, device=device)
+    step = block or max(n, 1)
+    if n and keyed:
+        _run_keyed([(rows[s:s + step], out[s:s + step]) for s in range(0, n, step)], k, 1, (min(step, n), d), device)
+    elif n:
+        y_all = torch.empty(min(step, n), d, dtype=torch.float64, device=device)
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            y = y_all[: stop - start]
+            y.copy_(rows[start:stop])
+            _knockout_topk(y, k, out[start:stop])
     return out.view(*lead, k).movedim(-1, dim)
 
 
-def _keyed_topk(rows: Tensor, k: int, key: Tensor, low: Tensor, out: Tensor) -> None:
-    """``out (n, k)`` = top-k indices of float ``rows (n, D)`` through unique int64 keys built in ``key (n, D)``."""
-    # order-preserving int32 of the float32 value: +0.0 for -0.0 (so they tie), then the sign-magnitude bits of a
-    # negative number flipped (so a more negative number gets a smaller integer)
-    value = rows.to(torch.float32) + 0.0
-    bits = value.view(torch.int32)
-    flip = torch.bitwise_right_shift(bits, 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)
-    key.copy_(flip)
-    key.bitwise_left_shift_(32).add_(low)  # value in the high half, D - 1 - index in the low half
-    d, knocked_out = key.shape[1], torch.iinfo(torch.int64).min
-    for j in range(k):  # k (the method's 5) passes, each over all rows and channels of the block at once
-        index = (d - 1) - key.amax(dim=1).bitwise_and_(0xFFFFFFFF)
+def _run_keyed(tasks: list, k: int, axis: int, shape: tuple[int, int], device: torch.device) -> None:
+    """Run :func:`_keyed_topk` on ``(block, out)`` tasks: in the calling thread, or on CPU with several intra-op
+    threads, spread over as many worker threads, each running its ops single-threaded.
+
+    A block's ops are small (tens of microseconds), and with intra-op threads every one of them is a parallel region
+    whose threads meet at a barrier: on a machine whose cores are busy with other work a barrier waits for a
+    descheduled thread, and the top-k becomes many times slower. Whole blocks per thread need no barrier (torch ops
+    release the GIL), so the blocks are spread over threads instead.
+    """
+    threads = min(torch.get_num_threads(), len(tasks)) if device.type == "cpu" else 1
+    if threads <= 1:
+        scratch = _KeyScratch(shape, device, column=axis == 0)
+        for src, out in tasks:
+            _keyed_topk(src, k, axis, scratch.view(src.shape[1 - axis]), out)
+        return
+
+    def work(part: list) -> None:
+        scratch = _KeyScratch(shape, device, column=axis == 0)
+        for src, out in part:
+            _keyed_topk(src, k, axis, scratch.view(src.shape[1 - axis]), out)
+
+    for future in [_cpu_pool(threads).submit(work, tasks[t::threads]) for t in range(threads)]:
+        future.result()
+
+
+_POOL: dict = {}
+
+
+def _cpu_pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool whose threads run torch ops single-threaded (recreated after a fork or a size change)."""
+    key = (os.getpid(), threads)
+    if _POOL.get("key") != key:
+        _POOL["key"] = key
+        _POOL["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="hafis-topk",
+                                           initializer=torch.set_num_threads, initargs=(1,))
+    return _POOL["pool"]
+
+
+class _KeyScratch:
+    """Buffers of one block: int64 keys, int32 sign and value, and ``D - 1 - index`` for the low words."""
+
+    def __init__(self, shape: tuple[int, int], device: torch.device, column: bool) -> None:
+        self.column = column
+        d = shape[0] if column else shape[1]
+        self.key = torch.empty(shape, dtype=torch.int64, device=device)
+        self.sign = torch.empty(shape, dtype=torch.int32, device=device)
+        self.value = torch.empty(shape, dtype=torch.int32, device=device)
+        low = torch.arange(d - 1, -1, -1, dtype=torch.int64, device=device)
+        self.low = low[:, None] if column else low
+
+    def view(self, m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        cut = (lambda t: t[:, :m]) if self.column else (lambda t: t[:m])  # noqa: E731
+        return cut(self.key), cut(self.sign), cut(self.value), self.low
+
+
+def _keyed_topk(src: Tensor, k: int, axis: int, scratch: tuple, out: Tensor) -> None:
+    """``out (m, k)`` = top-k indices along ``axis`` of the float block ``src`` (``(m, D)`` rows for axis 1, ``(D, m)``
+    columns for axis 0), through unique int64 keys built in the scratch buffers."""
+    key, sign, value, low = scratch
+    # order-preserving int32 of the float32 value: the sign-magnitude bits as two's complement, i.e. the magnitude
+    # negated for a negative number (-0.0 and 0.0 both give 0, so they tie, as they compare equal)
+    bits = src.to(torch.float32).view(torch.int32)
+    torch.bitwise_right_shift(bits, 31, out=sign)  # 0 or -1
+    torch.bitwise_and(bits, 0x7FFFFFFF, out=value).bitwise_xor_(sign).sub_(sign)
+    key.copy_(value)
+    # value in the high half, D - 1 - index in the low half (an OR: integer adds go through a slow int64 multiply)
+    key.bitwise_left_shift_(32).bitwise_or_(low)
+    d, knocked_out = key.shape[axis], torch.iinfo(torch.int64).min
+    for j in range(k):  # k (the method's 5) passes, each over the whole block at once
+        index = (d - 1) - key.amax(dim=axis).bitwise_and_(0xFFFFFFFF)
         out[:, j] = index
-        key.scatter_(1, index[:, None], knocked_out)
+        key.scatter_(axis, index.unsqueeze(axis), knocked_out)
 
 
 def _knockout_topk(y: Tensor, k: int, out: Tensor) -> None:

@@ -87,12 +87,12 @@ class PseudoLabelWeighter(nn.Module):
         ``nearest``: ranked at the features' resolution, and the ``k`` index maps are resized.
         """
         H, W = size
-        # channels-last: each pixel's D channels are contiguous for the top-k, and the resize keeps that layout
-        features = features.contiguous(memory_format=torch.channels_last)
         if self.align == "bilinear" and tuple(features.shape[-2:]) != (H, W):
+            # channels-last, as before the fast path: the resize kernel (and so the bits) depends on the layout
+            features = features.contiguous(memory_format=torch.channels_last)
             return torch.stack([self._topk_channels(self._upsample(features[i:i + 1], (H, W)))[0]
                                 for i in range(features.shape[0])])
-        index = self._topk_channels(features)  # (B, h, w, k)
+        index = self._topk_channels(features)  # (B, h, w, k), in the features' own layout (no copy)
         if tuple(index.shape[1:3]) != (H, W):  # align == "nearest": each label pixel reads its feature cell
             index = F.interpolate(index.permute(0, 3, 1, 2).float(), size=(H, W), mode="nearest")
             index = index.round().long().permute(0, 2, 3, 1)
@@ -127,8 +127,8 @@ class PseudoLabelWeighter(nn.Module):
         return torch.ops.aten.upsample_bilinear2d.out(image, list(size), False, None, None, out=buffer)
 
     def _topk_channels(self, features: Tensor) -> Tensor:
-        """``(B, D, h, w)`` (channels-last) -> ``(B, h, w, k)`` top-k channel indices, ties by the lower index."""
-        return topk_indices(features.permute(0, 2, 3, 1), self.k, dim=-1)
+        """``(B, D, h, w)`` -> ``(B, h, w, k)`` top-k channel indices, ties by the lower index."""
+        return topk_indices(features, self.k, dim=1).permute(0, 2, 3, 1)
 
     @torch.no_grad()
     def weights(self, features: Tensor, pseudo_labels: Tensor) -> Tensor:
