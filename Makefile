@@ -24,6 +24,8 @@ demo-quick: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/weighting.py
+	$(PY) benchmarks/step.py
+	$(PY) benchmarks/loading.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import re
@@ -81,16 +82,35 @@ def _status_kib(field: str) -> Optional[int]:
         return None
 
 
+def _mallopt(param: int, value: int) -> bool:
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
+    except (OSError, AttributeError):
+        return False
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
 @contextmanager
-def peak_rss():
-    """Peak resident memory above the resident memory at entry, in MiB: ``with peak_rss() as peak: ...; peak()``.
+def peak_rss(absolute: bool = False):
+    """Peak resident memory above the resident memory at entry, in MiB: ``with peak_rss() as peak: ...; peak()``
+    (``absolute``: the process's whole resident memory at the block's peak).
 
     Linux only: writing 5 to ``/proc/self/clear_refs`` resets the process's high-water mark ``VmHWM`` to the
-    current ``VmRSS``, so ``VmHWM`` after the block minus ``VmRSS`` before it is the block's own peak (tensors it
-    allocates and frees included; memory the allocator kept from before is reused, so this can under-count).
-    ``None`` where the reset is not possible.
+    current ``VmRSS``, so ``VmHWM`` after the block minus ``VmRSS`` before it is the block's own peak, tensors it
+    allocates and frees included. So that memory glibc kept from earlier frees is not silently reused (which would
+    under-count), inside the block every allocation of 64 KiB or more is its own ``mmap``, returned on free (the
+    threshold is set back to glibc's 32 MiB ceiling afterwards). ``None`` where the reset is not possible.
     """
     result: dict = {}
+    exact = not absolute and _mallopt(M_MMAP_THRESHOLD, 64 << 10)
+    if exact:
+        _mallopt(M_TRIM_THRESHOLD, 0)
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # give back what earlier frees left, so RSS = live memory
+        except (OSError, AttributeError):
+            pass
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -101,8 +121,11 @@ def peak_rss():
         yield lambda: result.get("mib")
     finally:
         after = _status_kib("VmHWM")
+        if exact:
+            _mallopt(M_MMAP_THRESHOLD, 32 << 20)
+            _mallopt(M_TRIM_THRESHOLD, 64 << 20)
         if before is not None and after is not None:
-            result["mib"] = max(0.0, (after - before) / 1024)
+            result["mib"] = after / 1024 if absolute else max(0.0, (after - before) / 1024)
 
 
 def cuda_peak_mib(device) -> Optional[float]:

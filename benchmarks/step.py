@@ -11,8 +11,10 @@ The weighting runs as the paper has it: ``weighting.reliable: detector`` with a 
 (random boxes here; the trainer reads them from the detection cache), so the detector-mask lookup is part of it.
 
 Reported: median wall time of ``--steps`` steps each way and the overhead ``on / off - 1``, also on process CPU
-time (less sensitive to other processes on the machine); then the parts of the weighting, each timed alone
-(median of ``--steps`` calls) on the features and logits of one real forward pass, as a share of the off step.
+time (less sensitive to other processes on the machine); iterations per second; peak memory of one step (GPU:
+``max_memory_allocated``; CPU: the process's resident memory at the step's peak, ``/proc`` high-water mark reset
+before the step); then the parts of the weighting, each timed alone (median of ``--steps`` calls) on the features
+and logits of one real forward pass, as a share of the off step.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def run_variant(preset: str, variant: str, args) -> tuple[list, list]:
             step(fw)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with peak_rss() as peak:
+        with peak_rss(absolute=True) as peak:
             step(fw)
         peaks[name] = cuda_peak_mib(device) if device.type == "cuda" else peak()
     times = {"on": [], "off": []}
@@ -214,7 +216,7 @@ def main() -> None:
             row, parts = run_variant(preset, variant, args)
             rows.append(row)
             part_rows += parts
-    memory = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB (step)"
+    memory = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
     table(["preset", "variant", "off ms", "on ms", "overhead % (wall)", "off CPU ms", "on CPU ms",
            "overhead % (CPU)", "parts ms", "parts % of off", "it/s off", "it/s on", f"{memory} off", "on"], rows)
     table(["preset", "variant", "part", "median ms", "% of off step"], part_rows)

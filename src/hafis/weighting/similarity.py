@@ -148,8 +148,15 @@ def _keyed_topk(src: Tensor, k: int, axis: int, scratch: tuple, out: Tensor) -> 
     # value in the high half, D - 1 - index in the low half (an OR: integer adds go through a slow int64 multiply)
     key.bitwise_left_shift_(32).bitwise_or_(low)
     d, knocked_out = key.shape[axis], torch.iinfo(torch.int64).min
+    if axis == 0:
+        # across rows, two reductions over about sqrt(D) rows each run faster than one over all D (same maximum)
+        a = max(f for f in range(1, math.isqrt(d) + 1) if d % f == 0)
+        split = key.view(a, d // a, key.shape[1])
+        row_max = lambda: split.amax(dim=0).amax(dim=0)  # noqa: E731
+    else:
+        row_max = lambda: key.amax(dim=1)  # noqa: E731
     for j in range(k):  # k (the method's 5) passes, each over the whole block at once
-        index = (d - 1) - key.amax(dim=axis).bitwise_and_(0xFFFFFFFF)
+        index = (d - 1) - row_max().bitwise_and_(0xFFFFFFFF)
         out[:, j] = index
         key.scatter_(axis, index.unsqueeze(axis), knocked_out)
 
@@ -193,6 +200,8 @@ def topk_index_similarity(features: Tensor, prototypes: Tensor, k: int = 5) -> T
             f"prototypes must have the shape of features {tuple(features.shape)}, got {tuple(prototypes.shape)}"
         )
     _check_k(k, features.shape[1])
-    shared = topk_mask(prototypes, k, dim=1).gather(1, topk_indices(features, k, dim=1)).sum(dim=1)
+    # both index sets are duplicate-free, so the number of equal (i, j) index pairs is the size of the intersection
+    top_f, top_p = topk_indices(features, k, dim=1), topk_indices(prototypes, k, dim=1)
+    shared = (top_f[:, :, None] == top_p[:, None, :]).sum(dim=(1, 2))
     dtype = features.dtype if features.is_floating_point() else torch.float32
     return shared.to(dtype) / k
