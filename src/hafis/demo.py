@@ -180,15 +180,18 @@ def write_report(path: Path, records: list[RunRecord], class_names: list[str], q
         lines.append(f"| {r.label} | " + " | ".join(_pct(v) for v in r.final_iou) + " |")
     lines += ["", f"Pseudo-labels on {NUM_PROBE_IMAGES} unlabelled images against their hidden ground truth "
               "(first evaluation → last):", "",
-              "| method | wrong pixels % | confident share % | wrong among confident % | mean W right | mean W wrong |",
-              "|---|---|---|---|---|---|"]
+              "| method | wrong pixels % | confident share % | wrong among confident % | mean W right | mean W wrong "
+              "| W right / wrong within a class (last) |",
+              "|---|---|---|---|---|---|---|"]
     for r in records[1:]:
         first, last = r.quality[0], r.quality[-1]
         w_r = f"{first['weight_right']:.3f} → {last['weight_right']:.3f}" if "weight_right" in last else "-"
         w_w = f"{first['weight_wrong']:.3f} → {last['weight_wrong']:.3f}" if "weight_wrong" in last else "-"
+        w_c = (f"{last['weight_right_within_class']:.3f} / {last['weight_wrong_within_class']:.3f}"
+               if "weight_right_within_class" in last else "-")
         lines.append(f"| {r.label} | {_pct(first['pseudo_error'])} → {_pct(last['pseudo_error'])} | "
                      f"{_pct(first['confident_share'])} → {_pct(last['confident_share'])} | "
-                     f"{_pct(first['confident_error'])} → {_pct(last['confident_error'])} | {w_r} | {w_w} |")
+                     f"{_pct(first['confident_error'])} → {_pct(last['confident_error'])} | {w_r} | {w_w} | {w_c} |")
     if frameworks:
         lines += frameworks_table(records, frameworks)
     base = records[1].miou[-1] if len(records) > 1 else None

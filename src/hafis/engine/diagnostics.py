@@ -31,6 +31,9 @@ def pseudo_label_quality(framework, images: torch.Tensor, gt: torch.Tensor, batc
 
     ``box_masks``: ``(N, C, H, W)`` detection box masks of the images, for ``weighting.reliable: detector``."""
     sums = torch.zeros(9, dtype=torch.float64)
+    # per pseudo-label class: [right count, W on right, wrong count, W on wrong] -- W can only be judged within a
+    # class, since classes differ in how well their prototype fits (the class mix alone moves the pooled means)
+    per_class = torch.zeros(4, framework.num_classes, dtype=torch.float64)
     device = next(framework.model.parameters()).device
     for start in range(0, images.shape[0], batch_size):
         box = None if box_masks is None else box_masks[start:start + batch_size].to(device)
@@ -42,6 +45,10 @@ def pseudo_label_quality(framework, images: torch.Tensor, gt: torch.Tensor, batc
         confident = (out["confidence"] >= framework.config.weighting.tau_seg) & valid
         reliable = out["reliable"] & valid
         w = out.get("weight")
+        if w is not None:
+            cls = out["pseudo"].clamp(0, framework.num_classes - 1).flatten().cpu()
+            for row, values in enumerate((right, w * right, wrong, w * wrong)):
+                per_class[row].index_add_(0, cls, values.flatten().double().cpu())
         sums += torch.tensor([
             valid.sum(), wrong.sum(), confident.sum(), (wrong & confident).sum(), reliable.sum(),
             (wrong & reliable).sum(), right.sum(),
@@ -58,4 +65,8 @@ def pseudo_label_quality(framework, images: torch.Tensor, gt: torch.Tensor, batc
     if framework.weighting.enabled:
         stats["weight_right"] = w_right / max(n_right, 1)
         stats["weight_wrong"] = w_wrong / max(n_wrong, 1)
+        both = (per_class[0] > 0) & (per_class[2] > 0)  # classes with right and wrong pseudo-labels
+        if bool(both.any()):
+            stats["weight_right_within_class"] = float((per_class[1][both] / per_class[0][both]).mean())
+            stats["weight_wrong_within_class"] = float((per_class[3][both] / per_class[2][both]).mean())
     return stats
