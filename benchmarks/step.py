@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from _common import cuda_peak_mib, footer, header, median, peak_rss, sync, table
+from _reference import previous_weights
 from hafis.config import load_config
 from hafis.data.transforms import cutmix_box
 from hafis.engine.trainer import build_model
@@ -187,6 +188,18 @@ def run_variant(preset: str, variant: str, args) -> tuple[list, list]:
             total += median(t)
             part_rows.append([preset, variant, name, median(t) * 1e3, 100 * median(t) / wall["off"]])
     part_rows.append([preset, variant, "sum of the parts", total * 1e3, 100 * total / wall["off"]])
+    if args.compare_previous:  # not part of the step: what top-k + gather cost before issue 8
+        with autocast():
+            t = [0.0] * args.steps
+            previous_weights(weighter, feat_w, pseudo)
+            for i in range(args.steps):
+                sync(device)
+                start = time.perf_counter()
+                previous_weights(weighter, feat_w, pseudo)
+                sync(device)
+                t[i] = time.perf_counter() - start
+        part_rows.append([preset, variant, "for comparison: top-k + gather before issue 8 (commit 264aa4d)",
+                          median(t) * 1e3, 100 * median(t) / wall["off"]])
     row = [preset, variant, wall["off"] * 1e3, wall["on"] * 1e3, 100 * (wall["on"] / wall["off"] - 1),
            cpu["off"] * 1e3, cpu["on"] * 1e3, 100 * (cpu["on"] / cpu["off"] - 1), total * 1e3,
            100 * total / wall["off"], 1 / wall["off"], 1 / wall["on"], peaks["off"], peaks["on"]]
@@ -204,6 +217,8 @@ def main() -> None:
     p.add_argument("--reliable", default="detector", choices=["detector", "confidence"])
     p.add_argument("--align", default="bilinear", choices=["bilinear", "nearest"])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--no-compare-previous", dest="compare_previous", action="store_false",
+                   help="skip timing the pre-issue-8 top-k + gather on the same features")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
