@@ -80,6 +80,19 @@ def threads(request):
     torch.set_num_threads(before)
 
 
+def test_pool_follows_the_thread_count(monkeypatch):
+    monkeypatch.setattr(similarity, "CPU_BLOCK_BYTES", 8 * 64 * 100)  # 100-row blocks: 50 of them
+    before = torch.get_num_threads()
+    try:
+        x = tie_heavy((5000, 64), torch.Generator().manual_seed(3))
+        for n in (2, 3, 2):
+            torch.set_num_threads(n)
+            assert torch.equal(topk_mask(x, 5, 1), reference_topk_mask(x, 5, 1))
+            assert similarity._POOL["key"][1] == n
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("block_bytes", [4, 1000, 1 << 20])
 def test_blocks_do_not_change_the_result(monkeypatch, block_bytes, threads):
     monkeypatch.setattr(similarity, "CPU_BLOCK_BYTES", block_bytes)
@@ -129,6 +142,8 @@ def test_dtypes(dtype):
 def test_empty_rows():
     assert topk_indices(torch.zeros(0, 8), 2, dim=1).shape == (0, 2)
     assert topk_mask(torch.zeros(3, 0, 8), 2, dim=-1).shape == (3, 0, 8)
+    assert topk_indices(torch.zeros(2, 8, 0), 2, dim=1).shape == (2, 2, 0)  # channels-first, no pixels
+    assert topk_indices(torch.zeros(0, 8, 3), 2, dim=1).shape == (0, 2, 3)
 
 
 def test_similarity_equals_mask_intersection_with_ties():

@@ -10,7 +10,7 @@
 from .bank import PrototypeBank
 from .loss import weighted_cross_entropy
 from .reliable import box_mask_from_detections, confident_pixels, detector_reliable, labelled_qualify_mask
-from .similarity import topk_index_similarity, topk_mask
+from .similarity import topk_index_similarity, topk_indices, topk_mask
 from .weighter import PseudoLabelWeighter
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "detector_reliable",
     "labelled_qualify_mask",
     "topk_index_similarity",
+    "topk_indices",
     "topk_mask",
     "weighted_cross_entropy",
 ]

@@ -112,6 +112,8 @@ def _cpu_pool(threads: int) -> ThreadPoolExecutor:
     """A process-wide pool whose threads run torch ops single-threaded (recreated after a fork or a size change)."""
     key = (os.getpid(), threads)
     if _POOL.get("key") != key:
+        if _POOL.get("key", (None,))[0] == os.getpid():
+            _POOL["pool"].shutdown(wait=False)  # this process's pool of another size (a forked child's is not ours)
         _POOL["key"] = key
         _POOL["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="hafis-topk",
                                            initializer=torch.set_num_threads, initargs=(1,))
