@@ -243,8 +243,9 @@ class Trainer:
                 with self._autocast():
                     step = self.framework.train_step(batch_l, batch_u, it)
                 self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(step.loss).backward()
+                # the one host read of the step, after backward is queued (the device stays busy meanwhile)
                 if self._finite_or_skip(step, it):
-                    self.scaler.scale(step.loss).backward()
                     if self.dist.enabled:
                         distributed.average_gradients(self._optimised_parameters(), self.dist.world_size)
                     self.scaler.step(self.optimizer)
