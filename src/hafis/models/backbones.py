@@ -152,20 +152,36 @@ def _few(keys: list[str]) -> str:
     return shown + (f", ... and {more} more" if more > 0 else "")
 
 
+def _key_lines(missing: list[str], unexpected: list[str]) -> list[str]:
+    lines = []
+    if missing:
+        lines.append(f"missing ({len(missing)}): {_few(missing)}")
+    if unexpected:
+        lines.append(f"unexpected ({len(unexpected)}): {_few(unexpected)}")
+    return lines
+
+
+def check_keys(path: str, state: dict, expected, what: str, optional=lambda k: False,
+               raise_now: bool = True) -> tuple[list[str], list[str]]:
+    """Missing and unexpected keys of a checkpoint ``state`` against a module's ``expected`` keys; with
+    ``raise_now`` a mismatch is a ValueError naming the file and (a few of) the keys."""
+    missing = sorted(k for k in expected if k not in state and not optional(k))
+    unexpected = sorted(k for k in state if k not in expected)
+    if raise_now and (missing or unexpected):
+        raise ValueError("\n  ".join([f"checkpoint {path} does not match the {what}'s keys",
+                                        *_key_lines(missing, unexpected)]))
+    return missing, unexpected
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     """Load a local checkpoint into ``backbone`` with strict key matching; ValueError names file and keys."""
     path = os.fspath(path)
     state = _clean_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
-    expected = backbone.state_dict().keys()
     # BatchNorm fills a missing num_batches_tracked itself; older torchvision files lack it.
-    missing = sorted(k for k in expected if k not in state and not k.endswith("num_batches_tracked"))
-    unexpected = sorted(k for k in state if k not in expected)
+    missing, unexpected = check_keys(path, state, backbone.state_dict().keys(), "backbone",
+                                     optional=lambda k: k.endswith("num_batches_tracked"), raise_now=False)
     if missing or unexpected:
-        msg = [f"checkpoint {path} does not match the backbone's keys"]
-        if missing:
-            msg.append(f"missing ({len(missing)}): {_few(missing)}")
-        if unexpected:
-            msg.append(f"unexpected ({len(unexpected)}): {_few(unexpected)}")
+        msg = [f"checkpoint {path} does not match the backbone's keys", *_key_lines(missing, unexpected)]
         if "conv1.weight" in missing and any(k.startswith("conv1.0.") for k in unexpected):
             msg.append("hint: this is a deep-stem checkpoint; use backbone resnet50s/resnet101s")
         elif "conv1.weight" in unexpected and any(k.startswith("conv1.0.") for k in missing):

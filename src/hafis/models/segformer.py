@@ -95,7 +95,7 @@ def load_encoder_weights(encoder: Encoder, path) -> None:
     """Load a timm PVTv2 or an original PVTv2 / SegFormer MiT checkpoint, strictly; ValueError names file and keys."""
     from timm.models.pvt_v2 import checkpoint_filter_fn
 
-    from hafis.models.backbones import _clean_state_dict, _few
+    from hafis.models.backbones import _clean_state_dict, check_keys
 
     path = os.fspath(path)
     state = _clean_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
@@ -104,16 +104,7 @@ def load_encoder_weights(encoder: Encoder, path) -> None:
             state = {k[len(prefix):]: v for k, v in state.items()}
     state = checkpoint_filter_fn(state, encoder.model)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    expected = encoder.model.state_dict().keys()
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected)
-    if missing or unexpected:
-        msg = [f"checkpoint {path} does not match the encoder's keys"]
-        if missing:
-            msg.append(f"missing ({len(missing)}): {_few(missing)}")
-        if unexpected:
-            msg.append(f"unexpected ({len(unexpected)}): {_few(unexpected)}")
-        raise ValueError("\n  ".join(msg))
+    check_keys(path, state, encoder.model.state_dict().keys(), "encoder")
     try:
         encoder.model.load_state_dict(state, strict=True)
     except RuntimeError as e:
