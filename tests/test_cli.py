@@ -63,3 +63,11 @@ def test_eval_of_a_missing_checkpoint_names_it(tmp_path, capsys):
     missing = tmp_path / "nope.pt"
     assert main(["eval", str(TINY / "unimatch.yaml"), "--checkpoint", str(missing)]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_an_empty_split_is_named_not_a_traceback(tmp_path, capsys):
+    code = main(["train", str(TINY / "unimatch.yaml"), "data.synthetic.num_unlabelled=0",
+                 f"output_dir={tmp_path / 'run'}"])
+    assert code == 2
+    assert "the unlabelled split is empty" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

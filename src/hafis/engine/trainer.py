@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from hafis.config import Config, ConfigError, to_dict
 from hafis.data import build_sources
+from hafis.data.base import DataError
 from hafis.data.ssl import EvalDataset, InfiniteSampler, LabelledDataset, UnlabelledDataset
 from hafis.frameworks import Framework, build_framework
 from hafis.models import build_segmenter
@@ -118,6 +119,7 @@ class Trainer:
         if config.train.compile:
             self.model.compile()  # in place: state-dict keys and the frameworks' calls stay unchanged
         self.framework: Framework = build_framework(config, self.model, self.num_classes).to(self.device)
+        self._check_not_empty()
         self.framework.epoch_iterations = max(1, len(self.unlabelled_source) // config.train.unlabelled_batch_size)
         self.framework.weighting.thing_classes = tuple(self.unlabelled_source.thing_classes)
         #: detection box masks of the unlabelled images (weighting.reliable: detector), else None
@@ -280,6 +282,15 @@ class Trainer:
             bar.close()
             log.close()
         return result
+
+    def _check_not_empty(self) -> None:
+        parts = [("labelled", self.labelled_source), ("val", self.val_source)]
+        if self.framework.uses_unlabelled:
+            parts.append(("unlabelled", self.unlabelled_source))
+        for part, source in parts:
+            if len(source) == 0:
+                raise DataError(f"the {part} split is empty ({source!r}, data.dataset={self.config.data.dataset!r}); "
+                                f"check data.root and the split files, or run `hafis prepare`")
 
     def _per_rank(self, global_batch: int, key: str) -> int:
         if global_batch % self.dist.world_size:
