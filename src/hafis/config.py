@@ -443,6 +443,12 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if typ is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-4 (no dot) as a string; it is the usual way to write a learning rate
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

@@ -11,7 +11,9 @@ def write(tmp_path, name, text):
 
 def test_defaults_file_and_overrides(tmp_path):
     path = write(tmp_path, "a.yaml", "name: x\ntrain: {iterations: 7}\nweighting: {enabled: true}\n")
-    config = load_config(path, ["train.batch_size=3", "weighting.offset=1", "data.scale_range=[1, 2]"])
+    config = load_config(path, ["train.batch_size=3", "weighting.offset=1", "data.scale_range=[1, 2]",
+                                "optim.lr=1e-4"])
+    assert config.optim.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string
     assert config.name == "x" and config.train.iterations == 7 and config.train.batch_size == 3
     assert config.weighting.enabled is True and config.weighting.offset == 1.0
     assert isinstance(config.weighting.offset, float)
