@@ -97,7 +97,6 @@ def topk_broadcast_similarity(features: Tensor, prototypes: Tensor, k: int) -> T
 @torch.no_grad()
 def topk_broadcast_weights(features: Tensor, labels: Tensor, prototypes: Tensor, has_prototype: Tensor, k: int,
                            ignore_index: int = 255) -> Tensor:
-    D = features.shape[1]
     top_f = torch.topk(features.permute(0, 2, 3, 1), k, dim=-1).indices  # (B, h, w, k)
     top_p = torch.topk(prototypes, k, dim=1).indices  # (C, k)
     ignored = labels == ignore_index

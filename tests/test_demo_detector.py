@@ -1,4 +1,3 @@
-from pathlib import Path
 
 from hafis.demo import run_demo
 from hafis.demo_detector import DETECTOR_RUN

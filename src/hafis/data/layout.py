@@ -152,10 +152,5 @@ class LayoutSource(SegmentationSource):
             mask = None
         return where + (f", mask {mask})" if mask is not None else ")")
 
-    def describe(self, index: int) -> str:
-        id_ = self._ids[index]
-        mask = self.layout.mask_path(id_, self.part)
-        return f"image {self.layout.image_path(id_, self.part)}" + (f" / mask {mask}" if mask else "")
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.layout.name}, {self.part}, {len(self)} images, root={self.layout.root})"

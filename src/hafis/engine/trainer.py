@@ -49,8 +49,8 @@ def resolve_device(name: str) -> torch.device:
 def build_model(config: Config, num_classes: int) -> torch.nn.Module:
     m = config.model
     return build_segmenter(
-        m.name, num_classes, backbone=m.backbone, output_stride=m.output_stride, feature_dim=m.feature_dim, aspp_channels=m.aspp_channels,
-        fp_dropout=m.fp_dropout, pretrained=m.pretrained, pretrained_path=m.pretrained_path,
+        m.name, num_classes, backbone=m.backbone, output_stride=m.output_stride, feature_dim=m.feature_dim,
+        aspp_channels=m.aspp_channels, fp_dropout=m.fp_dropout, pretrained=m.pretrained, pretrained_path=m.pretrained_path,
     )
 
 

@@ -19,7 +19,6 @@ segmentation class ids only.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
 import numpy as np
