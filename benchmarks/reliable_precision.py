@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from hafis.config import load_config
+from hafis.demo_detector import box_quality
 from hafis.engine.detect import run_detect
 from hafis.engine.detections import BoxMaskProvider, Detections
 from hafis.engine.diagnostics import load_images
@@ -97,24 +98,6 @@ def gt_box_masks(source, indices, num_classes) -> torch.Tensor:
     return provider.batch(range(len(indices)))
 
 
-def detector_box_quality(detections: Detections, source, indices, tau: float) -> dict:
-    """Box-level precision / recall of detections >= tau against the ground-truth boxes (IoU >= 0.5, same class)."""
-    from torchvision.ops import box_iou
-
-    tp = n_det = n_gt = 0
-    for i in indices:
-        s = source.load(i)
-        boxes, labels, scores = detections.get(i)
-        keep = scores >= tau
-        b, l = torch.from_numpy(boxes[keep]), labels[keep]
-        n_det += len(b)
-        n_gt += len(s.boxes)
-        if len(b) and len(s.boxes):
-            hit = (box_iou(b, torch.from_numpy(s.boxes)) >= 0.5).numpy() & (l[:, None] == s.box_labels[None])
-            tp += int(hit.any(axis=1).sum())
-    return {"detections": n_det, "gt_boxes": n_gt, "precision": tp / max(n_det, 1), "recall": tp / max(n_gt, 1)}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(CONFIG))
@@ -146,7 +129,7 @@ def main(argv=None) -> int:
     provider = {tau: BoxMaskProvider(detections, trainer.num_classes, tau) for tau in taus}
     det_masks = {tau: prov.batch(range(n)) for tau, prov in provider.items()}
     gt_masks = gt_box_masks(source, range(n), trainer.num_classes)
-    box_quality = {tau: detector_box_quality(detections, source, range(n), tau) for tau in taus}
+    boxes_by_tau = {tau: box_quality(detections, source, range(n), tau) for tau in taus}
 
     results: dict[int, dict] = {}
     miou: dict[int, float] = {}
@@ -174,7 +157,7 @@ def main(argv=None) -> int:
     lines += ["", f"Detector ({config.detector.arch}, {config.detector.iterations} steps, lr {config.detector.lr:g}) "
               f"boxes on the same images (IoU >= 0.5, same class):", "",
               "| tau_det | detections | ground-truth boxes | box precision % | box recall % |", "|---|---|---|---|---|"]
-    for tau, q in box_quality.items():
+    for tau, q in boxes_by_tau.items():
         lines.append(f"| {tau:g} | {q['detections']} | {q['gt_boxes']} | {100 * q['precision']:.1f} | "
                      f"{100 * q['recall']:.1f} |")
     lines += ["", f"Detector training + detection {detect_seconds:.0f} s, segmenter training {train_seconds:.0f} s."]
@@ -183,7 +166,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"points": points, "miou": miou, "results": results,
-                                                  "detector_boxes": {str(k): v for k, v in box_quality.items()}},
+                                                  "detector_boxes": {str(k): v for k, v in boxes_by_tau.items()}},
                                                  indent=1))
     return 0
 

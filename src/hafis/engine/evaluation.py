@@ -83,10 +83,17 @@ def eval_batches(batch: dict) -> Iterator[tuple[Tensor, Tensor]]:
         yield image[None], mask[None]
 
 
-def build_eval_loader(source, batch_size: int, num_workers: int = 0) -> DataLoader:
+def build_eval_loader(source, batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Whole validation images; with ``world_size > 1`` this rank's share (every ``world_size``-th image), whose
+    confusion matrix :func:`hafis.engine.trainer.evaluate` sums over the ranks."""
+    from torch.utils.data import Subset
+
     from hafis.data.ssl import EvalDataset
 
-    return DataLoader(EvalDataset(source), batch_size=batch_size, num_workers=num_workers, collate_fn=eval_collate,
+    dataset = EvalDataset(source)
+    if world_size > 1:
+        dataset = Subset(dataset, range(rank, len(dataset), world_size))
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=eval_collate,
                       generator=torch.Generator().manual_seed(0))  # never draw from the global RNG
 
 

@@ -16,19 +16,19 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import yaml
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hafis.config import Config, ConfigError, to_dict
 from hafis.data import build_sources
 from hafis.data.base import DataError
-from hafis.data.ssl import EvalDataset, InfiniteSampler, LabelledDataset, UnlabelledDataset
+from hafis.data.ssl import InfiniteSampler, LabelledDataset, UnlabelledDataset
 from hafis.frameworks import Framework, build_framework
 from hafis.models import build_segmenter
 
 from . import distributed
 from .checkpoint import CheckpointManager, load_checkpoint
-from .evaluation import eval_batches, eval_collate, eval_settings, predict
+from .evaluation import build_eval_loader, eval_batches, eval_settings, predict
 from .optim import build_optimizer
 from .metrics import confusion_matrix, iou_per_class, mean_iou
 from .run_log import RunLog, truncate_metrics
@@ -50,7 +50,8 @@ def build_model(config: Config, num_classes: int) -> torch.nn.Module:
     m = config.model
     return build_segmenter(
         m.name, num_classes, backbone=m.backbone, output_stride=m.output_stride, feature_dim=m.feature_dim,
-        aspp_channels=m.aspp_channels, fp_dropout=m.fp_dropout, pretrained=m.pretrained, pretrained_path=m.pretrained_path,
+        aspp_channels=m.aspp_channels, fp_dropout=m.fp_dropout, pretrained=m.pretrained,
+        pretrained_path=m.pretrained_path,
     )
 
 
@@ -135,12 +136,8 @@ class Trainer:
         self.nonfinite_skips = 0
         #: loss scaling only for fp16; a disabled scaler is a pass-through
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train.amp == "fp16")
-        val = EvalDataset(self.val_source)
-        if self.dist.enabled:  # each rank evaluates every world_size-th image; confusion matrices are summed
-            val = Subset(val, range(self.dist.rank, len(val), self.dist.world_size))
-        self.val_loader = DataLoader(val, batch_size=config.eval.batch_size,
-                                     num_workers=config.data.num_workers, collate_fn=eval_collate,
-                                     generator=torch.Generator().manual_seed(config.seed))
+        self.val_loader = build_eval_loader(self.val_source, config.eval.batch_size, config.data.num_workers,
+                                            self.dist.rank, self.dist.world_size)
 
     # ------------------------------------------------------------------------------------------------ data
     def _box_masks(self):
