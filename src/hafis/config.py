@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from hafis.data.garments import GarmentsConfig
 from hafis.data.synthetic import SyntheticConfig
 
 
@@ -31,9 +32,10 @@ def choice(default: Any, *choices: Any, doc: str = "") -> Any:
 
 @dataclass
 class DataConfig:
-    #: synthetic = the built-in scenes; voc / cityscapes / coco = the datasets' official trees; folder = your own
+    #: synthetic = the built-in scenes; garments = Fashion-MNIST garments on real photographs (section
+    #: ``garments``); voc / cityscapes / coco = the datasets' official trees; folder = your own
     #: ``images/ + masks/ + classes.txt`` (formats: hafis.data.voc, .cityscapes, .coco, .folder)
-    dataset: str = choice("synthetic", "synthetic", "voc", "cityscapes", "coco", "folder")
+    dataset: str = choice("synthetic", "synthetic", "garments", "voc", "cityscapes", "coco", "folder")
     #: the dataset's folder (VOC: the VOC2012 folder; Cityscapes: holds leftImg8bit/ and gtFine/; COCO: holds
     #: train2017/, val2017/, annotations/)
     root: Optional[str] = None
@@ -54,6 +56,8 @@ class DataConfig:
     #: where generated / rasterised data is cached; ``null`` = ``$HAFIS_CACHE`` or ``~/.cache/hafis``
     cache_dir: Optional[str] = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    #: data.dataset: garments: where Fashion-MNIST is, sizes, classes (keys: hafis.data.garments.GarmentsConfig)
+    garments: GarmentsConfig = field(default_factory=GarmentsConfig)
 
 
 @dataclass

@@ -11,6 +11,10 @@ def build_sources(data_config) -> tuple[SegmentationSource, SegmentationSource, 
         from .synthetic import SyntheticScenes
 
         return tuple(SyntheticScenes(data_config.synthetic, split, cache_dir=data_config.cache_dir) for split in ("labelled", "unlabelled", "val"))
+    if data_config.dataset == "garments":
+        from .garments import garment_splits
+
+        return garment_splits(data_config.garments, cache_dir=data_config.cache_dir)
     from .splits import DATASETS
 
     if data_config.dataset in DATASETS:  # real datasets on disk: voc, cityscapes, coco, folder
