@@ -20,7 +20,6 @@ from hafis.data.garments import (
     GarmentsConfig,
     GarmentScenes,
     garment_splits,
-    layers_to_garment_sample,
     load_fashion_mnist,
     read_idx,
 )
