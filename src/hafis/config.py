@@ -64,9 +64,11 @@ class DataConfig:
 class ModelConfig:
     #: deeplabv3plus (ResNet, as the four frameworks publish) or segformer (hierarchical Transformer + MLP decoder)
     name: str = choice("deeplabv3plus", "deeplabv3plus", "segformer")
-    #: deeplabv3plus: resnet18/50/101, resnet50s/101s, resnet_tiny; segformer: mit_b0..mit_b5, pvt_v2_b0..b5, mit_tiny
+    #: deeplabv3plus: resnet18/50/101, resnet50s/101s, resnet_tiny, efficientnet_lite0 (ImageNet weights offline,
+    #: cheap on CPU); segformer: mit_b0..mit_b5, pvt_v2_b0..b5, mit_tiny
     backbone: str = "resnet50"
-    #: ``imagenet`` loads the backbone's ImageNet weights through timm; ``null`` starts from scratch
+    #: ``imagenet`` loads the backbone's ImageNet weights through timm (efficientnet_lite0: from its installed weights
+    #: package, no network); ``null`` starts from scratch
     pretrained: Optional[str] = choice(None, None, "imagenet")
     #: a local backbone checkpoint (for machines with no network); wins over ``pretrained``
     pretrained_path: Optional[str] = None

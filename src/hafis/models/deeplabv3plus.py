@@ -68,7 +68,8 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3Plus(nn.Module):
-    """DeepLabV3+ on a timm ResNet (see :mod:`hafis.models.backbones` for names and weights).
+    """DeepLabV3+ on a timm ResNet or EfficientNet-Lite0 (see :mod:`hafis.models.backbones` for names and weights);
+    ASPP and the low-level projection take the backbone's channel counts.
 
     aspp_dilations are given for output stride 16 and doubled for output stride 8, as in the DeepLab papers.
     """
