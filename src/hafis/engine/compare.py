@@ -342,7 +342,8 @@ def diagnostics_table(runs: Sequence[RunData], arms: Sequence[str], points: int 
         its = sorted(curves)
         if not its:
             continue
-        picks = sorted({its[round(i * (len(its) - 1) / max(points - 1, 1))] for i in range(min(points, len(its)))})
+        k = min(points, len(its))
+        picks = [its[-1]] if k == 1 else sorted({its[round(i * (len(its) - 1) / (k - 1))] for i in range(k)})
         for it in picks:
             rows.append({"arm": arm, "iteration": it, "seeds": curves[it]["n"],
                          **{k: curves[it].get(k) for k, _, _ in DIAGNOSTICS}})
