@@ -100,3 +100,10 @@ def test_diagnostics_are_logged_and_leave_training_unchanged(tmp_path):
     strip = [[{k: v for k, v in r.items() if k not in ("seconds_per_iteration", "diagnostics")} for r in run]
              for run in (runs[0], runs[3])]
     assert strip[0] == strip[1]  # measuring draws no random numbers and changes no state
+
+
+def test_negative_diagnostics_images_is_a_config_error():
+    from hafis.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.diagnostics_images must be >= 0"):
+        load_config(None, ["eval.diagnostics_images=-1"])
