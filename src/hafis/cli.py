@@ -1,4 +1,4 @@
-"""``hafis`` command line: ``train``, ``eval``, ``detect``, ``prepare``, ``demo``.
+"""``hafis`` command line: ``train``, ``eval``, ``detect``, ``prepare``, ``visualize``, ``demo``, ``compare``.
 
 Errors a user can fix (a bad config key, a missing file, an unreadable checkpoint) print one line naming the key or
 file and exit with status 2; nothing is written before the config is valid.
@@ -121,6 +121,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    import shlex
+
+    from hafis.engine.compare import Comparison, parse_arm, parse_seeds
+
+    command = shlex.join(["hafis", *args.argv])
+    out = Path(args.out)
+    if args.report_only and not args.arm:
+        comparison = Comparison.from_plan(out)
+    else:
+        if args.config is None or not args.arm:
+            raise ConfigError("hafis compare needs CONFIG and at least one --arm 'NAME: key=value ...'")
+        comparison = Comparison(Path(args.config), [parse_arm(a) for a in args.arm], parse_seeds(args.seeds),
+                                args.set, out, args.baseline, command)
+    if args.report_only:
+        comparison.write_outputs()
+        print(f"[compare] report rebuilt: {out / 'report.md'}")
+        return 0
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    return comparison.run(args.jobs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hafis", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "the weighting, in one table (e.g. unimatch,u2pl,ael,augseg)")
     p.add_argument("overrides", nargs="*", help="overrides applied to every run of the demo")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("compare", help="train every arm x seed (resumable, N side by side) and report mean ± std, "
+                                       "paired differences with 95 %% intervals, curves and diagnostics")
+    p.add_argument("config", nargs="?", help="the experiment's YAML (optional with --report-only)")
+    p.add_argument("--arm", action="append", default=[], metavar="'NAME: key=value ...'",
+                   help="one arm: a name and its overrides; repeat for each arm")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side; each gets cpu_count // jobs threads")
+    p.add_argument("--out", required=True, help="folder of the runs, results.json and report.md")
+    p.add_argument("--baseline", default=None, help="arm the others are compared with (default: the first)")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="key=value",
+                   help="overrides for every arm")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from the runs that exist")
+    p.set_defaults(func=_compare)
     return parser
 
 
@@ -178,6 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     # overrides may also follow an option (hafis train CONFIG --nproc 2 a.b=1): argparse leaves those unparsed
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

@@ -315,6 +315,14 @@ class EvalConfig:
     window: Optional[int] = None
     #: step between windows; null = 2/3 of the window (an overlap of 1/3, as published)
     stride: Optional[int] = None
+    #: at every evaluation, measure the pseudo-labels of the first N unlabelled images against their ground truth
+    #: (which never reaches training): wrong share unweighted / W-weighted, AUROC of W and of the confidence, bank
+    #: precision; logged as ``diagnostics`` in metrics.jsonl. 0 = off (it costs a forward pass over N images)
+    diagnostics_images: int = 0
+
+    def __post_init__(self) -> None:
+        if self.diagnostics_images < 0:
+            raise ValueError(f"eval.diagnostics_images must be >= 0, got {self.diagnostics_images}")
 
 
 @dataclass

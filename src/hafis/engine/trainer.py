@@ -125,6 +125,8 @@ class Trainer:
         self.framework.weighting.thing_classes = tuple(self.unlabelled_source.thing_classes)
         #: detection box masks of the unlabelled images (weighting.reliable: detector), else None
         self.box_masks = self._box_masks()
+        #: images, ground truth and box masks probed by the diagnostics (eval.diagnostics_images), loaded once
+        self._probe: Optional[tuple] = None
         o = config.optim
         self.optimizer = build_optimizer(
             self.model.param_groups(o.lr, o.head_lr_multiplier, o.weight_decay)
@@ -325,6 +327,24 @@ class Trainer:
         result = evaluate(self.framework.eval_model(), self.val_loader, self.num_classes, self.device,
                           **eval_settings(self.config))
         self.best_miou = max(self.best_miou, result.miou)
-        log.write({"iteration": self.iteration, "event": "eval", **result.record(), "best_miou": self.best_miou,
-                   "seed": self.config.seed, "iou_by_class": dict(zip(self.class_names, result.iou))}, "val")
+        record = {"iteration": self.iteration, "event": "eval", **result.record(), "best_miou": self.best_miou,
+                  "seed": self.config.seed, "iou_by_class": dict(zip(self.class_names, result.iou)),
+                  "labelled": len(self.labelled_source)}
+        if self.config.eval.diagnostics_images > 0 and self.dist.is_main:
+            record["diagnostics"] = self._diagnostics()
+        log.write(record, "val")
         return result
+
+    def _diagnostics(self) -> dict:
+        """Pseudo-label quality on a fixed set of unlabelled images (:mod:`hafis.engine.diagnostics`); measured
+        only: it draws no random numbers and changes no state, so training is the same with it on or off."""
+        from .diagnostics import load_images, pseudo_label_quality
+
+        if self._probe is None:
+            n = min(self.config.eval.diagnostics_images, len(self.unlabelled_source))
+            images, gt = load_images(self.unlabelled_source, range(n))
+            boxes = self.box_masks.batch(range(n)) if self.box_masks is not None else None
+            self._probe = (images, gt, boxes, n)
+        images, gt, boxes, n = self._probe
+        stats = pseudo_label_quality(self.framework, images, gt, self.config.eval.batch_size, box_masks=boxes)
+        return {"images": n, **{k: None if math.isnan(v) else v for k, v in stats.items()}}
