@@ -1,0 +1,114 @@
+"""The realistic benchmark: does semi-supervised learning work here, and does the weighting add to it?
+
+Garments (Fashion-MNIST) composited onto real photographs (``data.dataset: garments``), DeepLabV3+ on an
+ImageNet-pretrained EfficientNet-Lite0 (``configs/realistic/base.yaml``), two labelled splits of one 2,000-image
+training pool, every arm over seeds through ``hafis compare``. The benchmark's own settings (image size, split
+sizes, schedule, learning rate) were chosen on the supervised and UniMatch arms only; the weighting arms run with
+the method's published settings (k = 5, τ = 0.95, detector-verified bank, memory 256 per class).
+
+    python benchmarks/realistic.py --stage core     # 1/32 split: supervised, unimatch, unimatch+W; 3 seeds
+    python benchmarks/realistic.py --stage all      # + the other arms and the 1/8 split (resumes what exists)
+    python benchmarks/realistic.py --report-only    # rebuild benchmarks/results/realistic.{json,md} from the runs
+
+Runs go to ``--out`` (default ``bench_out/realistic``), two at a time with one thread each; every call reuses the
+finished runs and resumes unfinished ones, so the benchmark can be stopped and continued at any point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "realistic" / "base.yaml"
+RESULTS = ROOT / "benchmarks" / "results"
+POOL = 2000  # data.garments.num_train of the config
+SPLITS = {"1_32": POOL // 32, "1_8": POOL // 8}
+
+PAPER = "weighting.enabled=true weighting.offset=0 weighting.normalize=count"
+AUTHORS = "weighting.enabled=true weighting.offset=1 weighting.normalize=weight"
+ARMS = {
+    "supervised": "train.framework=supervised",
+    "unimatch": "train.framework=unimatch",
+    "unimatch+W": f"train.framework=unimatch {PAPER}",
+    "unimatch+W(authors)": f"train.framework=unimatch {AUTHORS}",
+    "augseg": "train.framework=augseg",
+    "augseg+W": f"train.framework=augseg {PAPER}",
+}
+CORE = ("supervised", "unimatch", "unimatch+W")
+
+
+def plan(stage: str) -> list[tuple[str, list[str], str]]:
+    """(folder, arms, --set overrides) of each ``hafis compare`` call, core runs first."""
+    calls = [("1_32", list(CORE), f"data.garments.num_labelled={SPLITS['1_32']}")]
+    if stage == "all":
+        calls = [("1_32", list(ARMS), f"data.garments.num_labelled={SPLITS['1_32']}"),
+                 ("full", ["fully-supervised"], f"data.garments.num_labelled={POOL}"),
+                 ("1_8", list(ARMS), f"data.garments.num_labelled={SPLITS['1_8']}")]
+    return calls
+
+
+def arm_overrides(name: str) -> str:
+    return ARMS["supervised"] if name == "fully-supervised" else ARMS[name]
+
+
+def compare(folder: str, arms: list[str], common: str, seeds: str, jobs: int, out: Path, report_only: bool) -> int:
+    command = [sys.executable, "-m", "hafis", "compare"]
+    if report_only:
+        command += ["--report-only", "--out", str(out / folder)]
+    else:
+        command += [str(CONFIG), "--seeds", seeds, "--jobs", str(jobs), "--out", str(out / folder),
+                    "--set", *common.split()]
+        for name in arms:
+            command += ["--arm", f"{name}: {arm_overrides(name)}"]
+    print("$", shlex.join(command), flush=True)
+    return subprocess.run(command).returncode
+
+
+def collect(out: Path, command: str) -> dict:
+    """One results file for the whole benchmark: every finished run of every split, in the issue's schema."""
+    runs, machine, sections = [], "", []
+    for folder in ("1_32", "1_8", "full"):
+        path = out / folder / "results.json"
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        machine = data.get("machine", machine)
+        runs += data["runs"]
+        report = (out / folder / "report.md").read_text()
+        sections.append(f"## Split {folder.replace('_', '/')}\n\n" + report.split("\n", 1)[1])
+        for plot in ("miou.png", "diagnostics.png"):
+            if (out / folder / plot).is_file():
+                shutil.copyfile(out / folder / plot, RESULTS / f"realistic_{folder}_{plot}")
+    return {"command": command, "machine": machine, "runs": runs}, sections
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=("core", "all"), default="core")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "realistic")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    status = 0
+    for folder, arms, common in plan(args.stage):
+        if args.report_only and not (args.out / folder / "compare.json").is_file():
+            continue
+        status |= compare(folder, arms, common, args.seeds, args.jobs, args.out, args.report_only)
+    results, sections = collect(args.out, f"python benchmarks/realistic.py --stage {args.stage} --seeds {args.seeds}")
+    (RESULTS / "realistic.json").write_text(json.dumps(results, indent=1) + "\n")
+    (RESULTS / "realistic.md").write_text("# Realistic benchmark (garments on photographs, EfficientNet-Lite0 "
+                                          "DeepLabV3+)\n\n" + "\n".join(sections))
+    print(f"wrote {RESULTS / 'realistic.json'} ({len(results['runs'])} runs) and {RESULTS / 'realistic.md'}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
