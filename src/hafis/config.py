@@ -72,6 +72,10 @@ class ModelConfig:
     aspp_channels: int = 256
     #: UniMatch's feature perturbation: Dropout2d rate on the encoder features
     fp_dropout: float = 0.5
+    #: ``align_corners`` of the segmenter's bilinear resizes (DeepLabV3+: ASPP pooling, decoder, logits): UniMatch
+    #: and the seed paper's code use True, which changes the loss and gradients; null = the segmenter's release
+    #: (DeepLabV3+: True, SegFormer: False)
+    align_corners: Optional[bool] = None
 
 
 @dataclass
@@ -243,6 +247,15 @@ class WeightingConfig:
     stuff: str = choice("exclude", "exclude", "confidence")
     #: features are resized to the labels' size: bilinear (authors) or nearest (cheaper)
     align: str = choice("bilinear", "bilinear", "nearest")
+    #: align_corners of that bilinear resize; null = the segmenter's own (model.align_corners: True for DeepLabV3+,
+    #: as the authors), so W ranks the features the way the network resizes its logits
+    align_corners: Optional[bool] = None
+    #: which unlabelled view's features feed the bank: weak (hafis: the view the pseudo-labels come from) or strong
+    #: (the authors' code: the CutMixed strong views, with the CutMixed pseudo-labels, confidences and box masks)
+    bank_view: str = choice("weak", "weak", "strong")
+    #: a class gets a prototype only when its labelled queue is non-empty (the authors' code); false = when either
+    #: queue is (hafis: a class found only by reliable unlabelled pixels is weighted too)
+    require_labelled: bool = False
 
 
 @dataclass

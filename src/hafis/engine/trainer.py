@@ -48,10 +48,11 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(config: Config, num_classes: int) -> torch.nn.Module:
     m = config.model
+    extra = {} if m.align_corners is None else {"align_corners": m.align_corners}
     return build_segmenter(
         m.name, num_classes, backbone=m.backbone, output_stride=m.output_stride, feature_dim=m.feature_dim,
         aspp_channels=m.aspp_channels, fp_dropout=m.fp_dropout, pretrained=m.pretrained,
-        pretrained_path=m.pretrained_path,
+        pretrained_path=m.pretrained_path, **extra,
     )
 
 

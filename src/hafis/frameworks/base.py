@@ -40,7 +40,7 @@ class PseudoLabelWeighting:
     """
 
     def __init__(self, config: WeightingConfig, num_classes: int, feature_dim: int, seed: int,
-                 thing_classes: Sequence[int] = ()) -> None:
+                 thing_classes: Sequence[int] = (), align_corners: bool = True) -> None:
         self.config = config
         self.enabled = config.enabled
         self.thing_classes = tuple(thing_classes)
@@ -49,6 +49,8 @@ class PseudoLabelWeighting:
             self.weighter = PseudoLabelWeighter(
                 num_classes, feature_dim, k=config.k, offset=config.offset, memory_per_class=config.memory_per_class,
                 samples_per_class=config.samples_per_class, align=config.align, seed=seed,
+                align_corners=align_corners if config.align_corners is None else config.align_corners,
+                require_labelled=config.require_labelled,
             )
 
     def to(self, device: torch.device) -> "PseudoLabelWeighting":
@@ -118,7 +120,8 @@ class Framework:
         self.config = config
         self.model = model
         self.num_classes = num_classes
-        self.weighting = PseudoLabelWeighting(config.weighting, num_classes, config.model.feature_dim, config.seed)
+        self.weighting = PseudoLabelWeighting(config.weighting, num_classes, config.model.feature_dim, config.seed,
+                                              align_corners=getattr(model, "align_corners", True))
 
     def to(self, device: torch.device) -> "Framework":
         self.weighting.to(device)
