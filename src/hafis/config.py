@@ -125,6 +125,10 @@ class UniMatchConfig:
     #: τ: pseudo-labels with weak-view confidence below it do not count (published: 0.95 VOC, 0 Cityscapes)
     threshold: float = 0.95
     cutmix_prob: float = 0.5
+    #: where CutMix takes its pixels: second_batch = a second unlabelled batch whose pseudo-labels come from an
+    #: extra no_grad pass in eval mode (released); in_batch = image i+1 of the same batch with its train-mode
+    #: pseudo-labels (a cheaper variant; with one unlabelled image per process it mixes each image with itself)
+    mix: str = choice("second_batch", "second_batch", "in_batch")
     #: the published loss is (loss_x + 0.25 loss_s1 + 0.25 loss_s2 + 0.5 loss_fp) / 2
     strong_weight: float = 0.25
     fp_weight: float = 0.5

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from hafis.config import Config, ConfigError, to_dict
 from hafis.data import build_sources
 from hafis.data.base import DataError
-from hafis.data.ssl import InfiniteSampler, LabelledDataset, UnlabelledDataset
+from hafis.data.ssl import MIX_STREAM, InfiniteSampler, LabelledDataset, UnlabelledDataset
 from hafis.frameworks import Framework, build_framework
 from hafis.models import build_segmenter
 
@@ -54,6 +54,11 @@ def build_model(config: Config, num_classes: int) -> torch.nn.Module:
         aspp_channels=m.aspp_channels, fp_dropout=m.fp_dropout, pretrained=m.pretrained,
         pretrained_path=m.pretrained_path, **extra,
     )
+
+
+def _with_mix(batches: Iterator[dict], mix: Iterator[dict]) -> Iterator[dict]:
+    for batch, other in zip(batches, mix):
+        yield {**batch, "mix": other}
 
 
 def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -> float:
@@ -173,6 +178,12 @@ class Trainer:
             dataset = UnlabelledDataset(self.unlabelled_source, c.data.crop_size, c.data.scale_range, c.seed,
                                         c.unimatch.cutmix_prob, box_masks=self.box_masks)
             unlabelled = self._stream(dataset, self.unlabelled_batch_size, c.seed + 1)
+            if self.framework.mix_batch:
+                # a second unlabelled stream (own order, own augmentations) for the mixed-in images; it advances
+                # in step with the first, so a resumed run replays it too
+                mix = UnlabelledDataset(self.unlabelled_source, c.data.crop_size, c.data.scale_range, c.seed,
+                                        c.unimatch.cutmix_prob, box_masks=self.box_masks, stream=MIX_STREAM)
+                unlabelled = _with_mix(unlabelled, self._stream(mix, self.unlabelled_batch_size, c.seed + 2))
         return labelled, unlabelled
 
     # ------------------------------------------------------------------------------------------ checkpoints

@@ -115,6 +115,9 @@ class Framework:
     #: iterations in one pass over the unlabelled images (the released codes' "epoch"); the trainer sets it, the
     #: mean-teacher recipes read it for their epoch-based schedules (U2PL's supervised-only epoch, AugSeg's warm-up)
     epoch_iterations: Optional[int] = None
+    #: the framework mixes in a second unlabelled batch (UniMatch as released): the trainer then adds one, from a
+    #: stream of its own, as ``unlabelled["mix"]``
+    mix_batch: bool = False
 
     def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
         self.config = config
