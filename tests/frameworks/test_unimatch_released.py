@@ -159,3 +159,12 @@ def test_trainer_supplies_a_second_batch_from_its_own_stream(tmp_path):
     assert mix["weak"].shape == batch["weak"].shape and not torch.equal(mix["weak"], batch["weak"])
     trainer = Trainer(load_config(TINY, [f"output_dir={tmp_path}", "unimatch.mix=in_batch"]))
     assert "mix" not in next(trainer._streams()[1])
+
+
+def test_strong_bank_view_is_unimatch_only():
+    from hafis.config import ConfigError
+    from hafis.frameworks import build_framework
+
+    overrides = ["weighting.enabled=true", "weighting.bank_view=strong", "train.framework=u2pl"]
+    with pytest.raises(ConfigError, match="bank_view"):
+        build_framework(load_config(None, overrides), tiny_model(), C)

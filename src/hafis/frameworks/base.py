@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from hafis.config import Config, WeightingConfig
+from hafis.config import Config, ConfigError, WeightingConfig
 from hafis.weighting import (PseudoLabelWeighter, confident_pixels, detector_reliable, labelled_qualify_mask,
                              weighted_cross_entropy)
 
@@ -118,11 +118,17 @@ class Framework:
     #: the framework mixes in a second unlabelled batch (UniMatch as released): the trainer then adds one, from a
     #: stream of its own, as ``unlabelled["mix"]``
     mix_batch: bool = False
+    #: the framework can feed the bank from its strong views (``weighting.bank_view: strong``, the authors' code,
+    #: which is UniMatch's)
+    strong_bank_view: bool = False
 
     def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
         self.config = config
         self.model = model
         self.num_classes = num_classes
+        if config.weighting.enabled and config.weighting.bank_view == "strong" and not self.strong_bank_view:
+            raise ConfigError(f"weighting.bank_view=strong is implemented for unimatch (the authors' code), not for "
+                              f"{self.name}; use weighting.bank_view=weak")
         self.weighting = PseudoLabelWeighting(config.weighting, num_classes, config.model.feature_dim, config.seed,
                                               align_corners=getattr(model, "align_corners", True))
 

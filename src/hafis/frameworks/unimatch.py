@@ -53,6 +53,7 @@ def paste(base: Tensor, inside: Tensor, box: Tensor) -> Tensor:
 
 class UniMatch(Framework):
     name = "unimatch"
+    strong_bank_view = True
 
     def __init__(self, config, model, num_classes: int) -> None:
         super().__init__(config, model, num_classes)
