@@ -277,10 +277,14 @@ class DetectorConfig:
     lr: float = 5e-5
     weight_decay: float = 0.0
     #: training boxes: instances = the reader's instance boxes, components = connected components of each thing
-    #: class in the mask, auto = instance boxes where the image has any, else components
-    boxes: str = choice("auto", "auto", "instances", "components")
+    #: class in the mask, auto = instance boxes where the image has any, else components, combined = instance
+    #: boxes plus connected components of ``component_classes`` (the authors' Cityscapes recipe)
+    boxes: str = choice("auto", "auto", "instances", "components", "combined")
     #: connected components smaller than this many pixels give no box (the authors: 90 px for thin classes)
     component_min_area: int = 0
+    #: with ``boxes: combined``: classes (names) without instances whose connected components become boxes; the
+    #: detector then detects them too (the authors, Cityscapes: pole, traffic light, traffic sign)
+    component_classes: list[str] = field(default_factory=lambda: ["pole", "traffic light", "traffic sign"])
     #: torchvision's input resize (shorter side, longer-side cap); null = the first labelled image's own size
     min_size: Optional[int] = None
     max_size: Optional[int] = None

@@ -28,6 +28,7 @@ from hafis.models import build_segmenter
 
 from . import distributed
 from .checkpoint import CheckpointManager, load_checkpoint
+from .detect import detected_classes
 from .evaluation import build_eval_loader, eval_batches, eval_settings, predict
 from .optim import build_optimizer
 from .metrics import confusion_matrix, iou_per_class, mean_iou
@@ -128,7 +129,7 @@ class Trainer:
         self.framework: Framework = build_framework(config, self.model, self.num_classes).to(self.device)
         self._check_not_empty()
         self.framework.epoch_iterations = max(1, len(self.unlabelled_source) // config.train.unlabelled_batch_size)
-        self.framework.weighting.thing_classes = tuple(self.unlabelled_source.thing_classes)
+        self.framework.weighting.thing_classes = tuple(detected_classes(config, self.unlabelled_source))
         #: detection box masks of the unlabelled images (weighting.reliable: detector), else None
         self.box_masks = self._box_masks()
         o = config.optim
