@@ -58,6 +58,9 @@ def test_published_settings():
     c = load_config(CONFIGS / "cityscapes/1_16/unimatch.yaml")
     assert (c.data.crop_size, c.optim.lr, c.optim.head_lr_multiplier, c.unimatch.threshold) == (801, 0.005, 1.0, 0.0)
     assert c.train.iterations == 240 * ((2975 - 186) // 8) and c.loss.labelled == "ohem"
+    assert (c.detector.boxes, c.detector.component_min_area, c.detector.component_classes) == \
+        ("combined", 90, ["pole", "traffic light", "traffic sign"])
+    assert (c.model.align_corners, c.unimatch.mix) == (None, "second_batch")
     assert (c.eval.mode, c.eval.window, c.eval.stride) == ("sliding", None, None)  # = crop, 2/3 of it
 
     c = load_config(CONFIGS / "cityscapes/1_2/u2pl.yaml")

@@ -57,8 +57,9 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from hafis.data import build_sources
-    from hafis.engine.checkpoint import load_checkpoint
+    from hafis.engine.checkpoint import CheckpointError, load_checkpoint
     from hafis.engine.trainer import build_model, evaluate, resolve_device
+    from hafis.models.deeplabv3plus import is_unimatch_state_dict, unimatch_state_dict
 
     config = load_config(args.config, args.overrides)
     state = load_checkpoint(Path(args.checkpoint))
@@ -66,7 +67,14 @@ def _eval(args: argparse.Namespace) -> int:
     _, _, val = build_sources(config.data)
     torch.manual_seed(config.seed)
     model = build_model(config, val.num_classes)
-    model.load_state_dict(state["model"])
+    weights = state["model"]
+    if is_unimatch_state_dict(weights):  # a UniMatch-released checkpoint (``{'model': DDP state dict, ...}``)
+        weights = unimatch_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {args.checkpoint} does not fit model {config.model.name} / "
+                              f"{config.model.backbone}: {str(exc).splitlines()[0]}") from None
     model.to(device)
     from hafis.engine.evaluation import build_eval_loader, eval_settings, iou_table
 

@@ -78,6 +78,10 @@ class ModelConfig:
     aspp_channels: int = 256
     #: UniMatch's feature perturbation: Dropout2d rate on the encoder features
     fp_dropout: float = 0.5
+    #: ``align_corners`` of the segmenter's bilinear resizes (DeepLabV3+: ASPP pooling, decoder, logits): UniMatch
+    #: and the seed paper's code use True, which changes the loss and gradients; null = the segmenter's release
+    #: (DeepLabV3+: True, SegFormer: False)
+    align_corners: Optional[bool] = None
 
 
 @dataclass
@@ -127,6 +131,10 @@ class UniMatchConfig:
     #: τ: pseudo-labels with weak-view confidence below it do not count (published: 0.95 VOC, 0 Cityscapes)
     threshold: float = 0.95
     cutmix_prob: float = 0.5
+    #: where CutMix takes its pixels: second_batch = a second unlabelled batch whose pseudo-labels come from an
+    #: extra no_grad pass in eval mode (released); in_batch = image i+1 of the same batch with its train-mode
+    #: pseudo-labels (a cheaper variant; with one unlabelled image per process it mixes each image with itself)
+    mix: str = choice("second_batch", "second_batch", "in_batch")
     #: the published loss is (loss_x + 0.25 loss_s1 + 0.25 loss_s2 + 0.5 loss_fp) / 2
     strong_weight: float = 0.25
     fp_weight: float = 0.5
@@ -249,6 +257,15 @@ class WeightingConfig:
     stuff: str = choice("exclude", "exclude", "confidence")
     #: features are resized to the labels' size: bilinear (authors) or nearest (cheaper)
     align: str = choice("bilinear", "bilinear", "nearest")
+    #: align_corners of that bilinear resize; null = the segmenter's own (model.align_corners: True for DeepLabV3+,
+    #: as the authors), so W ranks the features the way the network resizes its logits
+    align_corners: Optional[bool] = None
+    #: which unlabelled view's features feed the bank: weak (hafis: the view the pseudo-labels come from) or strong
+    #: (the authors' code: the CutMixed strong views, with the CutMixed pseudo-labels, confidences and box masks)
+    bank_view: str = choice("weak", "weak", "strong")
+    #: a class gets a prototype only when its labelled queue is non-empty (the authors' code); false = when either
+    #: queue is (hafis: a class found only by reliable unlabelled pixels is weighted too)
+    require_labelled: bool = False
 
 
 @dataclass
@@ -266,10 +283,14 @@ class DetectorConfig:
     lr: float = 5e-5
     weight_decay: float = 0.0
     #: training boxes: instances = the reader's instance boxes, components = connected components of each thing
-    #: class in the mask, auto = instance boxes where the image has any, else components
-    boxes: str = choice("auto", "auto", "instances", "components")
+    #: class in the mask, auto = instance boxes where the image has any, else components, combined = instance
+    #: boxes plus connected components of ``component_classes`` (the authors' Cityscapes recipe)
+    boxes: str = choice("auto", "auto", "instances", "components", "combined")
     #: connected components smaller than this many pixels give no box (the authors: 90 px for thin classes)
     component_min_area: int = 0
+    #: with ``boxes: combined``: classes (names) without instances whose connected components become boxes; the
+    #: detector then detects them too (the authors, Cityscapes: pole, traffic light, traffic sign)
+    component_classes: list[str] = field(default_factory=lambda: ["pole", "traffic light", "traffic sign"])
     #: torchvision's input resize (shorter side, longer-side cap); null = the first labelled image's own size
     min_size: Optional[int] = None
     max_size: Optional[int] = None

@@ -133,3 +133,28 @@ def test_adaptive_mixing_probability_is_one_minus_reliability(monkeypatch):
         out = fw.train_step(labelled, unlabelled, it)
         assert math.isfinite(out.loss.item())
     assert [c.tolist() for c in calls] == [[False, True]] * 5
+
+
+def test_weight_normaliser_leaves_out_ignored_pixels(monkeypatch):
+    overrides = ["model.feature_dim=3", "augseg.extra_weak=false", "augseg.threshold=0", "augseg.cutmix=false",
+                 "weighting.enabled=true", "weighting.reliable=confidence", "weighting.normalize=weight", "weighting.k=1"]
+    fw = AugSeg(load_config(None, overrides), Stub(), 3)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randint(1, 5, (2, 8, 8), generator=g).float() / 4
+    monkeypatch.setattr(fw.weighting, "weights", lambda features, pseudo: w)
+    seen = []
+    real_forward = fw.model.forward
+    monkeypatch.setattr(fw.model, "forward", lambda x, feature_perturbation=False: seen.append(
+        real_forward(x)) or seen[-1])
+    labelled = {"image": torch.randn(2, 3, 8, 8, generator=g), "mask": torch.randint(0, 3, (2, 8, 8), generator=g)}
+    ignore = torch.zeros(2, 8, 8, dtype=torch.long)
+    ignore[:, 5:, :] = 255  # padding: three rows of each image
+    unlabelled = {"weak": torch.stack([normalize(torch.randint(0, 256, (3, 8, 8), generator=g, dtype=torch.uint8))
+                                       for _ in range(2)]), "ignore": ignore}
+    out = fw.train_step(labelled, unlabelled, 0)
+    pred_s = seen[-1].logits[-2:].detach()
+    pseudo = fw.teacher(unlabelled["weak"]).logits.argmax(dim=1)
+    valid = (ignore != 255).float()
+    ce = F.cross_entropy(pred_s, pseudo, reduction="none")
+    expected = (w * valid * ce).sum() / (w * valid).sum()
+    assert out.terms["loss_u"].item() == pytest.approx(expected.item(), rel=1e-6)

@@ -45,7 +45,7 @@ def make_batch(seed=0, n=2, size=4):
 
 
 def framework(threshold=0.0, **weighting):
-    overrides = [f"unimatch.threshold={threshold}", "model.feature_dim=3", "weighting.k=1",
+    overrides = [f"unimatch.threshold={threshold}", "unimatch.mix=in_batch", "model.feature_dim=3", "weighting.k=1",
                  "weighting.reliable=confidence", *(f"weighting.{k}={v}" for k, v in weighting.items())]
     return UniMatch(load_config(None, overrides), StubModel(), C)
 
@@ -153,3 +153,26 @@ def test_weight_identically_one_leaves_the_loss_unchanged():
     assert not bool(fw.weighting.weighter.bank.prototypes()[1].any())
     assert weighted.terms["weight_mean"].item() == 1.0
     assert torch.equal(weighted.loss, plain.loss)
+
+
+@pytest.mark.parametrize("view", ["weak", "strong"])
+def test_bank_view_feeds_the_unlabelled_queue_from_that_view(view):
+    # the stub's features are its input pixels, so every queued vector names the view it came from
+    fw = framework(threshold=0.0, enabled="true", bank_view=view, tau_seg=0.0, samples_per_class=64,
+                   memory_per_class=64)
+    labelled, unlabelled = make_batch(seed=5)
+    fw.train_step(labelled, unlabelled, 0)
+    partner = partner_index(2, torch.device("cpu"))
+    strong = torch.cat([cutmix(unlabelled[k], unlabelled[k], unlabelled[b], partner)
+                        for k, b in (("strong1", "box1"), ("strong2", "box2"))])
+    pixels = {"weak": unlabelled["weak"], "strong": strong}
+    valid = {"weak": unlabelled["ignore"] != 255,
+             "strong": torch.cat([cutmix(unlabelled["ignore"], unlabelled["ignore"], unlabelled[b], partner)
+                                  for b in ("box1", "box2")]) != 255}
+    bank = fw.weighting.weighter.bank
+    stored = torch.cat([bank.unlabelled.contents(c) for c in range(C)])
+    assert len(stored) > 0
+    for name in ("weak", "strong"):
+        candidates = pixels[name].permute(0, 2, 3, 1)[valid[name]]
+        found = (stored[:, None, :] == candidates[None]).all(-1).any(1)
+        assert bool(found.all()) == (name == view)

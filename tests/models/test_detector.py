@@ -124,3 +124,36 @@ def test_build_detector_archs_without_downloads():
         build_detector("yolo", 3)
     with pytest.raises(ValueError, match="at least one thing class"):
         build_detector("tiny", 0)
+
+
+def test_combined_boxes_add_large_thin_class_components_to_the_instance_boxes():
+    # Cityscapes trainIds: 5 pole, 7 traffic sign (no instances), 13 car (instances)
+    mask = np.zeros((20, 20), np.uint8)
+    mask[0:15, 2:8] = 5    # a pole of 90 px: kept
+    mask[0:10, 12:20] = 7  # a sign of 80 px: below 90, dropped
+    mask[16:20, 10:20] = 13
+    sample = Sample(np.zeros((20, 20, 3), np.uint8), mask, "c",
+                    boxes=np.array([[10, 16, 20, 20]], np.float32), box_labels=np.array([13]))
+    things = [5, 7, 13]
+    boxes, labels = sample_boxes(sample, things, mode="combined", min_area=90, component_classes=[5, 7])
+    assert boxes.tolist() == [[10, 16, 20, 20], [2, 0, 8, 15]] and labels.tolist() == [13, 5]
+    # the other modes take one source or the other, never both
+    assert sample_boxes(sample, things, mode="instances")[1].tolist() == [13]
+    assert sample_boxes(sample, things, mode="auto", min_area=90)[1].tolist() == [13]
+
+
+def test_combined_mode_resolves_the_component_classes_by_name():
+    from hafis.config import ConfigError, load_config
+    from hafis.data.cityscapes import CLASS_NAMES, THING_CLASSES
+    from hafis.engine.detect import component_classes, detected_classes
+
+    class Source:
+        class_names, thing_classes = CLASS_NAMES, THING_CLASSES
+
+    config = load_config(None, ["data.dataset=cityscapes", "detector.boxes=combined"])
+    assert component_classes(config, Source) == [5, 6, 7]
+    assert detected_classes(config, Source) == [5, 6, 7, *THING_CLASSES]
+    assert detected_classes(load_config(None, ["data.dataset=cityscapes"]), Source) == list(THING_CLASSES)
+    bad = load_config(None, ["detector.boxes=combined", "detector.component_classes=[pole, lamp]"])
+    with pytest.raises(ConfigError, match="detector.component_classes.*'lamp'"):
+        component_classes(bad, Source)

@@ -69,14 +69,30 @@ def test_ignored_and_masked_pixels_never_enter():
     assert int(bank.labelled.count.sum()) == 0
 
 
-def test_lower_resolution_features_are_read_bilinearly():
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_lower_resolution_features_are_read_bilinearly(align_corners):
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(2, 4, 3, 3, generator=g)
     labels = torch.zeros(2, 6, 6, dtype=torch.long)
-    bank = PrototypeBank(num_classes=1, feature_dim=4, memory_per_class=72, samples_per_class=72)
+    bank = PrototypeBank(num_classes=1, feature_dim=4, memory_per_class=72, samples_per_class=72,
+                         align_corners=align_corners)
     bank.push_labelled(feats, labels)
-    up = torch.nn.functional.interpolate(feats, size=(6, 6), mode="bilinear", align_corners=False)
+    up = torch.nn.functional.interpolate(feats, size=(6, 6), mode="bilinear", align_corners=align_corners)
     assert torch.allclose(bank.prototypes()[0][0], up.mean(dim=(0, 2, 3)), atol=1e-6)
+
+
+def test_require_labelled_gives_a_prototype_only_to_classes_with_labelled_features():
+    feats = torch.zeros(1, 4, 2, 2)
+    feats[0, 1] = 1.0
+    labels = torch.tensor([[[0, 0], [1, 1]]])
+    both = [PrototypeBank(num_classes=3, feature_dim=4, samples_per_class=4, require_labelled=r) for r in (0, 1)]
+    for bank in both:
+        bank.push_labelled(feats, torch.zeros_like(labels))   # class 0 labelled
+        bank.push_unlabelled(feats, labels, torch.ones_like(labels, dtype=torch.bool))  # classes 0 and 1 unlabelled
+    assert both[0].prototypes()[1].tolist() == [True, True, False]
+    protos, has = both[1].prototypes()
+    assert has.tolist() == [True, False, False]
+    assert protos[1].abs().sum() == 0 and protos[0].tolist() == [0.0, 1.0, 0.0, 0.0]
 
 
 def test_state_round_trip_continues_identically():

@@ -210,7 +210,7 @@ class _Stub(nn.Module):
 @pytest.mark.parametrize("covered", [False, True])
 def test_unimatch_feeds_the_bank_only_detector_verified_pixels(covered):
     config = load_config(None, ["model.feature_dim=3", "weighting.k=1", "weighting.enabled=true",
-                                "weighting.tau_seg=0.0", "weighting.labelled_threshold=1.0"])
+                                "weighting.tau_seg=0.0", "weighting.labelled_threshold=1.0", "unimatch.mix=in_batch"])
     fw = UniMatch(config, _Stub(), 3)
     fw.weighting.thing_classes = (0, 1, 2)
     g = torch.Generator().manual_seed(1)

@@ -47,7 +47,7 @@ def test_features_are_resized_to_the_labels(align):
     weighter.update_labelled(torch.randn(2, 8, 8, 8, generator=g), torch.randint(0, 3, (2, 8, 8), generator=g))
     small = torch.randn(2, 8, 4, 4, generator=g)
     pseudo = torch.randint(0, 3, (2, 8, 8), generator=g)
-    kwargs = {"align_corners": False} if align == "bilinear" else {}
+    kwargs = {"align_corners": True} if align == "bilinear" else {}
     big = F.interpolate(small, size=(8, 8), mode=align, **kwargs)
     w_small = weighter.weights(small, pseudo)
     assert w_small.shape == (2, 8, 8)
@@ -113,3 +113,47 @@ def test_weighted_cross_entropy_bad_input():
         weighted_cross_entropy(torch.randn(1, 2, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long), normalize="sum")
     with pytest.raises(ValueError, match="weight must"):
         weighted_cross_entropy(torch.randn(1, 2, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long), torch.ones(1, 3, 3))
+
+
+def _reference_weights(features, pseudo, prototypes, has_prototype, k):
+    """The authors' recipe written out independently: upsample with align_corners=True (float32), rank every
+    pixel's channels by value with ties to the lower index (a stable sort), count shared top-k channels."""
+    H, W = pseudo.shape[-2:]
+    up = F.interpolate(features.float(), size=(H, W), mode="bilinear", align_corners=True)
+    pix = up.permute(0, 2, 3, 1).reshape(-1, up.shape[1])
+    top_pix = torch.sort(-pix, dim=1, stable=True).indices[:, :k]
+    top_proto = torch.sort(-prototypes, dim=1, stable=True).indices[:, :k]
+    labels = pseudo.flatten()
+    shared = (top_pix[:, :, None] == top_proto[labels][:, None, :]).sum(dim=(1, 2))
+    shared = shared * has_prototype[labels]
+    return (shared.float() / k).view(pseudo.shape)
+
+
+def test_native_resolution_weights_equal_an_align_corners_reference():
+    g = torch.Generator().manual_seed(3)
+    weighter = PseudoLabelWeighter(num_classes=3, feature_dim=16, k=5, samples_per_class=64)
+    # quantised values: many exact ties between channels, which must go to the lower index
+    weighter.update_labelled(torch.randint(0, 4, (2, 16, 6, 6), generator=g).float(),
+                             torch.randint(0, 2, (2, 6, 6), generator=g))
+    feats = torch.randint(0, 4, (2, 16, 5, 7), generator=g).float()  # stride-4-like: labels at 17 x 25
+    pseudo = torch.randint(0, 3, (2, 17, 25), generator=g)
+    protos, has = weighter.bank.prototypes()
+    expected = _reference_weights(feats, pseudo, protos, has, 5)
+    assert torch.equal(weighter.weights(feats, pseudo), expected)
+    # align_corners=False resamples elsewhere: the two conventions give different W on this input
+    other = PseudoLabelWeighter(num_classes=3, feature_dim=16, k=5, samples_per_class=64, align_corners=False)
+    other.bank.load_state_dict(weighter.bank.state_dict())
+    assert not torch.equal(other.weights(feats, pseudo), expected)
+
+
+def test_half_precision_features_are_ranked_in_float32():
+    g = torch.Generator().manual_seed(4)
+    weighter = PseudoLabelWeighter(num_classes=2, feature_dim=32, k=5, samples_per_class=64)
+    weighter.update_labelled(torch.rand(1, 32, 8, 8, generator=g), torch.randint(0, 2, (1, 8, 8), generator=g))
+    feats = torch.rand(2, 32, 4, 4, generator=g).bfloat16()
+    pseudo = torch.randint(0, 2, (2, 16, 16), generator=g)
+    protos, has = weighter.bank.prototypes()
+    expected = _reference_weights(feats.float(), pseudo, protos, has, 5)
+    assert torch.equal(weighter.weights(feats, pseudo), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(weighter.weights(feats, pseudo), expected)

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Sampler
 from .base import IGNORE_INDEX, SegmentationSource, load_checked
 from .transforms import cutmix_box, normalize, strong_colour, to_tensor_image, weak_geometry
 
-LABELLED_STREAM, UNLABELLED_STREAM = 1, 2
+LABELLED_STREAM, UNLABELLED_STREAM, MIX_STREAM = 1, 2, 3
 
 
 class InfiniteSampler(Sampler):
@@ -82,13 +82,17 @@ class UnlabelledDataset(Dataset):
     :class:`hafis.engine.detections.BoxMaskProvider`); it goes through the same geometry as the pixels (nearest,
     padding 0) and comes out as ``box_mask`` ``(C, c, c)`` bool. It draws no random numbers, so the views are the
     same with and without it.
+    ``stream``: the id that seeds the augmentations (a second stream over the same images, such as UniMatch's mixing
+    batch, passes :data:`MIX_STREAM` so its views are drawn independently).
     """
 
     def __init__(self, source: SegmentationSource, crop_size: int, scale_range: tuple[float, float], seed: int,
-                 cutmix_prob: float = 0.5, box_masks: Optional[Callable[[int, tuple[int, int]], torch.Tensor]] = None):
+                 cutmix_prob: float = 0.5, box_masks: Optional[Callable[[int, tuple[int, int]], torch.Tensor]] = None,
+                 stream: int = UNLABELLED_STREAM):
         self.source, self.crop_size, self.scale_range, self.seed = source, crop_size, scale_range, seed
         self.cutmix_prob = cutmix_prob
         self.box_masks = box_masks
+        self.stream = stream
 
     def __len__(self) -> int:
         return len(self.source)
@@ -96,7 +100,7 @@ class UnlabelledDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         sample = load_checked(self.source, index)
-        rng = sample_rng(self.seed, UNLABELLED_STREAM, epoch, index)
+        rng = sample_rng(self.seed, self.stream, epoch, index)
         h, w = sample.image.shape[:2]
         ignore = torch.zeros(h, w, dtype=torch.uint8)
         maps = [(ignore, 255), (_mask_tensor(sample.mask, (h, w)), 255)]

@@ -105,15 +105,19 @@ def strong_colour(image: Tensor, rng: np.random.Generator) -> Tensor:
 
 def cutmix_box(size: int, rng: np.random.Generator, p: float = 0.5,
                area: tuple[float, float] = (0.02, 0.4), ratio: tuple[float, float] = (0.3, 1 / 0.3)) -> Tensor:
-    """``(size, size)`` uint8 mask with one random box (all zeros with probability ``1 - p``)."""
+    """``(size, size)`` uint8 mask with one random box (all zeros with probability ``1 - p``).
+
+    As UniMatch's ``obtain_cutmix_box``: the area is drawn once, and only the aspect ratio and the position are
+    redrawn until the box fits. Redrawing the area too would reject large areas more often and skew boxes small.
+    """
     box = torch.zeros(size, size, dtype=torch.uint8)
     if rng.random() >= p:
         return box
+    a = rng.uniform(*area) * size * size
     while True:
-        a = rng.uniform(*area) * size * size
         r = rng.uniform(*ratio)
         bw, bh = int(math.sqrt(a / r)), int(math.sqrt(a * r))
         x, y = int(rng.integers(0, size)), int(rng.integers(0, size))
-        if 0 < bw and 0 < bh and x + bw <= size and y + bh <= size:
+        if x + bw <= size and y + bh <= size:
             box[y:y + bh, x:x + bw] = 1
             return box

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from hafis.config import Config, to_dict
+from hafis.config import Config, ConfigError, to_dict
 from hafis.data import build_sources
 from hafis.data.base import SegmentationSource, load_checked
 
@@ -29,8 +29,8 @@ from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .detections import (BoxMaskProvider, DetectionCache, DetectionCacheError, Detections, DetectionsMissingError,
                          file_digest, split_key)
 
-__all__ = ["detector_dir", "default_checkpoint_path", "training_recipe", "train_or_load_detector", "run_detect",
-           "detection_cache", "box_mask_provider"]
+__all__ = ["component_classes", "detected_classes", "detector_dir", "default_checkpoint_path", "training_recipe",
+           "train_or_load_detector", "run_detect", "detection_cache", "box_mask_provider"]
 
 #: data keys that change augmentation or loading only, not the images: they do not invalidate detections
 _NOT_IDENTITY = ("crop_size", "scale_range", "num_workers", "cache_dir")
@@ -67,11 +67,31 @@ def training_recipe(config: Config, labelled: SegmentationSource) -> dict:
     return {"arch": d.arch, "iterations": d.iterations, "batch_size": d.batch_size, "lr": d.lr,
             "weight_decay": d.weight_decay, "boxes": d.boxes, "component_min_area": d.component_min_area,
             "min_size": min_size, "max_size": max_size, "backbone_weights": d.backbone_weights, "seed": config.seed,
-            "labelled": split_key(labelled.ids, data_identity(config, labelled, "labelled"))}
+            "labelled": split_key(labelled.ids, data_identity(config, labelled, "labelled")),
+            **({"component_classes": list(d.component_classes)} if d.boxes == "combined" else {})}
 
 
-def _thing_classes(source: SegmentationSource) -> list[int]:
-    things = [int(c) for c in source.thing_classes]
+def component_classes(config: Config, source: SegmentationSource) -> list[int]:
+    """The class ids of ``detector.component_classes`` under ``boxes: combined`` (else none); a name the dataset
+    does not have is a :class:`ConfigError` naming the key."""
+    d = config.detector
+    if d.boxes != "combined":
+        return []
+    names = list(source.class_names)
+    unknown = [n for n in d.component_classes if n not in names]
+    if unknown:
+        raise ConfigError(f"detector.component_classes: {unknown[0]!r} is not a class of dataset "
+                          f"{config.data.dataset!r} (classes: {', '.join(names)})")
+    return sorted(names.index(n) for n in d.component_classes)
+
+
+def detected_classes(config: Config, source: SegmentationSource) -> list[int]:
+    """The classes the detector detects: the dataset's thing classes, plus the component classes in ``combined``."""
+    return sorted({int(c) for c in source.thing_classes} | set(component_classes(config, source)))
+
+
+def _thing_classes(config: Config, source: SegmentationSource) -> list[int]:
+    things = detected_classes(config, source)
     if not things:
         raise ValueError(f"dataset {type(source).__name__} declares no thing classes: there is nothing to detect; "
                          "use weighting.reliable=confidence")
@@ -130,7 +150,7 @@ def train_or_load_detector(config: Config, labelled: SegmentationSource, *, retr
 
     from hafis.models.detector import DetectionDataset, train_detector
 
-    things = _thing_classes(labelled)
+    things = _thing_classes(config, labelled)
     d = config.detector
     if d.checkpoint is not None:
         path = Path(d.checkpoint)
@@ -148,7 +168,8 @@ def train_or_load_detector(config: Config, labelled: SegmentationSource, *, retr
         log(f"detect: {problem}; retraining it")
     torch.manual_seed(config.seed)
     model = _build(recipe, things, config)
-    dataset = DetectionDataset(labelled, things, d.boxes, d.component_min_area, seed=config.seed)
+    dataset = DetectionDataset(labelled, things, d.boxes, d.component_min_area, seed=config.seed,
+                               component_classes=component_classes(config, labelled))
     log(f"detect: training a {d.arch} detector on {len(labelled)} labelled images for {d.iterations} steps "
         f"(Adam, lr {d.lr:g}, batch {d.batch_size})")
     bar = tqdm(total=d.iterations, desc="detector", disable=not progress, dynamic_ncols=True)
@@ -192,7 +213,7 @@ def run_detect(config: Config, *, retrain: bool = False, log: Callable[[str], No
     model, path = train_or_load_detector(config, labelled, retrain=retrain, log=log, progress=progress)
     device = _device(config)
     model.to(device)
-    things = _thing_classes(labelled)
+    things = _thing_classes(config, labelled)
     cache = detection_cache(config, unlabelled, file_digest(path))
 
     def run(indices):

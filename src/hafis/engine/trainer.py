@@ -22,12 +22,13 @@ from tqdm import tqdm
 from hafis.config import Config, ConfigError, to_dict
 from hafis.data import build_sources
 from hafis.data.base import DataError
-from hafis.data.ssl import InfiniteSampler, LabelledDataset, UnlabelledDataset
+from hafis.data.ssl import MIX_STREAM, InfiniteSampler, LabelledDataset, UnlabelledDataset
 from hafis.frameworks import Framework, build_framework
 from hafis.models import build_segmenter
 
 from . import distributed
 from .checkpoint import CheckpointManager, load_checkpoint
+from .detect import detected_classes
 from .evaluation import build_eval_loader, eval_batches, eval_settings, predict
 from .optim import build_optimizer
 from .metrics import confusion_matrix, iou_per_class, mean_iou
@@ -48,11 +49,17 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(config: Config, num_classes: int) -> torch.nn.Module:
     m = config.model
+    extra = {} if m.align_corners is None else {"align_corners": m.align_corners}
     return build_segmenter(
         m.name, num_classes, backbone=m.backbone, output_stride=m.output_stride, feature_dim=m.feature_dim,
         aspp_channels=m.aspp_channels, fp_dropout=m.fp_dropout, pretrained=m.pretrained,
-        pretrained_path=m.pretrained_path,
+        pretrained_path=m.pretrained_path, **extra,
     )
+
+
+def _with_mix(batches: Iterator[dict], mix: Iterator[dict]) -> Iterator[dict]:
+    for batch, other in zip(batches, mix):
+        yield {**batch, "mix": other}
 
 
 def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -> float:
@@ -122,7 +129,7 @@ class Trainer:
         self.framework: Framework = build_framework(config, self.model, self.num_classes).to(self.device)
         self._check_not_empty()
         self.framework.epoch_iterations = max(1, len(self.unlabelled_source) // config.train.unlabelled_batch_size)
-        self.framework.weighting.thing_classes = tuple(self.unlabelled_source.thing_classes)
+        self.framework.weighting.thing_classes = tuple(detected_classes(config, self.unlabelled_source))
         #: detection box masks of the unlabelled images (weighting.reliable: detector), else None
         self.box_masks = self._box_masks()
         #: images, ground truth and box masks probed by the diagnostics (eval.diagnostics_images), loaded once
@@ -174,6 +181,12 @@ class Trainer:
             dataset = UnlabelledDataset(self.unlabelled_source, c.data.crop_size, c.data.scale_range, c.seed,
                                         c.unimatch.cutmix_prob, box_masks=self.box_masks)
             unlabelled = self._stream(dataset, self.unlabelled_batch_size, c.seed + 1)
+            if self.framework.mix_batch:
+                # a second unlabelled stream (own order, own augmentations) for the mixed-in images; it advances
+                # in step with the first, so a resumed run replays it too
+                mix = UnlabelledDataset(self.unlabelled_source, c.data.crop_size, c.data.scale_range, c.seed,
+                                        c.unimatch.cutmix_prob, box_masks=self.box_masks, stream=MIX_STREAM)
+                unlabelled = _with_mix(unlabelled, self._stream(mix, self.unlabelled_batch_size, c.seed + 2))
         return labelled, unlabelled
 
     # ------------------------------------------------------------------------------------------ checkpoints

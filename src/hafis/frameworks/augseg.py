@@ -28,7 +28,7 @@ Per iteration:
    ``L_u = Σ_i [q_i ≥ τ] m_i ℓ_i / N`` (``τ = augseg.threshold`` = 0.95). **Normaliser**: ``N`` = all pixels of
    the unlabelled batch (the released ``loss.mean()`` over a map with ignored pixels set to zero); ignored pixels
    (padding, labelled 255) carry no loss. With the weighting on: ``Σ W [q ≥ τ] m ℓ / N`` (``normalize: count``)
-   or ``/ Σ_i W_i`` (``normalize: weight``).
+   or ``/ Σ_i W_i`` over the non-ignored pixels (``normalize: weight``).
 6. EMA after the optimiser step: the teacher *copies* the student (decay 0) during the first
    ``augseg.teacher_copy_iterations`` (null = one epoch, the released ``epoch > sup_only_epoch`` rule with
    ``sup_only_epoch: 0``), then decays with ``min(1 − 1/(t + 1), augseg.ema_decay)`` (0.999 on VOC).
@@ -252,9 +252,12 @@ class AugSeg(MeanTeacherFramework):
         loss_x = supervised_loss(pred_x, y, self.config.loss)
 
         target = maps["target"]
-        keep = (maps["conf"] >= cfg.threshold) & (maps["ignore"] != 255) & (target != 255)
+        valid = (maps["ignore"] != 255) & (target != 255)
+        keep = (maps["conf"] >= cfg.threshold) & valid
+        # normaliser: every pixel (released, count), or Σ W over the non-ignored pixels (normalize: weight)
+        by_weight = "weight" in maps and self.weighting.config.normalize == "weight"
         loss_u = self.weighting.loss(pred_s, target.masked_fill(target == 255, 0), maps.get("weight"), keep,
-                                     torch.ones_like(keep))
+                                     valid if by_weight else torch.ones_like(keep))
         loss = loss_x + cfg.unsup_weight * loss_u
         terms = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
                  "mask_ratio": keep.float().mean(), "reliability": reliability.mean()}

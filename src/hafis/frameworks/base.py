@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from hafis.config import Config, WeightingConfig
+from hafis.config import Config, ConfigError, WeightingConfig
 from hafis.weighting import (PseudoLabelWeighter, confident_pixels, detector_reliable, labelled_qualify_mask,
                              weighted_cross_entropy)
 
@@ -40,7 +40,7 @@ class PseudoLabelWeighting:
     """
 
     def __init__(self, config: WeightingConfig, num_classes: int, feature_dim: int, seed: int,
-                 thing_classes: Sequence[int] = ()) -> None:
+                 thing_classes: Sequence[int] = (), align_corners: bool = True) -> None:
         self.config = config
         self.enabled = config.enabled
         self.thing_classes = tuple(thing_classes)
@@ -49,6 +49,8 @@ class PseudoLabelWeighting:
             self.weighter = PseudoLabelWeighter(
                 num_classes, feature_dim, k=config.k, offset=config.offset, memory_per_class=config.memory_per_class,
                 samples_per_class=config.samples_per_class, align=config.align, seed=seed,
+                align_corners=align_corners if config.align_corners is None else config.align_corners,
+                require_labelled=config.require_labelled,
             )
 
     def to(self, device: torch.device) -> "PseudoLabelWeighting":
@@ -113,12 +115,22 @@ class Framework:
     #: iterations in one pass over the unlabelled images (the released codes' "epoch"); the trainer sets it, the
     #: mean-teacher recipes read it for their epoch-based schedules (U2PL's supervised-only epoch, AugSeg's warm-up)
     epoch_iterations: Optional[int] = None
+    #: the framework mixes in a second unlabelled batch (UniMatch as released): the trainer then adds one, from a
+    #: stream of its own, as ``unlabelled["mix"]``
+    mix_batch: bool = False
+    #: the framework can feed the bank from its strong views (``weighting.bank_view: strong``, the authors' code,
+    #: which is UniMatch's)
+    strong_bank_view: bool = False
 
     def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
         self.config = config
         self.model = model
         self.num_classes = num_classes
-        self.weighting = PseudoLabelWeighting(config.weighting, num_classes, config.model.feature_dim, config.seed)
+        if config.weighting.enabled and config.weighting.bank_view == "strong" and not self.strong_bank_view:
+            raise ConfigError(f"weighting.bank_view=strong is implemented for unimatch (the authors' code), not for "
+                              f"{self.name}; use weighting.bank_view=weak")
+        self.weighting = PseudoLabelWeighting(config.weighting, num_classes, config.model.feature_dim, config.seed,
+                                              align_corners=getattr(model, "align_corners", True))
 
     def to(self, device: torch.device) -> "Framework":
         self.weighting.to(device)

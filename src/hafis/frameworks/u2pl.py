@@ -340,7 +340,8 @@ class U2PL(MeanTeacherFramework):
             return F.interpolate(t[:, None].float(), size=size, mode="nearest")[:, 0]
 
         with torch.no_grad():
-            prob = F.interpolate(logits_t, size=size, mode="bilinear", align_corners=False).softmax(dim=1)
+            prob = F.interpolate(logits_t, size=size, mode="bilinear",
+                                 align_corners=getattr(self.model, "align_corners", False)).softmax(dim=1)
             labels = down(torch.cat([labels_l, pseudo_u])).long()
             candidate = down(torch.cat([labels_l != 255, reliable_u])).bool()
             ranks = class_ranks(prob)

@@ -12,9 +12,15 @@ own normaliser counts every non-ignored pixel, confident or not, and hafis keeps
 pixel term is multiplied by ``W`` computed on the weak view's features; inside a CutMix box the pseudo-label,
 confidence, ignore mask *and* ``W`` come from the mixed-in image, exactly like its pixels.
 
-The mixed-in image of image ``i`` is image ``i + 1`` of the same unlabelled batch (cyclically). The released code
-draws a second unlabelled batch for mixing and runs an extra forward pass on it; mixing inside the batch is the
-same operation on a different pairing and saves that pass, which matters on CPU.
+The mixed-in images (``unimatch.mix``): ``second_batch`` (default, as released) takes them from a second unlabelled
+batch (the trainer's ``unlabelled["mix"]``), whose pseudo-labels, confidences and ``W`` come from an extra
+``no_grad`` forward in **eval mode** (BatchNorm running statistics), run before the training passes so it sees the
+statistics as they were at the start of the step. ``in_batch`` (a cheaper variant: no second batch, no extra pass)
+mixes image ``i + 1`` of the same batch (cyclically) with its train-mode pseudo-labels; with one unlabelled image
+per process it mixes each image with itself, i.e. CutMix does nothing.
+
+The bank (``weighting.bank_view``) is fed from the weak view (hafis) or from the two strong views with their
+CutMixed pseudo-labels, confidences, ignore masks and box masks (the authors' code).
 """
 
 from __future__ import annotations
@@ -40,8 +46,42 @@ def partner_index(batch_size: int, device: torch.device) -> Tensor:
     return torch.roll(torch.arange(batch_size, device=device), -1)
 
 
+def paste(base: Tensor, inside: Tensor, box: Tensor) -> Tensor:
+    """``base`` with the pixels of ``box`` (``(B, H, W)`` bool) taken from ``inside`` (same shape as ``base``)."""
+    return torch.where(box[:, None] if base.dim() == 4 else box, inside, base)
+
+
 class UniMatch(Framework):
     name = "unimatch"
+    strong_bank_view = True
+
+    def __init__(self, config, model, num_classes: int) -> None:
+        super().__init__(config, model, num_classes)
+        self.mix_batch = config.unimatch.mix == "second_batch"
+
+    @torch.no_grad()
+    def _second_batch(self, unlabelled: dict) -> dict:
+        """What the CutMix boxes take under ``second_batch``: the second batch's strong views, and pseudo-labels,
+        confidences and features of an eval-mode pass over its weak view."""
+        mix = unlabelled.get("mix")
+        if mix is None:
+            raise ValueError("unimatch.mix is 'second_batch' but the unlabelled batch has no 'mix' batch: the "
+                             "trainer supplies it; in a loop of your own pass one, or set unimatch.mix=in_batch")
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model(mix["weak"])
+        self.model.train(was_training)
+        conf, mask = out.logits.detach().softmax(dim=1).max(dim=1)
+        return {"mask": mask, "conf": conf, "ignore": mix["ignore"], "features": out.features.detach(),
+                **{k: mix[k] for k in ("strong1", "strong2", "box_mask") if k in mix}}
+
+    @staticmethod
+    def _in_batch(unlabelled: dict, weak: dict) -> dict:
+        """What the CutMix boxes take under ``in_batch``: image ``i + 1`` of this batch, with its train-mode
+        predictions (``weak``)."""
+        partner = partner_index(unlabelled["weak"].shape[0], unlabelled["weak"].device)
+        src = {**weak, **{k: unlabelled[k] for k in ("strong1", "strong2", "box_mask") if k in unlabelled}}
+        return {k: v[partner] for k, v in src.items()}
 
     def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
         cfg = self.config.unimatch
@@ -49,39 +89,57 @@ class UniMatch(Framework):
         u_w, ignore = unlabelled["weak"], unlabelled["ignore"]
         box1, box2 = unlabelled["box1"], unlabelled["box2"]
         n_l, n_u = x.shape[0], u_w.shape[0]
-        partner = partner_index(n_u, u_w.device)
-        u_s1 = cutmix(unlabelled["strong1"], unlabelled["strong1"], box1, partner)
-        u_s2 = cutmix(unlabelled["strong2"], unlabelled["strong2"], box2, partner)
+        # the second batch's eval-mode pass comes first, as released: its BatchNorm statistics are the step's start
+        mix = self._second_batch(unlabelled) if self.mix_batch else None
 
         out = self.model(torch.cat([x, u_w]), feature_perturbation=True)
         pred_x, pred_w = out.logits.split([n_l, n_u])
         pred_w_fp = out.logits_fp[n_l:]
         feat_l, feat_w = out.features.detach().split([n_l, n_u])
-        pred_s1, pred_s2 = self.model(torch.cat([u_s1, u_s2])).logits.chunk(2)
-
         with torch.no_grad():
             conf_w, mask_w = pred_w.detach().softmax(dim=1).max(dim=1)
-            # the bank reads the weak view (not CutMixed), so its box mask is the weak view's own
-            self.weighting.update(feat_l, pred_x.detach(), y, feat_w, conf_w, mask_w, ignore,
-                                  unlabelled.get("box_mask"))
+            if mix is None:
+                mix = self._in_batch(unlabelled, {"mask": mask_w, "conf": conf_w, "ignore": ignore,
+                                                  "features": feat_w})
+        u_s1 = paste(unlabelled["strong1"], mix["strong1"], box1)
+        u_s2 = paste(unlabelled["strong2"], mix["strong2"], box2)
+        out_s = self.model(torch.cat([u_s1, u_s2]))
+        pred_s1, pred_s2 = out_s.logits.chunk(2)
+
+        with torch.no_grad():
+            # pseudo-label, confidence, ignore mask (and box mask, W) follow the boxes like the pixels
+            mixed = [{k: paste(base, mix[k], box) for k, base in (("mask", mask_w), ("conf", conf_w),
+                                                                   ("ignore", ignore))} for box in (box1, box2)]
+            box_mask = unlabelled.get("box_mask")
+            if self.config.weighting.bank_view == "strong":
+                bank_box = None if box_mask is None else \
+                    torch.cat([torch.where(b[:, None, :, :], mix["box_mask"], box_mask) for b in (box1, box2)])
+                self.weighting.update(feat_l, pred_x.detach(), y, out_s.features.detach(),
+                                      torch.cat([m["conf"] for m in mixed]), torch.cat([m["mask"] for m in mixed]),
+                                      torch.cat([m["ignore"] for m in mixed]), bank_box)
+            else:
+                self.weighting.update(feat_l, pred_x.detach(), y, feat_w, conf_w, mask_w, ignore, box_mask)
             w = self.weighting.weights(feat_w, mask_w)
+            w_mix = None
+            if w is not None:
+                # W inside a box: of the mixed-in image's weak-view features and pseudo-labels
+                w_mix = self.weighting.weights(mix["features"], mix["mask"]) if self.mix_batch else \
+                    w[partner_index(n_u, w.device)]
 
         loss_x = supervised_loss(pred_x, y, self.config.loss)
         terms = {"loss_x": loss_x.detach()}
         unsup = []
-        views = (("s1", pred_s1, box1), ("s2", pred_s2, box2), ("fp", pred_w_fp, None))
-        for name, pred, box in views:
-            if box is None:
-                target, conf, ign, weight = mask_w, conf_w, ignore, w
-            else:
-                target, conf, ign = (cutmix(t, t, box, partner) for t in (mask_w, conf_w, ignore))
-                weight = None if w is None else cutmix(w, w, box, partner)
-            valid = ign != 255
-            loss = self.weighting.loss(pred, target, weight, (conf >= cfg.threshold) & valid, valid)
+        views = (("s1", pred_s1, mixed[0], box1), ("s2", pred_s2, mixed[1], box2),
+                 ("fp", pred_w_fp, {"mask": mask_w, "conf": conf_w, "ignore": ignore}, None))
+        for name, pred, t, box in views:
+            weight = w if box is None or w is None else paste(w, w_mix, box)
+            valid = t["ignore"] != 255
+            loss = self.weighting.loss(pred, t["mask"], weight, (t["conf"] >= cfg.threshold) & valid, valid)
             terms[f"loss_{name}"] = loss.detach()
             unsup.append(loss)
         loss_s1, loss_s2, loss_fp = unsup
-        loss = (loss_x + cfg.strong_weight * (loss_s1 + loss_s2) + cfg.fp_weight * loss_fp) / 2.0
+        # summed in the released order (floating-point addition is not associative)
+        loss = (loss_x + loss_s1 * cfg.strong_weight + loss_s2 * cfg.strong_weight + loss_fp * cfg.fp_weight) / 2.0
 
         valid = ignore != 255
         confident = (conf_w >= cfg.threshold) & valid

@@ -117,18 +117,30 @@ def boxes_from_connected_components(semantic: np.ndarray, classes: Sequence[int]
     return np.concatenate(all_boxes), np.concatenate(all_labels)
 
 
-def sample_boxes(sample: Sample, thing_classes: Sequence[int], mode: str = "auto",
-                 min_area: int = 0) -> tuple[np.ndarray, np.ndarray]:
+BOX_MODES = ("auto", "instances", "components", "combined")
+
+
+def sample_boxes(sample: Sample, thing_classes: Sequence[int], mode: str = "auto", min_area: int = 0,
+                 component_classes: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
     """The detector's training boxes of one labelled sample, restricted to ``thing_classes``.
 
     ``mode``: ``instances`` uses the reader's instance boxes (``Sample.boxes``); ``components`` the connected
     components of the semantic mask; ``auto`` the instance boxes when the sample has any, else components (an image
-    whose reader gives no boxes and whose mask has no thing pixels has no boxes either way).
+    whose reader gives no boxes and whose mask has no thing pixels has no boxes either way); ``combined`` (the
+    authors' Cityscapes recipe) the instance boxes *and* the connected components of ``component_classes`` (thin
+    classes without instances: pole, traffic light, traffic sign), both kept when their class is in
+    ``thing_classes``. Components smaller than ``min_area`` pixels give no box.
     """
-    if mode not in ("auto", "instances", "components"):
-        raise ValueError(f"unknown box mode {mode!r}; expected auto, instances or components")
+    if mode not in BOX_MODES:
+        raise ValueError(f"unknown box mode {mode!r}; expected one of {', '.join(BOX_MODES)}")
     things = np.asarray(list(thing_classes), np.int64)
-    if mode == "instances" or (mode == "auto" and len(sample.boxes)):
+    if mode == "combined":
+        boxes = np.asarray(sample.boxes, np.float32).reshape(-1, 4)
+        labels = np.asarray(sample.box_labels, np.int64)
+        if sample.mask is not None and len(component_classes):
+            comp_boxes, comp_labels = boxes_from_connected_components(sample.mask, list(component_classes), min_area)
+            boxes, labels = np.concatenate([boxes, comp_boxes]), np.concatenate([labels, comp_labels])
+    elif mode == "instances" or (mode == "auto" and len(sample.boxes)):
         boxes, labels = np.asarray(sample.boxes, np.float32).reshape(-1, 4), np.asarray(sample.box_labels, np.int64)
     elif sample.mask is None:
         raise ValueError(f"sample {sample.id!r} has neither instance boxes nor a mask to take components from")
@@ -222,8 +234,9 @@ class DetectionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, source: SegmentationSource, thing_classes: Sequence[int], box_mode: str = "auto",
-                 min_area: int = 0, seed: int = 0, flip: bool = True) -> None:
+                 min_area: int = 0, seed: int = 0, flip: bool = True, component_classes: Sequence[int] = ()) -> None:
         self.source, self.thing_classes = source, list(thing_classes)
+        self.component_classes = list(component_classes)
         self.box_mode, self.min_area, self.seed, self.flip = box_mode, min_area, seed, flip
         self.lut = {c: i + 1 for i, c in enumerate(self.thing_classes)}
 
@@ -233,7 +246,8 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __getitem__(self, key) -> tuple[Tensor, dict]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         sample = load_checked(self.source, index)
-        boxes, labels = sample_boxes(sample, self.thing_classes, self.box_mode, self.min_area)
+        boxes, labels = sample_boxes(sample, self.thing_classes, self.box_mode, self.min_area,
+                                     self.component_classes)
         image = image_tensor(sample.image)
         boxes = torch.from_numpy(boxes)
         if self.flip and np.random.default_rng([self.seed, 7, epoch, index]).random() < 0.5:

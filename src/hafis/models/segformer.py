@@ -131,9 +131,12 @@ class SegFormer(nn.Module):
         pretrained_path=None,
         output_stride: Optional[int] = None,
         aspp_channels: Optional[int] = None,
+        align_corners: bool = False,
     ):
         super().__init__()
         del output_stride, aspp_channels
+        #: bilinear resizes of the decoder and the logits (SegFormer's release: False); the weighting follows it
+        self.align_corners = align_corners
         self.num_classes = num_classes
         self.feature_dim = feature_dim
         self.backbone = build_encoder(backbone, pretrained, pretrained_path, drop_path_rate)
@@ -152,7 +155,8 @@ class SegFormer(nn.Module):
 
     def _decode(self, feats: list[Tensor]) -> tuple[Tensor, Tensor]:
         size = feats[0].shape[-2:]
-        ups = [proj(f) if i == 0 else F.interpolate(proj(f), size=size, mode="bilinear", align_corners=False)
+        ups = [proj(f) if i == 0 else F.interpolate(proj(f), size=size, mode="bilinear",
+                                                       align_corners=self.align_corners)
                for i, (proj, f) in enumerate(zip(self.project, feats))]
         features = self.fuse(torch.cat(ups, dim=1))
         return self.classifier(self.dropout(features)), features
@@ -169,7 +173,7 @@ class SegFormer(nn.Module):
         if feature_perturbation:
             feats = [torch.cat([f, self.fp_dropout(f)]) for f in feats]
         logits, features = self._decode(feats)
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=self.align_corners)
         logits, features = logits[..., :size[0], :size[1]], features[..., :feature_size[0], :feature_size[1]]
         if not feature_perturbation:
             return SegOutput(logits=logits, features=features)

@@ -2,7 +2,10 @@
 
 Segmenters give features at a fraction of the input size (stride 4 for DeepLabV3+) while labels and pseudo-labels
 are at full size. hafis never resizes labels: features are brought to the labels' size, as the authors' code does
-(bilinear, ``align_corners=False``, like the logits). Only the pixels actually used are resampled when possible.
+(bilinear with ``align_corners=True``, like UniMatch's logits; ``align_corners`` follows the segmenter's own resizes).
+Resizing runs in float32 whatever the features' dtype: half-precision interpolation rounds neighbouring channels to
+equal values, and the top-k would then break those ties by index instead of by the features. Only the pixels
+actually used are resampled when possible.
 """
 
 from __future__ import annotations
@@ -20,16 +23,22 @@ def check_align(mode: str) -> str:
     return mode
 
 
-def resize_features(features: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
-    """``(B, D, h, w) -> (B, D, H, W)``; a no-op when the sizes already agree."""
+def resize_features(features: Tensor, size: tuple[int, int], mode: str = "bilinear",
+                    align_corners: bool = True) -> Tensor:
+    """``(B, D, h, w) -> (B, D, H, W)``; a no-op when the sizes already agree; bilinear resizes in float32."""
     if tuple(features.shape[-2:]) == tuple(size):
         return features
     if check_align(mode) == "bilinear":
-        return F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(_wide(features), size=size, mode="bilinear", align_corners=align_corners)
     return F.interpolate(features, size=size, mode="nearest")
 
 
-def sample_features(features: Tensor, batch: Tensor, flat_pixel: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+def _wide(features: Tensor) -> Tensor:
+    return features if features.dtype in (torch.float32, torch.float64) else features.float()
+
+
+def sample_features(features: Tensor, batch: Tensor, flat_pixel: Tensor, size: tuple[int, int], mode: str,
+                    align_corners: bool = True) -> Tensor:
     """Features at chosen label-resolution pixels, ``(n, D)``: equal to ``resize_features(...)[b, :, y, x]``.
 
     ``flat_pixel`` indexes the ``H*W`` label grid. Sampling only the chosen pixels (a few per class) avoids
@@ -46,14 +55,16 @@ def sample_features(features: Tensor, batch: Tensor, flat_pixel: Tensor, size: t
         sy = torch.div(y * h, H, rounding_mode="floor")
         sx = torch.div(x * w, W, rounding_mode="floor")
         return features.flatten(2)[batch, :, sy * w + sx]
-    # Bilinear with align_corners=False, as F.interpolate computes it: source coordinate (i + 0.5) * in / out - 0.5,
-    # clamped at 0; the four neighbours are gathered for the chosen pixels only.
+    # Bilinear as F.interpolate computes it, in float32: the source coordinate is i * (in - 1) / (out - 1) with
+    # align_corners, else (i + 0.5) * in / out - 0.5 clamped at 0; the four neighbours are gathered for the chosen
+    # pixels only.
     flat = features.flatten(2)  # (B, D, h*w)
-    y0, y1, ly = _source_index(y, H, h, features.dtype)
-    x0, x1, lx = _source_index(x, W, w, features.dtype)
+    dtype = _wide(features[:0]).dtype
+    y0, y1, ly = _source_index(y, H, h, dtype, align_corners)
+    x0, x1, lx = _source_index(x, W, w, dtype, align_corners)
 
     def at(yy: Tensor, xx: Tensor) -> Tensor:
-        return flat[batch, :, yy * w + xx]
+        return flat[batch, :, yy * w + xx].to(dtype)
 
     ly, lx = ly[:, None], lx[:, None]
     top = at(y0, x0) * (1 - lx) + at(y0, x1) * lx
@@ -61,8 +72,14 @@ def sample_features(features: Tensor, batch: Tensor, flat_pixel: Tensor, size: t
     return top * (1 - ly) + bottom * ly
 
 
-def _source_index(dst: Tensor, out_size: int, in_size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    src = ((dst.to(torch.float32) + 0.5) * (in_size / out_size) - 0.5).clamp_min(0.0)
+def _source_index(dst: Tensor, out_size: int, in_size: int, dtype: torch.dtype,
+                  align_corners: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if align_corners:
+        # the scale as ATen computes it: a float32 division of the two integers
+        scale = torch.tensor(float(in_size - 1)) / (out_size - 1) if out_size > 1 else torch.tensor(0.0)
+        src = dst.to(torch.float32) * scale.to(dst.device)
+    else:
+        src = ((dst.to(torch.float32) + 0.5) * (in_size / out_size) - 0.5).clamp_min(0.0)
     i0 = src.floor().long().clamp_max(in_size - 1)
     i1 = (i0 + 1).clamp_max(in_size - 1)
     return i0, i1, (src - i0.to(torch.float32)).to(dtype)

@@ -73,6 +73,10 @@ class PrototypeBank(nn.Module):
         gather_distributed: under ``torch.distributed`` every rank's pushes are all-gathered and applied by every
             rank in rank order, so all ranks hold one identical bank.
         validate: check label ranges and shapes on each push (one host sync); turn off in tuned GPU loops.
+        align_corners: of the bilinear read (the segmenter's own; UniMatch's DeepLabV3+: True).
+        require_labelled: a class has a prototype only when its *labelled* queue is non-empty (the authors' code);
+            false: when either queue is (hafis's default, so a class seen only in reliable unlabelled pixels is
+            weighted too).
     """
 
     def __init__(
@@ -86,6 +90,8 @@ class PrototypeBank(nn.Module):
         align: str = "bilinear",
         gather_distributed: bool = True,
         validate: bool = True,
+        align_corners: bool = True,
+        require_labelled: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("feature_dim", feature_dim),
@@ -99,6 +105,8 @@ class PrototypeBank(nn.Module):
         self.ignore_index = ignore_index
         self.seed = seed
         self.align = check_align(align)
+        self.align_corners = bool(align_corners)
+        self.require_labelled = bool(require_labelled)
         self.gather_distributed = gather_distributed
         self.validate = validate
         self.labelled = _RingMemory(num_classes, feature_dim, memory_per_class)
@@ -155,7 +163,8 @@ class PrototypeBank(nn.Module):
         pos = (start[:C, None] + rank[None, :]).clamp_max(order.numel() - 1)
         pixel = order[pos].flatten()
         batch = torch.div(pixel, H * W, rounding_mode="floor")
-        values = sample_features(features, batch, pixel - batch * H * W, (H, W), self.align)
+        values = sample_features(features, batch, pixel - batch * H * W, (H, W), self.align,
+                                 self.align_corners)
         return values.view(C, n, -1).float(), valid
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -169,10 +178,12 @@ class PrototypeBank(nn.Module):
     # ---------------------------------------------------------------------------------------------- readout
     @torch.no_grad()
     def prototypes(self) -> tuple[Tensor, Tensor]:
-        """``(prototypes (C, D), has_prototype (C,))``; a class with both queues empty has a zero row."""
+        """``(prototypes (C, D), has_prototype (C,))``; a class with both queues empty has a zero row, and so
+        does one with an empty labelled queue under ``require_labelled``."""
         total = (self.labelled.count + self.unlabelled.count).to(self.labelled.queue.dtype)
         protos = (self.labelled.sums() + self.unlabelled.sums()) / total.clamp_min(1.0)[:, None]
-        return protos, total > 0
+        has = self.labelled.count > 0 if self.require_labelled else total > 0
+        return protos * has[:, None], has
 
     # ------------------------------------------------------------------------------------------------ state
     def get_extra_state(self) -> dict:

@@ -26,6 +26,10 @@ class PseudoLabelWeighter(nn.Module):
             reverse: ``bilinear`` (default, like the authors' code and the logits) or ``nearest`` (each label pixel
             takes the similarity of the feature cell it falls in; cheaper: the top-k runs at the features'
             resolution and only the ``k`` channel-index maps are resized).
+        align_corners: of the bilinear resize; follow the segmenter's own (UniMatch's DeepLabV3+ and the authors'
+            code: True). The resize runs in float32 whatever the features' dtype.
+        require_labelled: a class has a prototype only once its labelled queue holds a feature (the authors' code);
+            false (default) = once either queue does.
         memory_per_class, samples_per_class, seed, gather_distributed, validate: passed to :class:`PrototypeBank`.
 
     A pseudo-label class with no prototype yet, and an ignored pixel, get ``s = 0`` (so ``W = offset``). Weights
@@ -45,6 +49,8 @@ class PseudoLabelWeighter(nn.Module):
         seed: int = 0,
         gather_distributed: bool = True,
         validate: bool = True,
+        align_corners: bool = True,
+        require_labelled: bool = False,
     ) -> None:
         super().__init__()
         _check_k(k, feature_dim)
@@ -54,9 +60,10 @@ class PseudoLabelWeighter(nn.Module):
         self.offset = float(offset)
         self.ignore_index = ignore_index
         self.align = check_align(align)
+        self.align_corners = bool(align_corners)
         self.validate = validate
         self.bank = PrototypeBank(num_classes, feature_dim, memory_per_class, samples_per_class, ignore_index,
-                                  seed, align, gather_distributed, validate)
+                                  seed, align, gather_distributed, validate, align_corners, require_labelled)
 
     def update_labelled(self, features: Tensor, labels: Tensor, mask: Optional[Tensor] = None) -> None:
         """Feed labelled pixels (where ``mask`` holds) to the prototype bank."""
@@ -85,9 +92,13 @@ class PseudoLabelWeighter(nn.Module):
         between calls (``D x H x W`` floats, e.g. 105 MB at 321 x 321): a fresh allocation of that size is new
         memory from the OS, and faulting its pages in costs several times the resize itself.
         ``nearest``: ranked at the features' resolution, and the ``k`` index maps are resized.
+        Half-precision features (autocast) are widened to float32 first (exactly), so they are resized and ranked
+        in float32: a half-precision resize would round nearby channels to ties.
         """
         H, W = size
         if self.align == "bilinear" and tuple(features.shape[-2:]) != (H, W):
+            if features.dtype not in (torch.float32, torch.float64):
+                features = features.float()
             # channels-last, as before the fast path: the resize kernel (and so the bits) depends on the layout
             features = features.contiguous(memory_format=torch.channels_last)
             return torch.stack([self._topk_channels(self._upsample(features[i:i + 1], (H, W)))[0]
@@ -118,13 +129,13 @@ class PseudoLabelWeighter(nn.Module):
     def _upsample(self, image: Tensor, size: tuple[int, int]) -> Tensor:
         """Bilinear resize of one channels-last ``(1, D, h, w)`` image: ``F.interpolate``'s kernel and bits."""
         if image.device.type != "cpu":
-            return resize_features(image, size, "bilinear")
+            return resize_features(image, size, "bilinear", self.align_corners)
         shape = (1, image.shape[1], *size)
         buffer = getattr(self, "_resize_buffer", None)
         if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != image.dtype:
             buffer = torch.empty(shape, dtype=image.dtype).contiguous(memory_format=torch.channels_last)
             self._resize_buffer = buffer  # a plain attribute: not state, not moved by .to()
-        return torch.ops.aten.upsample_bilinear2d.out(image, list(size), False, None, None, out=buffer)
+        return torch.ops.aten.upsample_bilinear2d.out(image, list(size), self.align_corners, None, None, out=buffer)
 
     def _topk_channels(self, features: Tensor) -> Tensor:
         """``(B, D, h, w)`` -> ``(B, h, w, k)`` top-k channel indices, ties by the lower index."""
