@@ -113,6 +113,12 @@ class Framework:
     #: iterations in one pass over the unlabelled images (the released codes' "epoch"); the trainer sets it, the
     #: mean-teacher recipes read it for their epoch-based schedules (U2PL's supervised-only epoch, AugSeg's warm-up)
     epoch_iterations: Optional[int] = None
+    #: attributes holding the networks the optimiser trains; under torchrun the trainer wraps them in one
+    #: DistributedDataParallel and every call of ``self.<name>(...)`` goes through it
+    networks: tuple[str, ...] = ("model",)
+    #: every step calls the same networks and gives every trained parameter a gradient (DDP's ``static_graph``);
+    #: a recipe whose steps may leave a trained parameter without gradient sets False
+    static_graph: bool = True
 
     def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
         self.config = config
@@ -134,6 +140,11 @@ class Framework:
 
     def after_optimizer_step(self, iteration: int) -> None:
         """Hook for teachers (EMA) and banks updated after the weights change."""
+
+    def teachers(self) -> list[nn.Module]:
+        """Networks that follow the trained ones without gradient (EMA teachers): never wrapped in DDP; the
+        trainer keeps their buffers equal on every rank at checkpoints."""
+        return []
 
     def eval_model(self) -> nn.Module:
         """The network that is evaluated and checkpointed as 'the model' (the student, or a teacher)."""
