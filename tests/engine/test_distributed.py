@@ -121,3 +121,10 @@ def test_failed_rendezvous_is_one_line_and_exit_2(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("hafis train: error: rendezvous failed") and "MASTER_ADDR" in lines[-1]
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_nnodes_without_endpoint_is_a_usage_error(capsys):
+    from hafis.cli import main
+
+    assert main(["train", str(TINY), "--nproc", "2", "--nnodes", "2"]) == 2
+    assert "--rdzv-endpoint" in capsys.readouterr().err
