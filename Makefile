@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/weighting.py
 	$(PY) benchmarks/step.py
 	$(PY) benchmarks/loading.py
+	$(PY) benchmarks/distributed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -170,3 +170,35 @@ class PreviousBank(PrototypeBank):
         batch = torch.div(pixel, H * W, rounding_mode="floor")
         values = sample_features(features, batch, pixel - batch * H * W, (H, W), self.align)
         return values.view(C, n, -1).float(), valid
+
+
+# --------------------------------------------------------------------------- hand-written data parallelism
+@torch.no_grad()
+def hand_average_gradients(params, world_size: int, bucket_bytes: int = 25 * 1024 * 1024) -> None:
+    """What DistributedDataParallel replaces in hafis (up to commit 7b353d2): after ``backward`` has finished,
+    all-reduce and average the gradients in ~25 MB buckets (no overlap with the backward pass)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in params if p.grad is not None]
+    bucket, size = [], 0
+    for g in grads + [None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+        if bucket and (g is None or size >= bucket_bytes):
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat)
+            flat /= world_size
+            for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                dst.copy_(src)
+            bucket, size = [], 0
+
+
+@torch.no_grad()
+def hand_broadcast_buffers(module) -> None:
+    """Its partner: rank 0's BatchNorm buffers on every rank after each optimiser step."""
+    import torch.distributed as dist
+
+    for t in module.buffers():
+        dist.broadcast(t.data, src=0)

@@ -24,7 +24,7 @@ def _train(args: argparse.Namespace) -> int:
     from hafis.engine.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if (args.nproc > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args)
     trainer = Trainer(config)
     if args.resume is not None:
@@ -43,13 +43,33 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _launch_torchrun(args: argparse.Namespace) -> int:
-    """``hafis train --nproc N``: the same command under ``torchrun --standalone --nproc_per_node N``."""
+    """``hafis train --nproc N``: the same command under ``torchrun --standalone --nproc_per_node N``; with
+    ``--nnodes M --rdzv-endpoint HOST:PORT`` under torchrun's c10d rendezvous instead (run it on every node)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import main as torchrun
 
-    command = ["--standalone", f"--nproc_per_node={args.nproc}", "-m", "hafis", "train", args.config, *args.overrides]
+    from hafis.engine.distributed import DistributedSetupError
+
+    if args.nnodes > 1:
+        if not args.rdzv_endpoint:
+            raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (a host every node reaches)")
+        launch = [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}",
+                  f"--rdzv-id={args.rdzv_id}"]
+    else:
+        launch = ["--standalone"]
+    command = [*launch, f"--nproc_per_node={args.nproc}", "-m", "hafis", "train", args.config, *args.overrides]
     if args.resume is not None:
         command += ["--resume", args.resume] if args.resume else ["--resume"]
-    torchrun(command)
+    try:
+        torchrun(command)
+    except RendezvousError as exc:
+        raise DistributedSetupError(f"rendezvous at {args.rdzv_endpoint or 'localhost'} failed: "
+                                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                                    "; the endpoint must be reachable from every node, and every node must use the "
+                                    "same --rdzv-endpoint, --rdzv-id and --nnodes") from None
+    except ChildFailedError as exc:  # the workers printed their own error
+        return max((f.exitcode for f in exc.failures.values() if f.exitcode and f.exitcode > 0), default=1)
     return 0
 
 
@@ -163,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from PATH, or from the run's newest readable checkpoint when PATH is omitted")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (DDP via torchrun: one per GPU, or gloo on CPU)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines taking part (run the same command on each)")
+    p.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
+                   help="with --nnodes: torchrun's c10d rendezvous point, reachable from every node")
+    p.add_argument("--rdzv-id", default="hafis", help="with --nnodes: one id per job, the same on every node")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the config's validation set")
@@ -231,11 +255,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from hafis.data.base import DataError
     from hafis.engine.checkpoint import CheckpointError
+    from hafis.engine.distributed import DistributedSetupError
     from hafis.engine.trainer import NonFiniteLossError
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError, DistributedSetupError) as exc:
         print(f"hafis {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLossError as exc:

@@ -1,11 +1,17 @@
-"""Multi-process training under ``torchrun``: process group, gradient averaging, replica checks.
+"""Multi-process training under ``torchrun``: process group, DistributedDataParallel, replica checks.
 
-hafis averages gradients across ranks itself after ``backward`` (bucketed all-reduces of every parameter the
-optimiser holds, the operation DDP performs) instead of wrapping the model in ``DistributedDataParallel``. The
-frameworks call their network several times per step (UniMatch: two forward passes, mean teachers: a teacher) and
-some own parameters outside the segmenter (U2PL's representation head); averaging the optimiser's gradients covers
-all of that with no framework code aware of distribution. The price is no overlap of communication with the backward
-pass, which matters little next to the multi-forward SSL steps.
+What is optimised (the segmenter and any framework-owned network, e.g. U2PL's student = segmenter + representation
+head) is gathered in one :class:`Networks` module and wrapped in one ``DistributedDataParallel``, so gradients are
+averaged by DDP's bucketed all-reduce while the backward pass still runs. A framework keeps calling
+``self.model(x)``: :func:`wrap` swaps each network attribute of the framework for a :class:`Route`, whose call goes
+through DDP's forward (which prepares the gradient reduction) and whose every other attribute is the network's own
+(parameters, ``state_dict``, ``train()`` / ``eval()``), so no framework knows it is distributed. Several forward
+passes before one backward (UniMatch) and no-grad eval-mode forwards in between work as in the official codes.
+EMA teachers stay unwrapped: they take no gradient.
+
+DDP broadcasts rank 0's BatchNorm buffers before each forward pass (``forward_sync_buffers``); between forwards a
+rank's buffers hold its own batch's update, so before an evaluation or a checkpoint the trainer broadcasts rank
+0's buffers once (:func:`broadcast_buffers`) and then checks that every rank holds the same state.
 
 Launched by ``torchrun --nproc_per_node=N -m hafis train CONFIG`` (or ``hafis train --nproc N``): backend nccl on
 GPU, gloo on CPU; each rank takes ``1/N`` of the configured (global) batch.
@@ -15,13 +21,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-BUCKET_BYTES = 25 * 1024 * 1024
+
+class DistributedSetupError(RuntimeError):
+    """The process group could not be formed (rendezvous environment missing, peers unreachable)."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,15 @@ def setup(device_type: str) -> DistContext:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        try:
+            dist.init_process_group(backend=backend)
+        except (RuntimeError, ValueError, TimeoutError) as exc:  # DistNetworkError / DistStoreError are RuntimeErrors
+            where = f"{os.environ.get('MASTER_ADDR', '<MASTER_ADDR unset>')}:{os.environ.get('MASTER_PORT', '<unset>')}"
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DistributedSetupError(
+                f"rendezvous failed (rank {os.environ.get('RANK', '?')} of WORLD_SIZE={world}, {backend} at {where}): "
+                f"{reason}; launch with torchrun (multi-node: the same --rdzv-endpoint, --rdzv-id and --nnodes on "
+                f"every node, the endpoint reachable from all of them)") from None
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
@@ -58,35 +75,63 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+# ---------------------------------------------------------------------------------------------------------- DDP
+class Networks(nn.Module):
+    """The optimised networks under one module, so one DDP holds all their parameters; ``forward(name, ...)`` runs
+    the named one (networks may share submodules: U2PL's student contains the segmenter)."""
+
+    def __init__(self, networks: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.networks = nn.ModuleDict(networks)
+
+    def forward(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.networks[name](*args, **kwargs)
+
+
+class Route:
+    """Stands in for one network of a framework: calling it runs the network through DDP's forward; any other
+    attribute (parameters, ``state_dict``, ``train`` / ``eval``, submodules) is the network's own."""
+
+    def __init__(self, ddp: DistributedDataParallel, name: str, module: nn.Module) -> None:
+        self.__dict__.update(_ddp=ddp, _name=name, module=module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._ddp(self._name, *args, **kwargs)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.__dict__["module"], attr)
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        setattr(self.module, attr, value)
+
+
+def unwrap(module: Any) -> Any:
+    """The network behind a :class:`Route` (anything else unchanged)."""
+    return module.module if isinstance(module, Route) else module
+
+
+def wrap(owner: Any, names: Iterable[str], device: torch.device, static_graph: bool) -> DistributedDataParallel:
+    """Wrap ``owner``'s network attributes ``names`` in one DDP and replace each by its :class:`Route`.
+
+    ``static_graph``: every step uses the same parameters through the same calls (DDP then skips the per-step
+    search for unused parameters); otherwise ``find_unused_parameters`` lets a step leave some without gradient.
+    DDP broadcasts rank 0's parameters and buffers on construction.
+    """
+    networks = {name: unwrap(getattr(owner, name)) for name in names}
+    ddp = DistributedDataParallel(
+        Networks(networks), device_ids=[device.index] if device.type == "cuda" else None,
+        forward_sync_buffers=True, gradient_as_bucket_view=True, static_graph=static_graph,
+        find_unused_parameters=not static_graph)
+    for name, module in networks.items():
+        setattr(owner, name, Route(ddp, name, module))
+    return ddp
+
+
+# -------------------------------------------------------------------------------------------------- collectives
 @torch.no_grad()
-def average_gradients(params: Iterable[torch.nn.Parameter], world_size: int) -> None:
-    """All-reduce and average the gradients of ``params`` in buckets of ~25 MB (like DDP's buckets)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    bucket, size = [], 0
-    for g in grads + [None]:
-        if g is not None:
-            bucket.append(g)
-            size += g.numel() * g.element_size()
-        if bucket and (g is None or size >= BUCKET_BYTES):
-            flat = _flatten_dense_tensors(bucket)
-            dist.all_reduce(flat)
-            flat /= world_size
-            for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                dst.copy_(src)
-            bucket, size = [], 0
-
-
-@torch.no_grad()
-def broadcast_module(module: torch.nn.Module) -> None:
-    """Rank 0's parameters and buffers on every rank (seeding already makes them equal; this makes it certain)."""
-    for t in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(t.data, src=0)
-
-
-@torch.no_grad()
-def broadcast_buffers(module: torch.nn.Module) -> None:
-    """Rank 0's buffers (BatchNorm running statistics) on every rank."""
-    for t in module.buffers():
+def broadcast_buffers(module: nn.Module, parameters: bool = False) -> None:
+    """Rank 0's buffers (BatchNorm running statistics), and with ``parameters`` its parameters, on every rank."""
+    for t in [*(module.parameters() if parameters else ()), *module.buffers()]:
         dist.broadcast(t.data, src=0)
 
 
@@ -97,8 +142,15 @@ def all_ranks_agree(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def gather_objects(obj: Any) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 @torch.no_grad()
-def check_replicas(module: torch.nn.Module, device: torch.device) -> None:
+def check_replicas(module: nn.Module, device: torch.device) -> None:
     """Raise if the ranks' copies of ``module`` drifted apart (a per-tensor checksum, compared exactly)."""
     sums = torch.stack([t.detach().double().sum() for t in module.state_dict().values()
                         if torch.is_tensor(t) and t.is_floating_point()]).to(device)

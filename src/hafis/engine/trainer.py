@@ -122,11 +122,13 @@ class Trainer:
         self.model.to(self.device)
         if config.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if self.dist.enabled:
-            distributed.broadcast_module(self.model)
         if config.train.compile:
             self.model.compile()  # in place: state-dict keys and the frameworks' calls stay unchanged
         self.framework: Framework = build_framework(config, self.model, self.num_classes).to(self.device)
+        if self.dist.enabled:  # the framework's networks are called through one DDP from here on
+            distributed.wrap(self.framework, self.framework.networks, self.device, self.framework.static_graph)
+            for teacher in self.framework.teachers():
+                distributed.broadcast_buffers(teacher, parameters=True)
         self._check_not_empty()
         self.framework.epoch_iterations = max(1, len(self.unlabelled_source) // config.train.unlabelled_batch_size)
         self.framework.weighting.thing_classes = tuple(detected_classes(config, self.unlabelled_source))
@@ -170,7 +172,15 @@ class Trainer:
                             persistent_workers=self.config.data.num_workers > 0,
                             generator=torch.Generator().manual_seed(seed))
         for batch in loader:
-            yield {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            yield {k: self._to_device(v) for k, v in batch.items()}
+
+    def _to_device(self, value):
+        if not torch.is_tensor(value):
+            return value
+        value = value.to(self.device, non_blocking=True)
+        if self.config.train.channels_last and value.dim() == 4 and value.is_floating_point():  # images, not masks
+            value = value.contiguous(memory_format=torch.channels_last)
+        return value
 
     def _streams(self) -> tuple[Iterator[dict], Optional[Iterator[dict]]]:
         c = self.config
@@ -193,7 +203,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "iteration": self.iteration,
-            "model": self.framework.eval_model().state_dict(),
+            "model": distributed.unwrap(self.framework.eval_model()).state_dict(),
             "student": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "framework": self.framework.state_dict(),
@@ -203,12 +213,17 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "config": to_dict(self.config),
+            # every rank's bank generator (ranks draw from their own seeds); filled in at checkpoints under torchrun
+            "bank_generators": None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.framework.load_state_dict(state["framework"])
+        generators, weighter = state.get("bank_generators"), self.framework.weighting.weighter
+        if generators and weighter is not None:  # this rank's own draws (a rank the run did not have starts afresh)
+            weighter.bank.set_extra_state(generators[self.dist.rank] if self.dist.rank < len(generators) else {})
         self.iteration = state["iteration"]
         self.best_miou = state["best_miou"]
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
@@ -259,13 +274,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(step.loss).backward()
                 # the one host read of the step, after backward is queued (the device stays busy meanwhile)
-                if self._finite_or_skip(step, it):
-                    if self.dist.enabled:
-                        distributed.average_gradients(self._optimised_parameters(), self.dist.world_size)
+                if self._finite_or_skip(step, it):  # DDP averaged the gradients during backward
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
-                    if self.dist.enabled:  # BatchNorm statistics follow rank 0's, as DDP's broadcast_buffers
-                        distributed.broadcast_buffers(self.model)
                     self.framework.after_optimizer_step(it)
                 self.iteration = it + 1
                 bar.update(1)
@@ -279,15 +290,13 @@ class Trainer:
                 evaluate_now = self.iteration % c.train.eval_interval == 0 or self.iteration == total
                 save_now = evaluate_now if c.train.checkpoint_interval <= 0 else \
                     (self.iteration % c.train.checkpoint_interval == 0 or self.iteration == total)
+                bank_generators = None
+                if self.dist.enabled and (evaluate_now or save_now):
+                    bank_generators = self._sync_replicas()
                 if evaluate_now:
                     result = self._evaluate(log)
-                if save_now:
-                    if self.dist.enabled:
-                        distributed.check_replicas(self.model, self.device)
-                        if self.framework.weighting.weighter is not None:  # one prototype bank on every rank
-                            distributed.check_replicas(self.framework.weighting.weighter, self.device)
-                    if main:
-                        self.checkpoints.save(self.state_dict(), self.iteration)
+                if save_now and main:
+                    self.checkpoints.save({**self.state_dict(), "bank_generators": bank_generators}, self.iteration)
                 if evaluate_now and self.on_eval is not None:
                     self.on_eval(self, self.iteration, result)
         finally:
@@ -310,8 +319,19 @@ class Trainer:
                               f"{self.dist.world_size} processes")
         return global_batch // self.dist.world_size
 
-    def _optimised_parameters(self) -> list:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
+    def _sync_replicas(self) -> Optional[list]:
+        """Before an evaluation or a checkpoint: rank 0's BatchNorm buffers on every rank (DDP broadcasts them only
+        before a forward pass), then check that every rank holds the same networks, teachers and prototype bank.
+        Returns every rank's bank generator state, for the checkpoint."""
+        modules = [self.model, *(distributed.unwrap(getattr(self.framework, n)) for n in self.framework.networks),
+                   *self.framework.teachers()]
+        modules = list({id(m): m for m in modules}.values())
+        for module in modules:
+            distributed.broadcast_buffers(module)
+        weighter = self.framework.weighting.weighter
+        for module in modules + ([weighter] if weighter is not None else []):
+            distributed.check_replicas(module, self.device)
+        return None if weighter is None else distributed.gather_objects(weighter.bank.get_extra_state())
 
     def _autocast(self):
         amp = self.config.train.amp
@@ -337,8 +357,8 @@ class Trainer:
         return False
 
     def _evaluate(self, log: RunLog) -> EvalResult:
-        result = evaluate(self.framework.eval_model(), self.val_loader, self.num_classes, self.device,
-                          **eval_settings(self.config))
+        result = evaluate(distributed.unwrap(self.framework.eval_model()), self.val_loader, self.num_classes,
+                          self.device, **eval_settings(self.config))
         self.best_miou = max(self.best_miou, result.miou)
         record = {"iteration": self.iteration, "event": "eval", **result.record(), "best_miou": self.best_miou,
                   "seed": self.config.seed, "iou_by_class": dict(zip(self.class_names, result.iou)),

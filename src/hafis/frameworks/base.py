@@ -121,6 +121,12 @@ class Framework:
     #: the framework can feed the bank from its strong views (``weighting.bank_view: strong``, the authors' code,
     #: which is UniMatch's)
     strong_bank_view: bool = False
+    #: attributes holding the networks the optimiser trains; under torchrun the trainer wraps them in one
+    #: DistributedDataParallel and every call of ``self.<name>(...)`` goes through it
+    networks: tuple[str, ...] = ("model",)
+    #: every step calls the same networks and gives every trained parameter a gradient (DDP's ``static_graph``);
+    #: a recipe whose steps may leave a trained parameter without gradient sets False
+    static_graph: bool = True
 
     def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
         self.config = config
@@ -146,6 +152,11 @@ class Framework:
 
     def after_optimizer_step(self, iteration: int) -> None:
         """Hook for teachers (EMA) and banks updated after the weights change."""
+
+    def teachers(self) -> list[nn.Module]:
+        """Networks that follow the trained ones without gradient (EMA teachers): never wrapped in DDP; the
+        trainer keeps their buffers equal on every rank at checkpoints."""
+        return []
 
     def eval_model(self) -> nn.Module:
         """The network that is evaluated and checkpointed as 'the model' (the student, or a teacher)."""

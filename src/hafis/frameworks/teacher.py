@@ -104,7 +104,12 @@ class MeanTeacherFramework(Framework):
         #: EMA updates the teacher has received (0 during U2PL's supervised-only phase)
         self.ema_updates = 0
 
+    networks = ("model", "student")
+
     # ------------------------------------------------------------------------------------------ helpers
+    def teachers(self) -> list[nn.Module]:
+        return [self.teacher.module]
+
     def teacher_segmenter(self) -> nn.Module:
         return self.teacher.module
 

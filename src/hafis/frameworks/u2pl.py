@@ -199,6 +199,8 @@ def contrastive_term(anchors: Tensor, positive: Tensor, negatives: Tensor, tempe
 
 class U2PL(MeanTeacherFramework):
     name = "u2pl"
+    #: the representation head takes no gradient during the supervised-only phase
+    static_graph = False
 
     def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
         cfg = config.u2pl

@@ -45,6 +45,10 @@ class SegOutput:
     logits_fp: Optional[Tensor] = None
 
 
+# a pytree node, so that DistributedDataParallel finds the tensors of a SegOutput (its static graph hooks them)
+torch.export.register_dataclass(SegOutput)
+
+
 def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
     pad = 0 if kernel == 1 else dilation
     return nn.Sequential(

@@ -67,11 +67,14 @@ class PrototypeBank(nn.Module):
         samples_per_class: at most this many pixels of each class are pushed per call, chosen at random among the
             qualifying ones; a few per image keeps one large object from filling a queue in a single batch.
         ignore_index: label value that never enters the bank.
-        seed: seeds the generator of the random subsample, so runs are reproducible.
+        seed: seeds the generator of the random subsample, so runs are reproducible (rank ``r`` of a process group
+            uses ``seed + r``, so the ranks' draws are not copies of each other).
         align: how features at a lower resolution than the labels are read: ``bilinear`` (the authors' code
             upsamples features like logits) or ``nearest``. Labels are never resized.
         gather_distributed: under ``torch.distributed`` every rank's pushes are all-gathered and applied by every
-            rank in rank order, so all ranks hold one identical bank.
+            rank in rank order, so all ranks hold one identical bank. ``samples_per_class`` is then the quota of
+            the global batch, split across the ranks (rank ``r`` of ``N`` takes ``n // N``, plus one when
+            ``r < n % N``), so ``N`` processes feed the bank as many vectors per step as one process would.
         validate: check label ranges and shapes on each push (one host sync); turn off in tuned GPU loops.
         align_corners: of the bilinear read (the segmenter's own; UniMatch's DeepLabV3+: True).
         require_labelled: a class has a prototype only when its *labelled* queue is non-empty (the authors' code);
@@ -129,20 +132,26 @@ class PrototypeBank(nn.Module):
         if self.validate:
             check_features_labels(features, labels, self.num_classes, self.ignore_index, labels_name,
                                   feature_dim=self.feature_dim, mask=mask, mask_name=mask_name)
-        values, valid = self._select(features, labels, mask)
-        if self.gather_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        rank, world = _rank_and_world() if self.gather_distributed else (0, 1)
+        n = self.samples_per_class
+        values, valid = self._select(features, labels, mask, -(-n // world), n // world + (rank < n % world))
+        if world > 1:
             values, valid = _all_gather_classwise(values, valid)
         memory.push(values, valid)
 
-    def _select(self, features: Tensor, labels: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """A random subsample of at most ``samples_per_class`` qualifying pixels per class: ``(C, n, D)``, ``(C, n)``.
+    def _select(self, features: Tensor, labels: Tensor, mask: Optional[Tensor], n: Optional[int] = None,
+                quota: Optional[int] = None) -> tuple[Tensor, Tensor]:
+        """A random subsample of at most ``quota <= n`` qualifying pixels per class: ``(C, n, D)``, ``(C, n)``
+        (both default to ``samples_per_class``; a rank's quota may be one less than the ``n`` all ranks gather).
 
         Fixed-size output (no ``nonzero``): every pixel gets the key ``class + U[0, 1/2)`` (or ``C`` when it does not
         qualify; the half keeps float rounding from pushing a key into the next class); one sort groups pixels by
-        class in random order, and the first ``n`` of each class are taken.
+        class in random order, and the first ``quota`` of each class are taken.
         """
         B, H, W = labels.shape
-        C, n = self.num_classes, self.samples_per_class
+        C = self.num_classes
+        n = self.samples_per_class if n is None else n
+        quota = n if quota is None else quota
         labels = labels.long()
         # out-of-range labels never qualify, so a push with validation off (no host sync) cannot index out of bounds
         qualifies = (labels != self.ignore_index) & (labels >= 0) & (labels < C)
@@ -159,7 +168,7 @@ class PrototypeBank(nn.Module):
         per_class.scatter_add_(0, torch.where(qualifies, labels, C).flatten(), torch.ones_like(order))
         start = torch.cumsum(per_class, 0) - per_class
         rank = torch.arange(n, device=labels.device)
-        valid = rank[None, :] < per_class[:C, None]
+        valid = rank[None, :] < per_class[:C, None].clamp_max(quota)
         pos = (start[:C, None] + rank[None, :]).clamp_max(order.numel() - 1)
         pixel = order[pos].flatten()
         batch = torch.div(pixel, H * W, rounding_mode="floor")
@@ -171,7 +180,7 @@ class PrototypeBank(nn.Module):
         key = str(device)
         if key not in self._generators:
             gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
+            gen.manual_seed(self.seed + _rank_and_world()[0])
             self._generators[key] = gen
         return self._generators[key]
 
@@ -195,6 +204,12 @@ class PrototypeBank(nn.Module):
             gen = torch.Generator(device=key)
             gen.set_state(gen_state)
             self._generators[key] = gen
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _all_gather_classwise(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
