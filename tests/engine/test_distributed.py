@@ -107,8 +107,10 @@ def test_two_processes_stay_close_to_one_process(tmp_path):
     # per-rank BatchNorm statistics, loss normalisers and CutMix partners (module docstring): a stated tolerance
     assert (w2 - w1).norm() < 0.5 * travelled, float((w2 - w1).norm() / travelled)
     counts = [c["framework"]["weighting"]["bank.labelled.count"] for c in (one, two)]
-    # the quota is global: two processes push no more than one; where pixels abound, exactly as many (4 x 8)
-    assert (counts[1] <= counts[0]).all() and counts[1].max() == counts[0].max() == 4 * 8
+    # the quota is global: 4 steps push at most 4 x 8 vectors of a class on 1 or 2 processes (a per-rank quota would
+    # reach 64 on two), and where qualifying pixels abound exactly that many; which classes qualify depends on the
+    # per-rank BatchNorm statistics, so the two runs' counts differ class by class
+    assert (counts[0] <= 4 * 8).all() and (counts[1] <= 4 * 8).all() and counts[1].max() == 4 * 8
     assert [len(two["bank_generators"]), one["bank_generators"]] == [2, None]  # each rank's own draws
 
 
