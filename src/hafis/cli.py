@@ -1,7 +1,8 @@
 """``hafis`` command line: ``train``, ``eval``, ``detect``, ``prepare``, ``demo``.
 
-Errors a user can fix (a bad config key, a missing file, an unreadable checkpoint) print one line naming the key or
-file and exit with status 2; nothing is written before the config is valid.
+Errors a user can fix (a bad config key or value, a missing file, an unreadable, unsafe or mismatched checkpoint, a
+resume that would change the experiment) print one line ``hafis <command>: error: ...`` naming the key or file and
+exit with status 2; nothing is written before the config is valid. ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _train(args: argparse.Namespace) -> int:
         return _launch_torchrun(args)
     trainer = Trainer(config)
     if args.resume is not None:
-        path = trainer.resume(Path(args.resume) if args.resume else None)
+        path = trainer.resume(Path(args.resume) if args.resume else None, tuple(args.allow_change))
         print(f"resumed from {path} at iteration {trainer.iteration}" if path else "no checkpoint found; starting")
     try:
         result = trainer.train()
@@ -49,6 +50,8 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     command = ["--standalone", f"--nproc_per_node={args.nproc}", "-m", "hafis", "train", args.config, *args.overrides]
     if args.resume is not None:
         command += ["--resume", args.resume] if args.resume else ["--resume"]
+    for key in args.allow_change:
+        command += ["--allow-change", key]
     torchrun(command)
     return 0
 
@@ -57,7 +60,8 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from hafis.data import build_sources
-    from hafis.engine.checkpoint import load_checkpoint
+    from hafis.config import config_changes
+    from hafis.engine.checkpoint import CheckpointError, load_checkpoint, load_module_state
     from hafis.engine.trainer import build_model, evaluate, resolve_device
 
     config = load_config(args.config, args.overrides)
@@ -66,7 +70,12 @@ def _eval(args: argparse.Namespace) -> int:
     _, _, val = build_sources(config.data)
     torch.manual_seed(config.seed)
     model = build_model(config, val.num_classes)
-    model.load_state_dict(state["model"])
+    try:
+        load_module_state(model, state["model"], f"checkpoint {args.checkpoint}")
+    except CheckpointError as exc:
+        changed = {k: v for k, v in config_changes(state.get("config"), config).items() if k.startswith("model.")}
+        hint = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} here" for k, (old, new) in changed.items())
+        raise CheckpointError(f"{exc}" + (f" (config differs: {hint})" if hint else "")) from None
     model.to(device)
     from hafis.engine.evaluation import build_eval_loader, eval_settings, iou_table
 
@@ -99,7 +108,11 @@ def _visualize(args: argparse.Namespace) -> int:
     from hafis.engine.visualize import visualize
 
     config = load_config(args.config, args.overrides)
-    indices = [int(i) for i in args.images.split(",")] if args.images else None
+    try:
+        indices = [int(i) for i in args.images.split(",")] if args.images else None
+    except ValueError:
+        raise ConfigError(f"--images: expected comma-separated image indices such as 0,5,9, got {args.images!r}") \
+            from None
     for path in visualize(config, Path(args.checkpoint), Path(args.out), args.split, indices):
         print(path)
     return 0
@@ -132,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from PATH, or from the run's newest readable checkpoint when PATH is omitted")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (DDP via torchrun: one per GPU, or gloo on CPU)")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="on --resume, accept a changed key (or section) that alters the experiment; recorded in "
+                        "metrics.jsonl (repeatable)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the config's validation set")
@@ -171,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the weighting, in one table (e.g. unimatch,u2pl,ael,augseg)")
     p.add_argument("overrides", nargs="*", help="overrides applied to every run of the demo")
     p.set_defaults(func=_demo)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -187,14 +205,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from hafis.engine.checkpoint import CheckpointError
     from hafis.engine.trainer import NonFiniteLossError
 
+    import torch
+
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as exc:
-        print(f"hafis {args.command}: error: {exc}", file=sys.stderr)
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError, MemoryError, torch.OutOfMemoryError) as exc:
+        if args.debug:
+            raise
+        what = "out of memory (a smaller batch, crop or model?): " if isinstance(
+            exc, (MemoryError, torch.OutOfMemoryError)) else ""
+        print(f"hafis {args.command}: error: {what}{_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLossError as exc:
-        print(f"hafis {args.command}: error: {exc}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"hafis {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_NONFINITE
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

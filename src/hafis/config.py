@@ -468,3 +468,40 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
 
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
+
+
+def config_changes(old: Optional[dict], new: Config) -> dict[str, tuple[Any, Any]]:
+    """Keys whose value differs between a checkpoint's config (``to_dict`` form) and ``new`` and that alter the
+    experiment, as ``key -> (old, new)``. Keys declared ``runtime`` (logging, checkpoint rotation, device, ...) may
+    differ; every other key, including one only one side knows (another hafis version's), alters the experiment.
+    ``None`` (a checkpoint without a config) compares as an empty one."""
+    free = set(_runtime_keys(Config))
+    before, after = _flatten(old or {}), _flatten(to_dict(new))
+    absent = "<absent>"
+    changes = {}
+    for key in list(after) + [k for k in before if k not in after]:
+        a, b = before.get(key, absent), after.get(key, absent)
+        if a != b and key not in free:
+            changes[key] = (a, b)
+    return changes
+
+
+def _runtime_keys(cls: type, prefix: str = "") -> list[str]:
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _runtime_keys(hints[f.name], prefix + f.name + ".")
+        elif is_runtime(f):
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
