@@ -221,6 +221,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"hafis {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_NONFINITE
+    except RuntimeError as exc:  # torch's CPU allocator reports an impossible allocation as a RuntimeError
+        if args.debug or "can't allocate memory" not in str(exc):
+            raise
+        print(f"hafis {args.command}: error: out of memory (a smaller batch, crop or model?): {_one_line(exc)}",
+              file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _one_line(exc: BaseException) -> str:

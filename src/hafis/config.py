@@ -45,7 +45,8 @@ class DataConfig:
     voc_setting: str = choice("classic", "classic", "blended")
     #: folder datasets: the class list (one name a line); null = ``root/classes.txt``
     classes: Optional[str] = None
-    crop_size: int = positive(64)
+    #: side of the square training crops; at least 16 (the network downsamples by up to 16, CutMix needs room)
+    crop_size: int = bounded(64, 16)
     #: random scale range of the weak augmentation (published: 0.5-2.0)
     scale_range: tuple[float, float] = positive((0.5, 2.0), ordered=True)
     num_workers: int = nonneg(0, runtime=True)

@@ -50,6 +50,8 @@ CLASS_NAMES = ("background", "disc", "square", "triangle", "ring", "cross")
 SPLITS = {"labelled": 0, "unlabelled": 1, "val": 2}
 #: bump whenever the generator's output changes, so stale caches are never read.
 FORMAT_VERSION = 1
+#: a split is generated and held in memory as one array: a million 128 px images are already 49 GB
+MAX_SPLIT_SIZE = 1_000_000
 
 SHAPES = CLASS_NAMES[1:]
 TEXTURES = ("flat", "stripes", "checker", "noise", "dots")
@@ -81,9 +83,9 @@ class SyntheticConfig:
 
     image_size: int = bounded(128, 16)
     num_object_classes: int = bounded(5, 1, len(SHAPES))
-    num_labelled: int = nonneg(300)
-    num_unlabelled: int = nonneg(2000)
-    num_val: int = nonneg(300)
+    num_labelled: int = bounded(300, 0, MAX_SPLIT_SIZE)
+    num_unlabelled: int = bounded(2000, 0, MAX_SPLIT_SIZE)
+    num_val: int = bounded(300, 0, MAX_SPLIT_SIZE)
     seed: int = nonneg(0)
     min_objects: int = bounded(1, 1, 254)
     max_objects: int = bounded(5, 1, 254, at_least="data.synthetic.min_objects")

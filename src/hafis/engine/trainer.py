@@ -48,11 +48,14 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(config: Config, num_classes: int) -> torch.nn.Module:
     m = config.model
-    return build_segmenter(
-        m.name, num_classes, backbone=m.backbone, output_stride=m.output_stride, feature_dim=m.feature_dim,
-        aspp_channels=m.aspp_channels, fp_dropout=m.fp_dropout, pretrained=m.pretrained,
-        pretrained_path=m.pretrained_path,
-    )
+    try:
+        return build_segmenter(
+            m.name, num_classes, backbone=m.backbone, output_stride=m.output_stride, feature_dim=m.feature_dim,
+            aspp_channels=m.aspp_channels, fp_dropout=m.fp_dropout, pretrained=m.pretrained,
+            pretrained_path=m.pretrained_path,
+        )
+    except ValueError as exc:  # an unknown backbone, a backbone of the other model, a checkpoint of another one
+        raise ConfigError(f"model (name={m.name!r}, backbone={m.backbone!r}): {exc}") from None
 
 
 def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -> float:
@@ -123,7 +126,10 @@ class Trainer:
             distributed.broadcast_module(self.model)
         if config.train.compile:
             self.model.compile()  # in place: state-dict keys and the frameworks' calls stay unchanged
-        self.framework: Framework = build_framework(config, self.model, self.num_classes).to(self.device)
+        try:
+            self.framework: Framework = build_framework(config, self.model, self.num_classes).to(self.device)
+        except ValueError as exc:  # a key that does not fit the dataset, e.g. a class index beyond its classes
+            raise ConfigError(f"{config.train.framework}: {exc}") from None
         self._check_not_empty()
         self.framework.epoch_iterations = max(1, len(self.unlabelled_source) // config.train.unlabelled_batch_size)
         self.framework.weighting.thing_classes = tuple(self.unlabelled_source.thing_classes)
