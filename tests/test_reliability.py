@@ -12,7 +12,7 @@ import torch
 from hafis.cli import main
 from hafis.config import Config, ConfigError, config_changes, from_dict, load_config, to_dict
 from hafis.engine.run_log import read_metrics
-from hafis.fields import bounded, nonneg, positive, range_error, relation_errors, runtime, unit
+from hafis.fields import bounded, nonneg, positive, range_error, relation_errors, unit
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny" / "unimatch.yaml"
 

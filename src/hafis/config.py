@@ -3,8 +3,8 @@
 Every key is a field of a dataclass below, so the valid keys, their types and their defaults are documented in one
 place. An unknown or mistyped key, a wrong type, a value outside its choices or its declared range, or a broken
 relation between keys (:mod:`hafis.fields`: ``k`` at most ``model.feature_dim``, a low <= high pair) is a
-:class:`ConfigError` that names the key (with the file), the value and what is allowed. A YAML file may start from another with ``base: other.yaml``
-(relative to the file), so paper settings share one base per dataset.
+:class:`ConfigError` that names the key (with the file), the value and what is allowed. A YAML file may start
+from another with ``base: other.yaml`` (relative to the file), so paper settings share one base per dataset.
 """
 
 from __future__ import annotations

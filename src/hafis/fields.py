@@ -69,7 +69,9 @@ def _interval(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
     def num(v: float) -> str:
         return "inf" if v == math.inf else "-inf" if v == -math.inf else f"{v:g}"
 
-    return f"{'(' if lo_open or lo == -math.inf else '['}{num(lo)}, {num(hi)}{')' if hi_open or hi == math.inf else ']'}"
+    left = "(" if lo_open or lo == -math.inf else "["
+    right = ")" if hi_open or hi == math.inf else "]"
+    return f"{left}{num(lo)}, {num(hi)}{right}"
 
 
 def range_error(f: dataclasses.Field, value: Any) -> Optional[str]:

@@ -50,8 +50,8 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
     except pickle.UnpicklingError as exc:
         if "weights only" not in str(exc).lower():
             raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt): {exc}") from None
-        detail = next((line.strip().rstrip(".") for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line),
-                      "")
+        lines = [line.strip().rstrip(".") for line in str(exc).splitlines()]
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "")
         raise UnsafeCheckpointError(
             f"checkpoint {path} needs arbitrary pickled objects ({detail or 'not tensors and plain containers'}); "
             f"refused: loading it could run code, and hafis checkpoints never need that") from None
