@@ -1,7 +1,8 @@
 """``hafis`` command line: ``train``, ``eval``, ``detect``, ``prepare``, ``visualize``, ``demo``, ``compare``.
 
-Errors a user can fix (a bad config key, a missing file, an unreadable checkpoint) print one line naming the key or
-file and exit with status 2; nothing is written before the config is valid.
+Errors a user can fix (a bad config key or value, a missing file, an unreadable, unsafe or mismatched checkpoint, a
+resume that would change the experiment) print one line ``hafis <command>: error: ...`` naming the key or file and
+exit with status 2; nothing is written before the config is valid. ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _train(args: argparse.Namespace) -> int:
         return _launch_torchrun(args)
     trainer = Trainer(config)
     if args.resume is not None:
-        path = trainer.resume(Path(args.resume) if args.resume else None)
+        path = trainer.resume(Path(args.resume) if args.resume else None, tuple(args.allow_change))
         print(f"resumed from {path} at iteration {trainer.iteration}" if path else "no checkpoint found; starting")
     try:
         result = trainer.train()
@@ -61,6 +62,8 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     command = [*launch, f"--nproc_per_node={args.nproc}", "-m", "hafis", "train", args.config, *args.overrides]
     if args.resume is not None:
         command += ["--resume", args.resume] if args.resume else ["--resume"]
+    for key in args.allow_change:
+        command += ["--allow-change", key]
     try:
         torchrun(command)
     except RendezvousError as exc:
@@ -77,7 +80,8 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from hafis.data import build_sources
-    from hafis.engine.checkpoint import CheckpointError, load_checkpoint
+    from hafis.config import config_changes
+    from hafis.engine.checkpoint import CheckpointError, load_checkpoint, load_module_state
     from hafis.engine.trainer import build_model, evaluate, resolve_device
     from hafis.models.deeplabv3plus import is_unimatch_state_dict, unimatch_state_dict
 
@@ -91,10 +95,11 @@ def _eval(args: argparse.Namespace) -> int:
     if is_unimatch_state_dict(weights):  # a UniMatch-released checkpoint (``{'model': DDP state dict, ...}``)
         weights = unimatch_state_dict(weights)
     try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {args.checkpoint} does not fit model {config.model.name} / "
-                              f"{config.model.backbone}: {str(exc).splitlines()[0]}") from None
+        load_module_state(model, weights, f"checkpoint {args.checkpoint}")
+    except CheckpointError as exc:
+        changed = {k: v for k, v in config_changes(state.get("config"), config).items() if k.startswith("model.")}
+        hint = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} here" for k, (old, new) in changed.items())
+        raise CheckpointError(f"{exc}" + (f" (config differs: {hint})" if hint else "")) from None
     model.to(device)
     from hafis.engine.evaluation import build_eval_loader, eval_settings, iou_table
 
@@ -127,7 +132,11 @@ def _visualize(args: argparse.Namespace) -> int:
     from hafis.engine.visualize import visualize
 
     config = load_config(args.config, args.overrides)
-    indices = [int(i) for i in args.images.split(",")] if args.images else None
+    try:
+        indices = [int(i) for i in args.images.split(",")] if args.images else None
+    except ValueError:
+        raise ConfigError(f"--images: expected comma-separated image indices such as 0,5,9, got {args.images!r}") \
+            from None
     for path in visualize(config, Path(args.checkpoint), Path(args.out), args.split, indices):
         print(path)
     return 0
@@ -187,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
                    help="with --nnodes: torchrun's c10d rendezvous point, reachable from every node")
     p.add_argument("--rdzv-id", default="hafis", help="with --nnodes: one id per job, the same on every node")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="on --resume, accept a changed key (or section) that alters the experiment; recorded in "
+                        "metrics.jsonl (repeatable)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the config's validation set")
@@ -240,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overrides for every arm")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the runs that exist")
     p.set_defaults(func=_compare)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -258,14 +272,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from hafis.engine.distributed import DistributedSetupError
     from hafis.engine.trainer import NonFiniteLossError
 
+    import torch
+
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError, DistributedSetupError) as exc:
-        print(f"hafis {args.command}: error: {exc}", file=sys.stderr)
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError, DistributedSetupError, MemoryError,
+            torch.OutOfMemoryError) as exc:
+        if args.debug:
+            raise
+        what = "out of memory (a smaller batch, crop or model?): " if isinstance(
+            exc, (MemoryError, torch.OutOfMemoryError)) else ""
+        print(f"hafis {args.command}: error: {what}{_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLossError as exc:
-        print(f"hafis {args.command}: error: {exc}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"hafis {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_NONFINITE
+    except RuntimeError as exc:  # torch's CPU allocator reports an impossible allocation as a RuntimeError
+        if args.debug or "can't allocate memory" not in str(exc):
+            raise
+        print(f"hafis {args.command}: error: out of memory (a smaller batch, crop or model?): {_one_line(exc)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

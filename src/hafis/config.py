@@ -1,9 +1,10 @@
 """Experiment configuration: one YAML file per experiment, ``key=value`` overrides, strict validation.
 
 Every key is a field of a dataclass below, so the valid keys, their types and their defaults are documented in one
-place. An unknown or mistyped key, a wrong type or a value outside its choices is a :class:`ConfigError` that names
-the key (with the file) and lists the valid ones. A YAML file may start from another with ``base: other.yaml``
-(relative to the file), so paper settings share one base per dataset.
+place. An unknown or mistyped key, a wrong type, a value outside its choices or its declared range, or a broken
+relation between keys (:mod:`hafis.fields`: ``k`` at most ``model.feature_dim``, a low <= high pair) is a
+:class:`ConfigError` that names the key (with the file), the value and what is allowed. A YAML file may start
+from another with ``base: other.yaml`` (relative to the file), so paper settings share one base per dataset.
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ import yaml
 
 from hafis.data.garments import GarmentsConfig
 from hafis.data.synthetic import SyntheticConfig
+from hafis.fields import bounded, choice, is_runtime, nonneg, positive, range_error, relation_errors, runtime, unit
 
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key and where it came from."""
-
-
-def choice(default: Any, *choices: Any, doc: str = "") -> Any:
-    return field(default=default, metadata={"choices": choices, "doc": doc})
 
 
 @dataclass
@@ -49,12 +47,13 @@ class DataConfig:
     voc_setting: str = choice("classic", "classic", "blended")
     #: folder datasets: the class list (one name a line); null = ``root/classes.txt``
     classes: Optional[str] = None
-    crop_size: int = 64
+    #: side of the square training crops; at least 16 (the network downsamples by up to 16, CutMix needs room)
+    crop_size: int = bounded(64, 16)
     #: random scale range of the weak augmentation (published: 0.5-2.0)
-    scale_range: tuple[float, float] = (0.5, 2.0)
-    num_workers: int = 0
+    scale_range: tuple[float, float] = positive((0.5, 2.0), ordered=True)
+    num_workers: int = nonneg(0, runtime=True)
     #: where generated / rasterised data is cached; ``null`` = ``$HAFIS_CACHE`` or ``~/.cache/hafis``
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = runtime(None)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     #: data.dataset: garments: where Fashion-MNIST is, sizes, classes (keys: hafis.data.garments.GarmentsConfig)
     garments: GarmentsConfig = field(default_factory=GarmentsConfig)
@@ -73,11 +72,11 @@ class ModelConfig:
     #: a local backbone checkpoint (for machines with no network); wins over ``pretrained``
     pretrained_path: Optional[str] = None
     output_stride: int = choice(16, 8, 16)
-    feature_dim: int = 256
+    feature_dim: int = positive(256)
     #: channels of the ASPP branches (256 as published; smaller for the tiny CPU configs)
-    aspp_channels: int = 256
+    aspp_channels: int = positive(256)
     #: UniMatch's feature perturbation: Dropout2d rate on the encoder features
-    fp_dropout: float = 0.5
+    fp_dropout: float = unit(0.5)
     #: ``align_corners`` of the segmenter's bilinear resizes (DeepLabV3+: ASPP pooling, decoder, logits): UniMatch
     #: and the seed paper's code use True, which changes the loss and gradients; null = the segmenter's release
     #: (DeepLabV3+: True, SegFormer: False)
@@ -88,40 +87,44 @@ class ModelConfig:
 class OptimConfig:
     #: sgd (momentum; the DeepLabV3+ frameworks as published) or adamw (Transformer segmenters)
     name: str = choice("sgd", "sgd", "adamw")
-    lr: float = 0.001
+    lr: float = positive(0.001)
     #: the published recipes train the randomly initialised head 10x faster than the pretrained backbone
-    head_lr_multiplier: float = 10.0
+    head_lr_multiplier: float = positive(10.0)
     #: SGD only
-    momentum: float = 0.9
+    momentum: float = unit(0.9)
     #: AdamW only
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
+    betas: tuple[float, float] = bounded((0.9, 0.999), 0, 1, hi_open=True)
+    weight_decay: float = nonneg(1e-4)
+    poly_power: float = nonneg(0.9)
 
 
 @dataclass
 class TrainConfig:
     framework: str = choice("unimatch", "supervised", "unimatch", "u2pl", "ael", "augseg")
-    iterations: int = 1000
-    batch_size: int = 8
-    unlabelled_batch_size: int = 8
-    eval_interval: int = 100
-    log_interval: int = 10
+    #: changing it on resume changes the poly learning rate of every remaining step: resume refuses it unless
+    #: ``--allow-change train.iterations``
+    iterations: int = positive(1000)
+    batch_size: int = positive(8)
+    unlabelled_batch_size: int = positive(8)
+    #: evaluation reads the model and draws from no training RNG, so it may change on resume
+    eval_interval: int = positive(100, runtime=True)
+    log_interval: int = positive(10, runtime=True)
     #: checkpoints are written every ``checkpoint_interval`` iterations (0 = at every evaluation) and at the end;
     #: the newest ``keep_checkpoints`` are kept
-    checkpoint_interval: int = 0
-    keep_checkpoints: int = 2
-    progress_bar: bool = True
-    tensorboard: bool = True
-    device: str = choice("auto", "auto", "cpu", "cuda")
+    checkpoint_interval: int = nonneg(0, runtime=True)
+    keep_checkpoints: int = positive(2, runtime=True)
+    progress_bar: bool = runtime(True)
+    tensorboard: bool = runtime(True)
+    #: may change on resume (the same experiment continued on other hardware)
+    device: str = choice("auto", "auto", "cpu", "cuda", runtime=True)
     #: mixed precision of the training step: bf16 needs no loss scaling; fp16 uses a GradScaler
     amp: str = choice("off", "off", "bf16", "fp16")
     #: channels-last memory format for the model and its inputs (faster convolutions on recent GPUs)
-    channels_last: bool = False
+    channels_last: bool = runtime(False)
     #: torch.compile the segmenter (first steps are slow while it compiles)
-    compile: bool = False
+    compile: bool = runtime(False)
     #: a non-finite loss skips its step; more than this many skipped steps in a run stop training (0 = stop at once)
-    max_nonfinite_skips: int = 0
+    max_nonfinite_skips: int = nonneg(0, runtime=True)
     #: convert BatchNorm to SyncBatchNorm under torchrun, so batch statistics cover the global batch
     sync_bn: bool = False
 
@@ -129,15 +132,15 @@ class TrainConfig:
 @dataclass
 class UniMatchConfig:
     #: τ: pseudo-labels with weak-view confidence below it do not count (published: 0.95 VOC, 0 Cityscapes)
-    threshold: float = 0.95
-    cutmix_prob: float = 0.5
+    threshold: float = unit(0.95)
+    cutmix_prob: float = unit(0.5)
     #: where CutMix takes its pixels: second_batch = a second unlabelled batch whose pseudo-labels come from an
     #: extra no_grad pass in eval mode (released); in_batch = image i+1 of the same batch with its train-mode
     #: pseudo-labels (a cheaper variant; with one unlabelled image per process it mixes each image with itself)
     mix: str = choice("second_batch", "second_batch", "in_batch")
     #: the published loss is (loss_x + 0.25 loss_s1 + 0.25 loss_s2 + 0.5 loss_fp) / 2
-    strong_weight: float = 0.25
-    fp_weight: float = 0.5
+    strong_weight: float = nonneg(0.25)
+    fp_weight: float = nonneg(0.5)
 
 
 @dataclass
@@ -146,112 +149,104 @@ class U2PLConfig:
 
     #: labelled-only iterations before the teacher starts; null = one epoch (one pass over the unlabelled images,
     #: the released code's epoch, which repeats the labelled list to the unlabelled list's length)
-    sup_only_iterations: Optional[int] = None
-    ema_decay: float = 0.99
-    unsup_weight: float = 1.0
+    sup_only_iterations: Optional[int] = nonneg(None)
+    ema_decay: float = unit(0.99)
+    unsup_weight: float = nonneg(1.0)
     #: α_0 in percent: at iteration t the α_t = α_0 (1 - t/T) % highest-entropy pixels are unreliable (dropped from
     #: the CE, contrastive negatives) and the α_t % lowest-entropy ones are the unlabelled anchor candidates
-    alpha: float = 20.0
+    alpha: float = bounded(20.0, 0, 100)
     #: probability (per batch) of U2PL's half-area CutMix
-    cutmix_prob: float = 0.5
-    contrastive_weight: float = 0.1
-    temperature: float = 0.5
+    cutmix_prob: float = unit(0.5)
+    contrastive_weight: float = nonneg(0.1)
+    temperature: float = positive(0.5)
     #: anchors per class and negatives per anchor: the paper's 50 / 256 (the released configs use 256 / 50)
-    num_anchors: int = 50
-    num_negatives: int = 256
+    num_anchors: int = positive(50)
+    num_negatives: int = positive(256)
     #: negatives of class c: labelled pixels ranking c in [0, low_rank), unreliable ones ranking it in
     #: [low_rank, high_rank) (ranks from 0 = the argmax)
-    low_rank: int = 3
-    high_rank: int = 20
+    low_rank: int = nonneg(3)
+    high_rank: int = nonneg(20, at_least="u2pl.low_rank")
     #: δ_p: anchors need a teacher probability of their class above this
-    anchor_threshold: float = 0.3
+    anchor_threshold: float = unit(0.3)
     #: per-class FIFO memory of negative keys (released: 30000)
-    queue_size: int = 30000
+    queue_size: int = positive(30000)
     #: channels of the representation head (released: 256)
-    rep_dim: int = 256
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.low_rank <= self.high_rank:
-            raise ValueError(f"u2pl needs 0 <= low_rank <= high_rank, got {self.low_rank}, {self.high_rank}")
-        if self.sup_only_iterations is not None and self.sup_only_iterations < 0:
-            raise ValueError(f"u2pl.sup_only_iterations must be >= 0, got {self.sup_only_iterations}")
-        for key in ("num_anchors", "num_negatives", "queue_size", "rep_dim"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"u2pl.{key} must be >= 1, got {getattr(self, key)}")
+    rep_dim: int = positive(256)
 
 
 @dataclass
 class AELConfig:
     """AEL (frameworks/ael.py); defaults are the released Pascal VOC ones."""
 
-    ema_decay: float = 0.99
+    ema_decay: float = unit(0.99)
     #: teacher confidence below this: no pseudo-label (released VOC: 0.7)
-    threshold: float = 0.7
-    unsup_weight: float = 1.0
+    threshold: float = unit(0.7)
+    unsup_weight: float = nonneg(1.0)
     #: dynamic re-weighting: each pseudo-labelled pixel counts with (teacher confidence)^gamma
-    gamma: float = 2.0
+    gamma: float = nonneg(2.0)
     #: adaptive equalization sampling: class c is sampled at ((1 - conf_c) / max(1 - conf))^sample_gamma
-    sample_gamma: float = 1.0
+    sample_gamma: float = nonneg(1.0)
     #: EMA momentum of the confidence bank (released: 0.999, i.e. a time constant of ~1000 iterations)
-    momentum: float = 0.999
+    momentum: float = unit(0.999)
     #: starting confidence of every class; null = uniform random per class (the released torch.rand)
-    confidence_init: Optional[float] = None
+    confidence_init: Optional[float] = unit(None)
     copy_paste: bool = True
     #: probability that a labelled image gets pasted pixels
-    copy_paste_prob: float = 0.5
+    copy_paste_prob: float = unit(0.5)
     #: classes drawn (with replacement) per iteration as the pasted content (released VOC: 1)
-    copy_paste_classes: int = 1
+    copy_paste_classes: int = positive(1)
     #: class indices never pasted ("stuff"; VOC and the synthetic scenes: background; Cityscapes: 0 1 2 8 10)
-    paste_exclude: list[int] = field(default_factory=lambda: [0])
+    paste_exclude: list[int] = nonneg(lambda: [0])
     cutmix: bool = True
     #: false: CutMix with random half-area boxes instead of class-guided ones (an ablation)
     adaptive_cutmix: bool = True
     #: a class must cover this share of a candidate image (and of a connected component) to guide its box
-    area_thresh: float = 0.03
+    area_thresh: float = unit(0.03)
 
 
 @dataclass
 class AugSegConfig:
     """AugSeg (frameworks/augseg.py); defaults are the released Pascal VOC ones."""
 
-    ema_decay: float = 0.999
+    ema_decay: float = unit(0.999)
     #: τ of the thresholded CE against the teacher (released VOC: 0.95)
-    threshold: float = 0.95
-    unsup_weight: float = 1.0
-    #: at most this many intensity ops per image (released: 3), their count uniform in 1..num_augs
-    num_augs: int = 3
+    threshold: float = unit(0.95)
+    unsup_weight: float = nonneg(1.0)
+    #: at most this many of the 11 intensity ops per image (released: 3), their count uniform in 1..num_augs
+    num_augs: int = bounded(3, 1, 11)
     #: false: exactly num_augs ops per image
     random_num_augs: bool = True
     cutmix: bool = True
     #: probability (per batch) of the adaptive label-aided CutMix (released: 1.0)
-    cutmix_prob: float = 1.0
+    cutmix_prob: float = unit(1.0)
     #: the student also sees the weak unlabelled view (its predictions unused; BatchNorm statistics only): off in the
     #: configs of the released training logs behind the paper's numbers, on in the repository's exps/ VOC configs
     extra_weak: bool = False
     #: the teacher copies the student during these first iterations; null = one epoch (released)
-    teacher_copy_iterations: Optional[int] = None
+    teacher_copy_iterations: Optional[int] = nonneg(None)
 
 
 @dataclass
 class WeightingConfig:
     enabled: bool = False
-    k: int = 5
-    #: 0 = the paper's W = s/k; 1 = the authors' released code, W = 1 + s/k
-    offset: float = 0.0
+    #: top-k channels compared; at most the decoder's feature channels
+    k: int = positive(5, at_most="model.feature_dim")
+    #: 0 = the paper's W = s/k; 1 = the authors' released code, W = 1 + s/k (negative would give negative weights)
+    offset: float = nonneg(0.0)
     #: count = the framework's own normaliser (paper); weight = divide by the sum of W (authors' code)
     normalize: str = choice("count", "count", "weight")
-    memory_per_class: int = 256
+    memory_per_class: int = positive(256)
     #: pixels of each class pushed into the bank per batch (a few per image)
-    samples_per_class: int = 32
+    samples_per_class: int = positive(32)
     #: labelled pixels feed the bank when predicted right with confidence above this (the paper: 0.95)
-    labelled_threshold: float = 0.95
+    labelled_threshold: float = unit(0.95)
     #: how unlabelled pixels are judged reliable for the bank: ``detector`` = the paper's rule (confidence ≥ tau_seg
     #: and a same-class detection ≥ tau_det covers the pixel; needs ``hafis detect CONFIG`` first, see
     #: ``detector``); ``confidence`` = confidence ≥ tau_seg alone (the ablation; no detector needed)
     reliable: str = choice("detector", "detector", "confidence")
-    tau_seg: float = 0.95
+    tau_seg: float = unit(0.95)
     #: detections scoring at least this become boxes of the per-class box mask (the authors' code: 0.95)
-    tau_det: float = 0.95
+    tau_det: float = unit(0.95)
     #: pseudo-labels of classes the detector has no class for (background, stuff), with ``reliable: detector``:
     #: ``exclude`` = never reliable (the authors' code), ``confidence`` = judged by tau_seg alone
     stuff: str = choice("exclude", "exclude", "confidence")
@@ -277,40 +272,35 @@ class DetectorConfig:
     #: detector with 8-64 px anchors for 32-128 px images (tests, demo)
     arch: str = choice("resnet50_fpn", "resnet50_fpn", "mobilenet_v3_large_fpn", "tiny")
     #: training steps (Adam); the authors train "many epochs"
-    iterations: int = 10000
-    batch_size: int = 4
+    iterations: int = positive(10000)
+    batch_size: int = positive(4)
     #: the authors' Adam learning rate; a tiny detector trained briefly needs a larger one
-    lr: float = 5e-5
-    weight_decay: float = 0.0
+    lr: float = positive(5e-5)
+    weight_decay: float = nonneg(0.0)
     #: training boxes: instances = the reader's instance boxes, components = connected components of each thing
     #: class in the mask, auto = instance boxes where the image has any, else components, combined = instance
     #: boxes plus connected components of ``component_classes`` (the authors' Cityscapes recipe)
     boxes: str = choice("auto", "auto", "instances", "components", "combined")
     #: connected components smaller than this many pixels give no box (the authors: 90 px for thin classes)
-    component_min_area: int = 0
+    component_min_area: int = nonneg(0)
     #: with ``boxes: combined``: classes (names) without instances whose connected components become boxes; the
     #: detector then detects them too (the authors, Cityscapes: pole, traffic light, traffic sign)
     component_classes: list[str] = field(default_factory=lambda: ["pole", "traffic light", "traffic sign"])
     #: torchvision's input resize (shorter side, longer-side cap); null = the first labelled image's own size
-    min_size: Optional[int] = None
-    max_size: Optional[int] = None
+    min_size: Optional[int] = positive(None)
+    max_size: Optional[int] = positive(None, at_least="detector.min_size")
     #: lowest score stored in the cache (so weighting.tau_det can change without running the detector again)
-    score_threshold: float = 0.05
-    detections_per_image: int = 100
+    score_threshold: float = unit(0.05)
+    detections_per_image: int = positive(100)
     #: a trained detector to use as it is (hafis detect then only runs it); null = train one into output_dir
     checkpoint: Optional[str] = None
     #: where the trained detector (detector.pt) and the detection cache go; ``{name}`` is the experiment name
     output_dir: str = "runs/{name}/detector"
     #: local torchvision ResNet-50 weights for resnet50_fpn's backbone (nothing is ever downloaded)
     backbone_weights: Optional[str] = None
-    inference_batch_size: int = 8
+    inference_batch_size: int = positive(8, runtime=True)
     #: images per resumable piece of the detection cache
-    chunk_size: int = 256
-
-    def __post_init__(self) -> None:
-        for key in ("iterations", "batch_size", "inference_batch_size", "chunk_size", "detections_per_image"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"detector.{key} must be >= 1, got {getattr(self, key)}")
+    chunk_size: int = positive(256, runtime=True)
 
 
 @dataclass
@@ -320,38 +310,36 @@ class LossConfig:
     #: ce = cross-entropy; ohem = online hard example mining CE (the published Cityscapes recipes)
     labelled: str = choice("ce", "ce", "ohem")
     #: OHEM keeps pixels whose true-class probability is at most this ...
-    ohem_threshold: float = 0.7
+    ohem_threshold: float = unit(0.7)
     #: ... and at least this many of the hardest pixels per image (UniMatch: 200,000 per 2-image GPU batch)
-    ohem_min_kept: int = 100000
+    ohem_min_kept: int = nonneg(100000)
 
 
 @dataclass
 class EvalConfig:
     #: images per forward pass; validation images of different sizes are run one at a time
-    batch_size: int = 8
+    batch_size: int = positive(8, runtime=True)
     #: whole = the whole image in one pass (VOC as published); sliding = overlapping windows whose softmax
     #: outputs are averaged (Cityscapes, COCO as published)
     mode: str = choice("whole", "whole", "sliding")
     #: sliding window side in pixels; null = data.crop_size (the published choice)
-    window: Optional[int] = None
+    window: Optional[int] = positive(None)
     #: step between windows; null = 2/3 of the window (an overlap of 1/3, as published)
-    stride: Optional[int] = None
+    stride: Optional[int] = positive(None, at_most="eval.window")
     #: at every evaluation, measure the pseudo-labels of the first N unlabelled images against their ground truth
     #: (which never reaches training): wrong share unweighted / W-weighted, AUROC of W and of the confidence, bank
     #: precision; logged as ``diagnostics`` in metrics.jsonl. 0 = off (it costs a forward pass over N images)
-    diagnostics_images: int = 0
+    diagnostics_images: int = nonneg(0)
 
-    def __post_init__(self) -> None:
-        if self.diagnostics_images < 0:
-            raise ValueError(f"eval.diagnostics_images must be >= 0, got {self.diagnostics_images}")
 
 
 @dataclass
 class Config:
-    name: str = "experiment"
-    seed: int = 0
+    #: name and output_dir may change on resume (``--resume PATH`` continues a run into another folder)
+    name: str = runtime("experiment")
+    seed: int = nonneg(0)
     #: where checkpoints, metrics.jsonl and TensorBoard logs go; ``{name}`` is replaced by the name
-    output_dir: str = "runs/{name}"
+    output_dir: str = runtime("runs/{name}")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -387,7 +375,18 @@ def load_config(path: Union[str, Path, None] = None, overrides: typing.Sequence[
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: cannot parse the value: {exc}") from None
         _set_dotted(raw, key.strip(), value)
-    return from_dict(Config, raw, source)
+    config = from_dict(Config, raw, source)
+    problems = relation_errors(config, lambda key: get_key(config, key))
+    if problems:
+        raise ConfigError(f"{source}: {problems[0]}")
+    return config
+
+
+def get_key(config: Any, key: str) -> Any:
+    """The value of a dotted key such as ``model.feature_dim``."""
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
@@ -455,6 +454,9 @@ def from_dict(cls: type, raw: dict, source: str, prefix: str = "") -> Any:
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise ConfigError(f"{source}: '{key}' must be one of {list(choices)}, got {value!r}")
+        problem = range_error(f, value)
+        if problem:
+            raise ConfigError(f"{source}: '{key}' {problem}")
         values[name] = value
     try:
         return cls(**values)
@@ -499,3 +501,40 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
 
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
+
+
+def config_changes(old: Optional[dict], new: Config) -> dict[str, tuple[Any, Any]]:
+    """Keys whose value differs between a checkpoint's config (``to_dict`` form) and ``new`` and that alter the
+    experiment, as ``key -> (old, new)``. Keys declared ``runtime`` (logging, checkpoint rotation, device, ...) may
+    differ; every other key, including one only one side knows (another hafis version's), alters the experiment.
+    ``None`` (a checkpoint without a config) compares as an empty one."""
+    free = set(_runtime_keys(Config))
+    before, after = _flatten(old or {}), _flatten(to_dict(new))
+    absent = "<absent>"
+    changes = {}
+    for key in list(after) + [k for k in before if k not in after]:
+        a, b = before.get(key, absent), after.get(key, absent)
+        if a != b and key not in free:
+            changes[key] = (a, b)
+    return changes
+
+
+def _runtime_keys(cls: type, prefix: str = "") -> list[str]:
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _runtime_keys(hints[f.name], prefix + f.name + ".")
+        elif is_runtime(f):
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat

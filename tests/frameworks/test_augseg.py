@@ -113,7 +113,8 @@ class Stub(nn.Module):
 
 def test_adaptive_mixing_probability_is_one_minus_reliability(monkeypatch):
     """A fully reliable unlabelled image never receives labelled pixels; an unreliable one always does."""
-    config = load_config(None, ["model.feature_dim=3", "augseg.extra_weak=false", "augseg.threshold=0"])
+    config = load_config(None, ["model.feature_dim=3", "weighting.k=1", "augseg.extra_weak=false",
+                                "augseg.threshold=0"])
     fw = AugSeg(config, Stub(), 3)
     calls = []
     import hafis.frameworks.augseg as mod

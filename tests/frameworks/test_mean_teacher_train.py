@@ -15,7 +15,7 @@ TINY = Path(__file__).parent.parent.parent / "configs" / "tiny" / "unimatch.yaml
 FRAMEWORKS = ["u2pl", "ael", "augseg"]
 COMMON = ["u2pl.sup_only_iterations=1", "weighting.reliable=confidence", "train.tensorboard=false"]
 #: the plug-in path with no prototype ever (nothing qualifies for the bank) and offset 1: W = 1 everywhere
-W_ONE = ["weighting.enabled=true", "weighting.offset=1", "weighting.labelled_threshold=1.0", "weighting.tau_seg=1.1"]
+W_ONE = ["weighting.enabled=true", "weighting.offset=1", "weighting.labelled_threshold=1.0", "weighting.tau_seg=1.0"]
 EXPECTED_TERMS = {"u2pl": {"loss_u", "loss_contra"}, "ael": {"loss_cons_l", "loss_cons_u"}, "augseg": {"loss_u"}}
 
 

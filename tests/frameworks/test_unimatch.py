@@ -148,7 +148,8 @@ def test_weight_identically_one_leaves_the_loss_unchanged():
     """offset 1 with no prototype yet gives W = 1 everywhere: the plug-in path must reproduce the plain loss."""
     labelled, unlabelled = make_batch(seed=4)
     plain = framework(threshold=0.5).train_step(labelled, unlabelled, 0)
-    fw = framework(threshold=0.5, enabled="true", offset=1, labelled_threshold=1.0, tau_seg=1.1)
+    fw = framework(threshold=0.5, enabled="true", offset=1, labelled_threshold=1.0)
+    fw.weighting.config.tau_seg = 1.1  # beyond the config's range, set directly: no unlabelled pixel is reliable
     weighted = fw.train_step(labelled, unlabelled, 0)
     assert not bool(fw.weighting.weighter.bank.prototypes()[1].any())
     assert weighted.terms["weight_mean"].item() == 1.0

@@ -28,6 +28,7 @@ from typing import Literal, NamedTuple, Sequence, Union
 import numpy as np
 
 from hafis.data.base import IGNORE_INDEX, Sample, SegmentationSource
+from hafis.fields import bounded, nonneg, positive, unit
 
 __all__ = [
     "CLASS_NAMES",
@@ -49,6 +50,8 @@ CLASS_NAMES = ("background", "disc", "square", "triangle", "ring", "cross")
 SPLITS = {"labelled": 0, "unlabelled": 1, "val": 2}
 #: bump whenever the generator's output changes, so stale caches are never read.
 FORMAT_VERSION = 1
+#: a split is generated and held in memory as one array: a million 128 px images are already 49 GB
+MAX_SPLIT_SIZE = 1_000_000
 
 SHAPES = CLASS_NAMES[1:]
 TEXTURES = ("flat", "stripes", "checker", "noise", "dots")
@@ -78,21 +81,21 @@ class SyntheticConfig:
         become ignore: a few pixels are not a labelable object.
     """
 
-    image_size: int = 128
-    num_object_classes: int = 5
-    num_labelled: int = 300
-    num_unlabelled: int = 2000
-    num_val: int = 300
-    seed: int = 0
-    min_objects: int = 1
-    max_objects: int = 5
-    min_radius: float = 0.08
-    max_radius: float = 0.30
-    hue_jitter: float = 0.10
-    texture_preference: float = 0.45
-    noise_std: float = 12.0
-    blur_prob: float = 0.3
-    min_visible_area: int = 12
+    image_size: int = bounded(128, 16)
+    num_object_classes: int = bounded(5, 1, len(SHAPES))
+    num_labelled: int = bounded(300, 0, MAX_SPLIT_SIZE)
+    num_unlabelled: int = bounded(2000, 0, MAX_SPLIT_SIZE)
+    num_val: int = bounded(300, 0, MAX_SPLIT_SIZE)
+    seed: int = nonneg(0)
+    min_objects: int = bounded(1, 1, 254)
+    max_objects: int = bounded(5, 1, 254, at_least="data.synthetic.min_objects")
+    min_radius: float = positive(0.08)
+    max_radius: float = positive(0.30, at_least="data.synthetic.min_radius")
+    hue_jitter: float = nonneg(0.10)
+    texture_preference: float = unit(0.45)
+    noise_std: float = nonneg(12.0)
+    blur_prob: float = unit(0.3)
+    min_visible_area: int = nonneg(12)
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
@@ -366,6 +369,9 @@ class SyntheticScenes(SegmentationSource):
 
     def __len__(self) -> int:
         return len(self._ids)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.split}, {len(self)} images, seed={self.config.seed})"
 
     def load(self, index: int) -> Sample:
         n = len(self)

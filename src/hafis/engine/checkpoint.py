@@ -2,11 +2,14 @@
 
 A checkpoint is first written to a temporary file in the same folder and then renamed over its final name, so a
 crash mid-write never leaves a half-written file under a real name and never destroys the previous checkpoint.
+Checkpoints hold only tensors and plain containers and are read with ``weights_only=True``: a file whose unpickling
+would build arbitrary objects (and so could run code) is refused, never loaded.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -16,7 +19,11 @@ import torch
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be read (truncated, corrupt, or not a hafis checkpoint)."""
+    """A checkpoint file cannot be read (truncated, corrupt, or not a hafis checkpoint) or does not fit the model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file that needs arbitrary pickled objects: refused, and never skipped in favour of an older checkpoint."""
 
 
 def save_atomic(state: Any, path: Path) -> None:
@@ -39,7 +46,15 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt): {exc}") from None
+        lines = [line.strip().rstrip(".") for line in str(exc).splitlines()]
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "")
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} needs arbitrary pickled objects ({detail or 'not tensors and plain containers'}); "
+            f"refused: loading it could run code, and hafis checkpoints never need that") from None
     except Exception as exc:  # torch raises several types for truncated zip archives
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt): {exc}") from None
     if not isinstance(state, dict) or "model" not in state:
@@ -77,6 +92,26 @@ class CheckpointManager:
         for path in reversed(self.list()):
             try:
                 return path, load_checkpoint(path, map_location)
+            except UnsafeCheckpointError:
+                raise
             except CheckpointError as exc:
                 warnings.warn(f"{exc}; falling back to the previous checkpoint", stacklevel=2)
         return None
+
+
+def load_module_state(module: torch.nn.Module, state: dict, what: str) -> None:
+    """``module.load_state_dict(state)``, but a mismatch is a :class:`CheckpointError` naming the first differing
+    keys and shapes (a checkpoint of another model config, e.g. another ``model.feature_dim``)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+              if k in state and torch.is_tensor(state[k]) and tuple(state[k].shape) != tuple(v.shape)]
+    problems = []
+    for label, items in (("shapes differ", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            problems.append(f"{label}: {'; '.join(items[:3])}{more}")
+    if problems:
+        raise CheckpointError(f"{what} does not fit the model of this config: {'; '.join(problems)}")
+    module.load_state_dict(state)

@@ -19,7 +19,7 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from hafis.config import Config, ConfigError, to_dict
+from hafis.config import Config, ConfigError, config_changes, to_dict
 from hafis.data import build_sources
 from hafis.data.base import DataError
 from hafis.data.ssl import MIX_STREAM, InfiniteSampler, LabelledDataset, UnlabelledDataset
@@ -27,7 +27,7 @@ from hafis.frameworks import Framework, build_framework
 from hafis.models import build_segmenter
 
 from . import distributed
-from .checkpoint import CheckpointManager, load_checkpoint
+from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_module_state
 from .detect import detected_classes
 from .evaluation import build_eval_loader, eval_batches, eval_settings, predict
 from .optim import build_optimizer
@@ -43,18 +43,21 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available")
     return torch.device(name)
 
 
 def build_model(config: Config, num_classes: int) -> torch.nn.Module:
     m = config.model
     extra = {} if m.align_corners is None else {"align_corners": m.align_corners}
-    return build_segmenter(
-        m.name, num_classes, backbone=m.backbone, output_stride=m.output_stride, feature_dim=m.feature_dim,
-        aspp_channels=m.aspp_channels, fp_dropout=m.fp_dropout, pretrained=m.pretrained,
-        pretrained_path=m.pretrained_path, **extra,
-    )
+    try:
+        return build_segmenter(
+            m.name, num_classes, backbone=m.backbone, output_stride=m.output_stride, feature_dim=m.feature_dim,
+            aspp_channels=m.aspp_channels, fp_dropout=m.fp_dropout, pretrained=m.pretrained,
+            pretrained_path=m.pretrained_path, **extra,
+        )
+    except ValueError as exc:  # an unknown backbone, a backbone of the other model, a checkpoint of another one
+        raise ConfigError(f"model (name={m.name!r}, backbone={m.backbone!r}): {exc}") from None
 
 
 def _with_mix(batches: Iterator[dict], mix: Iterator[dict]) -> Iterator[dict]:
@@ -97,6 +100,10 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, devic
     return EvalResult(mean_iou(confusion), iou, confusion)
 
 
+def _allowed(key: str, allow_change: tuple) -> bool:
+    return any(key == a or key.startswith(a + ".") for a in allow_change)
+
+
 class Trainer:
     """Builds everything a run needs from a :class:`~hafis.config.Config` and trains it.
 
@@ -124,7 +131,10 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         if config.train.compile:
             self.model.compile()  # in place: state-dict keys and the frameworks' calls stay unchanged
-        self.framework: Framework = build_framework(config, self.model, self.num_classes).to(self.device)
+        try:
+            self.framework: Framework = build_framework(config, self.model, self.num_classes).to(self.device)
+        except ValueError as exc:  # a key that does not fit the dataset, e.g. a class index beyond its classes
+            raise ConfigError(f"{config.train.framework}: {exc}") from None
         if self.dist.enabled:  # the framework's networks are called through one DDP from here on
             distributed.wrap(self.framework, self.framework.networks, self.device, self.framework.static_graph)
             for teacher in self.framework.teachers():
@@ -143,6 +153,8 @@ class Trainer:
         self.run_dir = config.run_dir
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", config.train.keep_checkpoints)
         self.iteration = 0
+        #: keys changed on resume with --allow-change, old -> new; logged once training starts
+        self.resume_changes: dict = {}
         self.best_miou = float("-inf")
         self.nonfinite_skips = 0
         #: loss scaling only for fp16; a disabled scaler is a pass-through
@@ -217,10 +229,15 @@ class Trainer:
             "bank_generators": None,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.framework.load_state_dict(state["framework"])
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        load_module_state(self.model, state["student"], source)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.framework.load_state_dict(state["framework"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{source}: the optimiser or framework state does not fit this run: {first}") \
+                from None
         generators, weighter = state.get("bank_generators"), self.framework.weighting.weighter
         if generators and weighter is not None:  # this rank's own draws (a rank the run did not have starts afresh)
             weighter.bank.set_extra_state(generators[self.dist.rank] if self.dist.rank < len(generators) else {})
@@ -233,8 +250,11 @@ class Trainer:
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
-    def resume(self, path: Optional[Path] = None) -> Optional[Path]:
-        """Continue from ``path`` or from the newest readable checkpoint of the run; ``None`` if there is none."""
+    def resume(self, path: Optional[Path] = None, allow_change: tuple = ()) -> Optional[Path]:
+        """Continue from ``path`` or from the newest readable checkpoint of the run; ``None`` if there is none.
+
+        A checkpoint of another experiment (a changed key that is not declared ``runtime``) is refused with every
+        changed key listed, unless each is named in ``allow_change`` (a key or a whole section)."""
         if path is not None:
             state = load_checkpoint(Path(path))
         else:
@@ -242,7 +262,14 @@ class Trainer:
             if found is None:
                 return None
             path, state = found
-        self.load_state_dict(state)
+        changes = config_changes(state.get("config"), self.config)
+        refused = {k: v for k, v in changes.items() if not _allowed(k, allow_change)}
+        if refused:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+            raise ConfigError(f"cannot resume from {path}: the config changed the experiment ({listed}); start a "
+                              f"new run (another name or output_dir), or accept with --allow-change KEY")
+        self.resume_changes = changes
+        self.load_state_dict(state, f"checkpoint {path}")
         return Path(path)
 
     # ---------------------------------------------------------------------------------------------- training
@@ -255,6 +282,10 @@ class Trainer:
             if self.iteration > 0:  # resumed: records past the checkpoint will be written again by replayed steps
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
         log = RunLog(self.run_dir, tensorboard=c.train.tensorboard, enabled=main)
+        if self.resume_changes:
+            log.write({"iteration": self.iteration, "event": "resume_with_changes",
+                       "changed": {k: {"old": old, "new": new} for k, (old, new) in self.resume_changes.items()}})
+            self.resume_changes = {}
         labelled, unlabelled = self._streams()
         total = c.train.iterations
         bar = tqdm(total=total, initial=self.iteration, disable=not (c.train.progress_bar and main), desc=c.name,
