@@ -105,5 +105,5 @@ def test_diagnostics_are_logged_and_leave_training_unchanged(tmp_path):
 def test_negative_diagnostics_images_is_a_config_error():
     from hafis.config import ConfigError
 
-    with pytest.raises(ConfigError, match="eval.diagnostics_images must be >= 0"):
+    with pytest.raises(ConfigError, match=r"'eval.diagnostics_images' must be in \[0"):
         load_config(None, ["eval.diagnostics_images=-1"])

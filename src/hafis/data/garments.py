@@ -29,7 +29,7 @@ import os
 import tempfile
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional, Sequence, Union
 
@@ -38,6 +38,7 @@ from PIL import Image
 
 from hafis.data.base import DataError, Sample, SegmentationSource
 from hafis.data.synthetic import SceneLayers, layers_to_sample
+from hafis.fields import bounded, choice, nonneg
 
 __all__ = [
     "FINE_CLASSES",
@@ -91,26 +92,26 @@ class GarmentsConfig:
     download: bool = False
     #: fine = the 10 garment classes + background; coarse = top, trouser, dress, footwear, bag + background (an
     #: easier task: the four upper-body garments and the three shoes are hard to tell apart at low resolution)
-    classes: str = field(default="fine", metadata={"choices": ("fine", "coarse")})
+    classes: str = choice("fine", "fine", "coarse")
     #: side of the square images
-    image_size: int = 96
+    image_size: int = bounded(96, 16, 4096)
     #: training pool (from Fashion-MNIST's training images): labelled + unlabelled
-    num_train: int = 2000
+    num_train: int = bounded(2000, 1, 10**6)
     #: labelled images, a seeded subset of the pool (1/32 of the default pool); = num_train: fully supervised
-    num_labelled: int = 62
+    num_labelled: int = nonneg(62, at_most="data.garments.num_train")
     #: validation images (from Fashion-MNIST's test images only)
-    num_val: int = 500
+    num_val: int = bounded(500, 1, 10**6)
     #: garments per image, uniform in [min, max]; several give occlusion and context
-    objects: tuple[int, int] = (1, 3)
+    objects: tuple[int, int] = bounded((1, 3), 1, 254, ordered=True)
     #: garment side as a fraction of the image side, uniform in [min, max]: the scale variation of a real set
-    scale: tuple[float, float] = (0.3, 0.6)
+    scale: tuple[float, float] = bounded((0.3, 0.6), 0, 2, lo_open=True, ordered=True)
     #: strength of the background's random per-channel gain (0 = the photograph's own colours), so that a
     #: background's colour does not identify it
-    background_jitter: float = 0.2
+    background_jitter: float = nonneg(0.2)
     #: seed of the generated images
-    seed: int = 0
+    seed: int = nonneg(0)
     #: seed of the labelled subset of the pool; null = ``seed`` (vary it to draw other labelled sets of one pool)
-    split_seed: Optional[int] = None
+    split_seed: Optional[int] = nonneg(None)
 
     def __post_init__(self) -> None:
         if self.classes not in ("fine", "coarse"):
