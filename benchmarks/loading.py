@@ -31,7 +31,7 @@ from hafis.engine.trainer import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
     "tiny": (ROOT / "configs/tiny/unimatch.yaml", []),
-    "demo-quick": (ROOT / "src/hafis/configs/demo_quick.yaml",
+    "demo-quick": (ROOT / "src/hafis/demo/configs/demo_quick.yaml",
                    ["data.synthetic.num_unlabelled=64", "data.synthetic.num_val=8"]),
     "r50": (None, ["model.backbone=resnet50", "data.crop_size=321", "train.batch_size=2",
                    "train.unlabelled_batch_size=2", "data.synthetic.image_size=384",

@@ -35,14 +35,13 @@ from pathlib import Path
 import torch
 
 from hafis.config import load_config
-from hafis.demo_detector import box_quality
 from hafis.engine.detect import run_detect
-from hafis.engine.detections import BoxMaskProvider, Detections
+from hafis.engine.detections import BoxMaskProvider, Detections, box_quality
 from hafis.engine.diagnostics import load_images
 from hafis.engine.trainer import Trainer
 from hafis.weighting import confident_pixels, detector_reliable
 
-CONFIG = Path(__file__).resolve().parents[1] / "src" / "hafis" / "configs" / "demo_quick.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "src" / "hafis" / "demo" / "configs" / "demo_quick.yaml"
 
 
 def rules(conf, pseudo, valid, things, tau_seg, det_masks: dict, gt_mask):

@@ -1,6 +1,6 @@
 
 from hafis.demo import run_demo
-from hafis.demo_detector import DETECTOR_RUN
+from hafis.demo.detector import DETECTOR_RUN
 
 TINY = ["data.synthetic.image_size=32", "data.crop_size=32", "data.synthetic.num_labelled=8",
         "data.synthetic.num_unlabelled=16", "data.synthetic.num_val=4", "train.iterations=2", "train.eval_interval=2",

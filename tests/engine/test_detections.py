@@ -179,3 +179,25 @@ def _unlabelled(config):
     from hafis.data import build_sources
 
     return build_sources(config.data)[1]
+
+
+def test_box_quality_counts_same_class_matches_at_iou_half():
+    from types import SimpleNamespace
+
+    from hafis.engine.detections import box_quality
+
+    def det(boxes, labels, scores):
+        return {"boxes": np.asarray(boxes, np.float32).reshape(-1, 4), "labels": np.asarray(labels, np.int64),
+                "scores": np.asarray(scores, np.float32), "size": (40, 40)}
+
+    gt = [([[0, 0, 10, 10], [20, 20, 30, 30]], [1, 2]), ([], []), ([[0, 0, 4, 4]], [3])]
+    source = SimpleNamespace(load=lambda i: SimpleNamespace(boxes=gt[i][0], box_labels=gt[i][1]))
+    detections = Detections.concatenate(["a", "b", "c"], [
+        # a match; the second object's box with the wrong class; a match below tau; a near-duplicate match (IoU 0.9)
+        det([[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 10], [1, 0, 10, 10]], [1, 1, 1, 1], [0.9, 0.9, 0.3, 0.8]),
+        det([[0, 0, 5, 5]], [1], [1.0]),  # no object in the image
+        det([[0, 0, 4, 8]], [3], [0.7]),  # IoU exactly 0.5 (16 / 32) counts
+    ])
+    q = box_quality(detections, source, range(3), tau=0.5)
+    # kept: 3 + 1 + 1 = 5 detections, 3 of them match; objects: 2 + 0 + 1 = 3, 2 of them found
+    assert q == {"images": 3, "detections": 5, "gt_boxes": 3, "precision": 3 / 5, "recall": 2 / 3}

@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou
 
 from hafis.weighting.reliable import box_mask_from_detections
 
@@ -40,6 +41,7 @@ __all__ = [
     "Detections",
     "DetectionCache",
     "BoxMaskProvider",
+    "box_quality",
     "file_digest",
     "split_key",
 ]
@@ -320,3 +322,24 @@ class BoxMaskProvider:
 
     def batch(self, indices: Sequence[int]) -> Tensor:
         return torch.stack([self(i).bool() for i in indices])
+
+
+def box_quality(detections, source, indices, tau: float) -> dict:
+    """Detections ``>= tau`` that match a same-class ground-truth box at IoU >= 0.5 (share of detections: precision;
+    share of ground-truth boxes found: recall). Only for reports: training never reads unlabelled annotations."""
+    tp = found = n_det = n_gt = 0
+    indices = list(indices)
+    for i in indices:
+        s = source.load(i)
+        boxes, labels, scores = detections.get(i)
+        keep = scores >= tau
+        b, lab = torch.from_numpy(boxes[keep]), labels[keep]
+        n_det += len(b)
+        n_gt += len(s.boxes)
+        if len(b) and len(s.boxes):
+            hit = (box_iou(b, torch.from_numpy(np.asarray(s.boxes, np.float32))) >= 0.5).numpy()
+            hit &= lab[:, None] == np.asarray(s.box_labels)[None]
+            tp += int(hit.any(axis=1).sum())
+            found += int(hit.any(axis=0).sum())
+    return {"images": len(indices), "detections": n_det, "gt_boxes": n_gt, "precision": tp / max(n_det, 1),
+            "recall": found / max(n_gt, 1)}

@@ -11,19 +11,17 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from hafis.data.base import DataError, SegmentationSource, load_checked  # noqa: E402
-from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_tensor_image  # noqa: E402
+from hafis.data.base import DataError, SegmentationSource, load_checked
+from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_tensor_image
 
 
 def colourise(mask: np.ndarray) -> np.ndarray:
     """Class ids -> RGB with a 20-colour palette; ignore (255) is white."""
-    palette = (plt.get_cmap("tab20")(np.arange(20))[:, :3] * 255).astype(np.uint8)
+    palette = (matplotlib.colormaps["tab20"](np.arange(20))[:, :3] * 255).astype(np.uint8)
     rgb = palette[mask.astype(np.int64) % 20]
     rgb[mask == 255] = 255
     return rgb
@@ -61,7 +59,8 @@ def save_grid(rows: list[dict], path: Path, weight_range: tuple[float, float] = 
               gt_title: str = "ground truth") -> Path:
     """A PNG grid: a row per image; columns image, ground truth, prediction, confidence, reliable, weight."""
     cols = ["image", gt_title, "pseudo-label / prediction", "confidence", "reliable (bank)", "weight W"]
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.2 * len(cols), 2.2 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(2.2 * len(cols), 2.2 * len(rows)))
+    axes = fig.subplots(len(rows), len(cols), squeeze=False)
     for i, row in enumerate(rows):
         panels = [(row["image"], None, None), (colourise(row["gt"]), None, None),
                   (colourise(row["pseudo"]), None, None), (row["confidence"], "magma", (0, 1)),
@@ -84,7 +83,6 @@ def save_grid(rows: list[dict], path: Path, weight_range: tuple[float, float] = 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

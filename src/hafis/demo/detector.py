@@ -1,9 +1,8 @@
-"""The demo's detector-verified run: the detector step before it, its picture and its part of the report.
+"""The demo's detector-verified run: the detector step before it and its picture.
 
-Kept apart from :mod:`hafis.demo` so the demo itself only gains a run entry and a few calls. The detector is the
-config's ``detector`` section (the demo configs: a tiny CPU Faster R-CNN trained for a few hundred steps on the
-labelled images); its detections over the unlabelled images are cached under the demo's output folder, so a second
-demo run reuses them.
+The detector is the config's ``detector`` section (the demo configs: a tiny CPU Faster R-CNN trained for a few
+hundred steps on the labelled images); its detections over the unlabelled images are cached under the demo's output
+folder, so a second demo run reuses them.
 """
 
 from __future__ import annotations
@@ -14,14 +13,18 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import matplotlib
+import numpy as np
+import torch
+from matplotlib import patches
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.patches as patches  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from hafis.config import Config  # noqa: E402
+from hafis.config import Config
+from hafis.data import build_sources
+from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from hafis.engine.detect import run_detect
+from hafis.engine.detections import box_quality
+from hafis.engine.diagnostics import load_images
+from hafis.weighting import confident_pixels
 
 #: the fourth run of the demo: UniMatch + W whose prototypes take only detector-verified unlabelled pixels
 DETECTOR_RUN = ("unimatch + W, detector-verified prototypes",
@@ -47,42 +50,15 @@ class DetectorInfo:
 
 def prepare_detector(config: Config, log: Callable[[str], None] = print) -> DetectorInfo:
     """``hafis detect`` for the demo's config (reuses a matching detector and cache from an earlier demo)."""
-    from hafis.engine.detect import run_detect
-
     t0 = time.perf_counter()
     detections, _ = run_detect(config, log=lambda m: log(f"[demo]   {m}"), progress=config.train.progress_bar)
     seconds = time.perf_counter() - t0
     d = config.detector
     info = DetectorInfo(seconds, detections.summary(config.weighting.tau_det), config.weighting.tau_det, d.arch,
                         d.iterations)
-    from hafis.data import build_sources
-
     unlabelled = build_sources(config.data)[1]
     info.boxes = box_quality(detections, unlabelled, range(min(NUM_BOX_CHECK, len(unlabelled))), info.tau_det)
     return info
-
-
-def box_quality(detections, source, indices, tau: float) -> dict:
-    """Detections ``>= tau`` that match a same-class ground-truth box at IoU >= 0.5 (share of detections: precision;
-    share of ground-truth boxes found: recall). Only for reports: training never reads unlabelled annotations."""
-    from torchvision.ops import box_iou
-
-    tp = found = n_det = n_gt = 0
-    indices = list(indices)
-    for i in indices:
-        s = source.load(i)
-        boxes, labels, scores = detections.get(i)
-        keep = scores >= tau
-        b, lab = torch.from_numpy(boxes[keep]), labels[keep]
-        n_det += len(b)
-        n_gt += len(s.boxes)
-        if len(b) and len(s.boxes):
-            hit = (box_iou(b, torch.from_numpy(np.asarray(s.boxes, np.float32))) >= 0.5).numpy()
-            hit &= lab[:, None] == np.asarray(s.box_labels)[None]
-            tp += int(hit.any(axis=1).sum())
-            found += int(hit.any(axis=0).sum())
-    return {"images": len(indices), "detections": n_det, "gt_boxes": n_gt, "precision": tp / max(n_det, 1),
-            "recall": found / max(n_gt, 1)}
 
 
 def probe_box_masks(trainer, count: int) -> Optional[torch.Tensor]:
@@ -93,7 +69,7 @@ def probe_box_masks(trainer, count: int) -> Optional[torch.Tensor]:
 
 
 def _palette(num_classes: int) -> np.ndarray:
-    return plt.get_cmap("tab10")(np.arange(max(num_classes, 10)) % 10)[:, :3]
+    return matplotlib.colormaps["tab10"](np.arange(max(num_classes, 10)) % 10)[:, :3]
 
 
 def _colourise(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -121,10 +97,6 @@ def plot_detections(trainer, path: Path, count: int = 4) -> Optional[Path]:
     pseudo-label + the boxes that count, reliable pixels by confidence alone and by confidence + detector, and the
     hidden ground truth, for a few unlabelled images (the first ones with a detection >= tau_det, so the picture
     shows the rule at work; images without one have no detector-reliable pixel at all)."""
-    from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from hafis.engine.diagnostics import load_images
-    from hafis.weighting import confident_pixels
-
     if getattr(trainer, "box_masks", None) is None:
         return None
     provider, w = trainer.box_masks, trainer.config.weighting
@@ -140,7 +112,8 @@ def plot_detections(trainer, path: Path, count: int = 4) -> Optional[Path]:
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     cols = ["image + detections", f"pseudo-label + boxes >= {w.tau_det:g}", f"reliable: confidence >= {w.tau_seg:g}",
             "reliable: confidence + detector", "ground truth (hidden)"]
-    fig, axes = plt.subplots(count, len(cols), figsize=(2.3 * len(cols), 2.3 * count), squeeze=False)
+    fig = Figure(figsize=(2.3 * len(cols), 2.3 * count))
+    axes = fig.subplots(count, len(cols), squeeze=False)
     for i in range(count):
         boxes, labels, scores = det.get(indices[i])
         image = (images[i] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
@@ -161,38 +134,4 @@ def plot_detections(trainer, path: Path, count: int = 4) -> Optional[Path]:
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
-
-
-def _pct(v) -> str:
-    return "-" if v is None or v != v else f"{100 * v:.1f}"
-
-
-def report_lines(info: Optional[DetectorInfo], records) -> list[str]:
-    """The report's detector section: the detector, and the reliable pixels of every weighting run."""
-    if info is None:
-        return []
-    s, b = info.summary, info.boxes
-    lines = ["", "## Detector-verified prototypes", "",
-             f"Detector: `{info.arch}` Faster R-CNN trained on the labelled images only ({info.iterations} steps), "
-             f"then run once over the {s['images']} unlabelled images; detector training + detection "
-             f"{info.seconds:.0f} s. Detections with score >= tau_det {info.tau_det:g}: {s['kept']} on "
-             f"{s['images_with_kept']} images. Against the hidden ground-truth boxes of {b.get('images')} of them "
-             f"(IoU >= 0.5, same class): box precision {_pct(b.get('precision'))} %, box recall "
-             f"{_pct(b.get('recall'))} % ({b.get('detections')} detections, {b.get('gt_boxes')} objects).", "",
-             "Unlabelled pixels that fed the prototype bank, on the probe images against their hidden ground truth "
-             "(first evaluation → last):", "",
-             "| run | reliable rule | reliable share of pixels % | wrong among reliable % |", "|---|---|---|---|"]
-    for r in records:
-        q = r.quality
-        if not q or "weight_right" not in q[-1]:
-            continue
-        rule = "confidence + detector" if r.label == DETECTOR_RUN[0] else "confidence"
-        lines.append(f"| {r.label} | {rule} | {_pct(q[0]['reliable_share'])} → {_pct(q[-1]['reliable_share'])} | "
-                     f"{_pct(q[0]['reliable_error'])} → {_pct(q[-1]['reliable_error'])} |")
-    lines += ["", "`detections.png`: unlabelled images with their detections (solid boxes count, dashed ones are "
-              "below tau_det), the pseudo-label, and the pixels judged reliable by confidence alone and by "
-              "confidence + a same-class box (background is never reliable under the detector rule: "
-              "`weighting.stuff: exclude`, as the authors' code).", ""]
-    return lines
