@@ -35,7 +35,7 @@ from _reference import hand_average_gradients, hand_broadcast_buffers
 from step import PRESETS, make_batch
 from hafis.config import load_config
 from hafis.engine import distributed
-from hafis.engine.trainer import build_model
+from hafis.engine.build import build_model
 from hafis.frameworks import build_framework
 
 

@@ -30,7 +30,7 @@ from _common import cuda_peak_mib, footer, header, median, peak_rss, sync, table
 from _reference import previous_weights
 from hafis.config import load_config
 from hafis.data.transforms import cutmix_box
-from hafis.engine.trainer import build_model
+from hafis.engine.build import build_model
 from hafis.frameworks import build_framework
 from hafis.frameworks.unimatch import cutmix, partner_index
 from hafis.weighting import labelled_qualify_mask

@@ -82,7 +82,7 @@ def _eval(args: argparse.Namespace) -> int:
     from hafis.data import build_sources
     from hafis.config import config_changes
     from hafis.engine.checkpoint import CheckpointError, load_checkpoint, load_module_state
-    from hafis.engine.trainer import build_model, evaluate, resolve_device
+    from hafis.engine.build import build_model, resolve_device
     from hafis.models.deeplabv3plus import is_unimatch_state_dict, unimatch_state_dict
 
     config = load_config(args.config, args.overrides)
@@ -101,7 +101,7 @@ def _eval(args: argparse.Namespace) -> int:
         hint = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} here" for k, (old, new) in changed.items())
         raise CheckpointError(f"{exc}" + (f" (config differs: {hint})" if hint else "")) from None
     model.to(device)
-    from hafis.engine.evaluation import build_eval_loader, eval_settings, iou_table
+    from hafis.engine.evaluation import build_eval_loader, eval_settings, evaluate, iou_table
 
     loader = build_eval_loader(val, config.eval.batch_size, config.data.num_workers)
     settings = eval_settings(config)

@@ -18,7 +18,7 @@ import torch
 from hafis.config import load_config
 from hafis.engine.checkpoint import load_checkpoint
 from hafis.engine.run_log import read_metrics
-from hafis.engine.trainer import build_model
+from hafis.engine.build import build_model
 
 HERE = Path(__file__).parent
 TINY = HERE.parents[1] / "configs" / "tiny" / "unimatch.yaml"

@@ -25,6 +25,7 @@ from hafis.config import Config, ConfigError, to_dict
 from hafis.data import build_sources
 from hafis.data.base import SegmentationSource, load_checked
 
+from .build import resolve_device
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .detections import (BoxMaskProvider, DetectionCache, DetectionCacheError, Detections, DetectionsMissingError,
                          file_digest, split_key)
@@ -109,8 +110,6 @@ def _build(state_or_recipe: dict, things: list[int], config: Config):
 
 
 def _device(config: Config) -> torch.device:
-    from .trainer import resolve_device
-
     return resolve_device(config.train.device)
 
 

@@ -1,4 +1,4 @@
-"""Inference for evaluation: whole-image or sliding-window, batches of mixed image sizes, per-class IoU tables.
+"""Evaluation: whole-image or sliding-window inference, batches of mixed image sizes, mIoU, per-class IoU tables.
 
 Published protocols (datasets.md): Pascal VOC is evaluated on the whole image; Cityscapes and COCO with a sliding
 window the size of the training crop, moved by 2/3 of it (an overlap of 1/3), the softmax outputs of overlapping
@@ -11,11 +11,14 @@ An image no larger than the window is one window: sliding then equals whole-imag
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
+
+from .metrics import confusion_matrix, iou_per_class, mean_iou
 
 
 def default_stride(window: int) -> int:
@@ -83,9 +86,41 @@ def eval_batches(batch: dict) -> Iterator[tuple[Tensor, Tensor]]:
         yield image[None], mask[None]
 
 
+@dataclass
+class EvalResult:
+    """mIoU, per-class IoU (``None`` for a class absent from the ground truth) and the confusion matrix."""
+
+    miou: float
+    iou: list[Optional[float]]
+    confusion: torch.Tensor
+
+    def record(self) -> dict:
+        return {"miou": self.miou, "iou": self.iou}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
+             mode: str = "whole", window: Optional[int] = None, stride: Optional[int] = None) -> EvalResult:
+    """One confusion matrix over the set, then per-class IoU and mIoU; ``mode`` whole-image or sliding-window
+    (a batch of mixed image sizes runs one image at a time). Under torchrun the ranks' matrices are summed."""
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    for batch in loader:
+        for images, masks in eval_batches(batch):
+            scores = predict(model, images.to(device), mode, window, stride)
+            confusion += confusion_matrix(scores.argmax(dim=1), masks.to(device), num_classes)
+    model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(confusion)  # each rank evaluated its shard of the set
+    confusion = confusion.cpu()
+    iou = [None if math.isnan(v) else v for v in iou_per_class(confusion).tolist()]
+    return EvalResult(mean_iou(confusion), iou, confusion)
+
+
 def build_eval_loader(source, batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Whole validation images; with ``world_size > 1`` this rank's share (every ``world_size``-th image), whose
-    confusion matrix :func:`hafis.engine.trainer.evaluate` sums over the ranks."""
+    confusion matrix :func:`evaluate` sums over the ranks."""
     from torch.utils.data import Subset
 
     from hafis.data.ssl import EvalDataset
@@ -117,5 +152,5 @@ def iou_table(iou: Sequence[Optional[float]], class_names: Sequence[str], miou: 
     return "\n".join(lines)
 
 
-__all__ = ["build_eval_loader", "default_stride", "eval_batches", "eval_collate", "eval_settings", "iou_table",
-           "predict", "sliding_window_probs", "window_starts"]
+__all__ = ["EvalResult", "build_eval_loader", "default_stride", "eval_batches", "eval_collate", "eval_settings",
+           "evaluate", "iou_table", "predict", "sliding_window_probs", "window_starts"]

@@ -10,7 +10,6 @@ import contextlib
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -24,40 +23,18 @@ from hafis.data import build_sources
 from hafis.data.base import DataError
 from hafis.data.ssl import MIX_STREAM, InfiniteSampler, LabelledDataset, UnlabelledDataset
 from hafis.frameworks import Framework, build_framework
-from hafis.models import build_segmenter
 
 from . import distributed
+from .build import build_model, resolve_device
 from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_module_state
-from .detect import detected_classes
-from .evaluation import build_eval_loader, eval_batches, eval_settings, predict
+from .detect import box_mask_provider, detected_classes
+from .evaluation import EvalResult, build_eval_loader, eval_settings, evaluate
 from .optim import build_optimizer
-from .metrics import confusion_matrix, iou_per_class, mean_iou
 from .run_log import RunLog, truncate_metrics
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; the message names the iteration and the term."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
-
-
-def build_model(config: Config, num_classes: int) -> torch.nn.Module:
-    m = config.model
-    extra = {} if m.align_corners is None else {"align_corners": m.align_corners}
-    try:
-        return build_segmenter(
-            m.name, num_classes, backbone=m.backbone, output_stride=m.output_stride, feature_dim=m.feature_dim,
-            aspp_channels=m.aspp_channels, fp_dropout=m.fp_dropout, pretrained=m.pretrained,
-            pretrained_path=m.pretrained_path, **extra,
-        )
-    except ValueError as exc:  # an unknown backbone, a backbone of the other model, a checkpoint of another one
-        raise ConfigError(f"model (name={m.name!r}, backbone={m.backbone!r}): {exc}") from None
 
 
 def _with_mix(batches: Iterator[dict], mix: Iterator[dict]) -> Iterator[dict]:
@@ -68,36 +45,6 @@ def _with_mix(batches: Iterator[dict], mix: Iterator[dict]) -> Iterator[dict]:
 def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -> float:
     """The published schedule ``lr · (1 - it / max_it) ^ power``."""
     return base_lr * (1.0 - iteration / max_iterations) ** power
-
-
-@dataclass
-class EvalResult:
-    miou: float
-    iou: list[Optional[float]]
-    confusion: torch.Tensor
-
-    def record(self) -> dict:
-        return {"miou": self.miou, "iou": self.iou}
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
-             mode: str = "whole", window: Optional[int] = None, stride: Optional[int] = None) -> EvalResult:
-    """One confusion matrix over the set, then per-class IoU and mIoU; ``mode`` whole-image or sliding-window
-    (:mod:`hafis.engine.evaluation`; a batch of mixed image sizes runs one image at a time)."""
-    was_training = model.training
-    model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-    for batch in loader:
-        for images, masks in eval_batches(batch):
-            scores = predict(model, images.to(device), mode, window, stride)
-            confusion += confusion_matrix(scores.argmax(dim=1), masks.to(device), num_classes)
-    model.train(was_training)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(confusion)  # each rank evaluated its shard of the set
-    confusion = confusion.cpu()
-    iou = [None if math.isnan(v) else v for v in iou_per_class(confusion).tolist()]
-    return EvalResult(mean_iou(confusion), iou, confusion)
 
 
 def _allowed(key: str, allow_change: tuple) -> bool:
@@ -169,8 +116,6 @@ class Trainer:
         w = self.config.weighting
         if not (w.enabled and w.reliable == "detector" and self.framework.uses_unlabelled):
             return None
-        from .detect import box_mask_provider
-
         return box_mask_provider(self.config, self.labelled_source, self.unlabelled_source, self.num_classes)
 
     def _stream(self, dataset, batch_size: int, seed: int) -> Iterator[dict]:
