@@ -88,3 +88,14 @@ def test_cuda_matches_cpu():
     feats = torch.randint(0, 4, (500, 64), generator=g).float()
     protos = torch.randint(0, 4, (500, 64), generator=g).float()
     assert torch.equal(topk_index_similarity(feats.cuda(), protos.cuda()).cpu(), topk_index_similarity(feats, protos))
+
+
+def test_check_k_names_the_key():
+    from hafis.weighting.checks import check_k
+
+    check_k(8, 8)
+    with pytest.raises(ValueError, match="weighting.k=9 is larger than the feature dimension D=8"):
+        check_k(9, 8, "weighting.k")
+    for bad in (True, 0, 2.0):
+        with pytest.raises(ValueError, match="must be a positive int"):
+            check_k(bad, 8)

@@ -1,4 +1,4 @@
-"""Input checks of the weighting plug-in: wrong shapes or label values are errors that name the argument."""
+"""Input checks of the weighting plug-in: wrong shapes, label values or k are errors that name the argument."""
 
 from __future__ import annotations
 
@@ -44,3 +44,11 @@ def check_labels(labels: Tensor, num_classes: int, ignore_index: int, name: str 
         raise ValueError(
             f"{name} contains {value}, outside [0, {num_classes}) and not the ignore index {ignore_index}"
         )
+
+
+def check_k(k: int, dim: int, name: str = "k") -> None:
+    """``k`` top channels out of ``dim``: a positive int no larger than ``dim``."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"{name} must be a positive int, got {k!r}")
+    if k > dim:
+        raise ValueError(f"{name}={k} is larger than the feature dimension D={dim}")

@@ -7,18 +7,11 @@ positive scaling of a feature and insensitive to small noise: that robustness is
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
-
-def _check_k(k: int, dim: int, name: str = "k") -> None:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"{name} must be a positive int, got {k!r}")
-    if k > dim:
-        raise ValueError(f"{name}={k} is larger than the feature dimension D={dim}")
+from .checks import check_k
 
 
 #: size of the blocks of rows :func:`topk_indices` works on, on CPU: a block's keys (4 MiB, 2048 rows at D = 256) stay
@@ -42,19 +35,20 @@ def topk_indices(x: Tensor, k: int, dim: int = -1) -> Tensor:
     row-wise ``amax`` (a plain vectorised reduction), each knocking the chosen key out. Exact, deterministic on every
     device, and on CPU several times faster than ``torch.topk`` alone. float16 / bfloat16 / float32 inputs take this
     path (the half types are widened to float32 exactly); float64 and integer inputs, whose values do not fit in
-    half a key, take k passes of ``torch.max`` (documented to return the first maximal index). A contiguous ``x``
-    reduced along a dimension other than its last (channels-first features) is ranked in place, across ``D`` rows of
+    half a key, take a stable descending sort (equal values keep their index order). A contiguous ``x`` reduced
+    along a dimension other than its last (channels-first features) is ranked in place, across ``D`` rows of
     contiguous columns (one pass per leading index, e.g. per image); other layouts as rows of ``D``. On CPU the work
-    is split into cache-sized blocks (a loop over blocks of thousands of rows, never over pixels or channels), spread
-    over ``torch.get_num_threads()`` threads; on other devices it runs in one block.
+    is split into cache-sized blocks (a loop over blocks of thousands of rows, never over pixels or channels); on
+    other devices it runs in one block.
     """
-    _check_k(k, x.shape[dim])
+    check_k(k, x.shape[dim])
     dim = dim % x.dim()
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.sort(x, dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
     d, device = x.shape[dim], x.device
     lead = x.movedim(dim, -1).shape[:-1]
-    keyed = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
     block = max(1, CPU_BLOCK_BYTES // (8 * d)) if device.type == "cpu" else None
-    if keyed and x.stride(dim) != 1 and x.is_contiguous():
+    if x.stride(dim) != 1 and x.is_contiguous():
         # channels-first (e.g. the model's (B, D, h, w)): reduce across D rows of contiguous pixel columns, each
         # pass an elementwise max of D vectors; no transposed copy of the input
         L, M = math.prod(x.shape[:dim]), math.prod(x.shape[dim + 1:])
@@ -68,56 +62,16 @@ def topk_indices(x: Tensor, k: int, dim: int = -1) -> Tensor:
     n = rows.shape[0]
     out = torch.empty(n, k, dtype=torch.long, device=device)
     step = block or max(n, 1)
-    if n and keyed:
+    if n:
         _run_keyed([(rows[s:s + step], out[s:s + step]) for s in range(0, n, step)], k, 1, (min(step, n), d), device)
-    elif n:
-        y_all = torch.empty(min(step, n), d, dtype=torch.float64, device=device)
-        for start in range(0, n, step):
-            stop = min(start + step, n)
-            y = y_all[: stop - start]
-            y.copy_(rows[start:stop])
-            _knockout_topk(y, k, out[start:stop])
     return out.view(*lead, k).movedim(-1, dim)
 
 
 def _run_keyed(tasks: list, k: int, axis: int, shape: tuple[int, int], device: torch.device) -> None:
-    """Run :func:`_keyed_topk` on ``(block, out)`` tasks: in the calling thread, or on CPU with several intra-op
-    threads, spread over as many worker threads, each running its ops single-threaded.
-
-    A block's ops are small (tens of microseconds), and with intra-op threads every one of them is a parallel region
-    whose threads meet at a barrier: on a machine whose cores are busy with other work a barrier waits for a
-    descheduled thread, and the top-k becomes many times slower. Whole blocks per thread need no barrier (torch ops
-    release the GIL), so the blocks are spread over threads instead.
-    """
-    threads = min(torch.get_num_threads(), len(tasks)) if device.type == "cpu" else 1
-    if threads <= 1:
-        scratch = _KeyScratch(shape, device, column=axis == 0)
-        for src, out in tasks:
-            _keyed_topk(src, k, axis, scratch.view(src.shape[1 - axis]), out)
-        return
-
-    def work(part: list) -> None:
-        scratch = _KeyScratch(shape, device, column=axis == 0)
-        for src, out in part:
-            _keyed_topk(src, k, axis, scratch.view(src.shape[1 - axis]), out)
-
-    for future in [_cpu_pool(threads).submit(work, tasks[t::threads]) for t in range(threads)]:
-        future.result()
-
-
-_POOL: dict = {}
-
-
-def _cpu_pool(threads: int) -> ThreadPoolExecutor:
-    """A process-wide pool whose threads run torch ops single-threaded (recreated after a fork or a size change)."""
-    key = (os.getpid(), threads)
-    if _POOL.get("key") != key:
-        if _POOL.get("key", (None,))[0] == os.getpid():
-            _POOL["pool"].shutdown(wait=False)  # this process's pool of another size (a forked child's is not ours)
-        _POOL["key"] = key
-        _POOL["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="hafis-topk",
-                                           initializer=torch.set_num_threads, initargs=(1,))
-    return _POOL["pool"]
+    """Run :func:`_keyed_topk` on ``(block, out)`` tasks, one after the other, reusing one set of scratch buffers."""
+    scratch = _KeyScratch(shape, device, column=axis == 0)
+    for src, out in tasks:
+        _keyed_topk(src, k, axis, scratch.view(src.shape[1 - axis]), out)
 
 
 class _KeyScratch:
@@ -163,22 +117,6 @@ def _keyed_topk(src: Tensor, k: int, axis: int, scratch: tuple, out: Tensor) -> 
         key.scatter_(axis, index.unsqueeze(axis), knocked_out)
 
 
-def _knockout_topk(y: Tensor, k: int, out: Tensor) -> None:
-    """``out (n, k)`` = the top-k indices of the rows of float64 ``y (n, D)``, which is overwritten."""
-    neg_inf = float("-inf")
-    for j in range(k):
-        value, index = y.max(dim=1)  # the first maximal index
-        if j:
-            # all remaining entries are -inf: the first index not chosen yet (the smallest absent from out[:, :j],
-            # which is at most j), not the first -inf entry, which may be a knocked-out one
-            chosen = out[:, :j]
-            candidates = torch.arange(j + 1, device=y.device)
-            free = ~(chosen[:, :, None] == candidates).any(dim=1)
-            index = torch.where(value == neg_inf, free.to(torch.uint8).argmax(dim=1), index)
-        out[:, j] = index
-        y.scatter_(1, index[:, None], neg_inf)
-
-
 @torch.no_grad()
 def topk_mask(x: Tensor, k: int, dim: int = -1) -> Tensor:
     """Boolean mask of the ``k`` largest entries of ``x`` along ``dim``; ties broken by the lower index.
@@ -201,7 +139,7 @@ def topk_index_similarity(features: Tensor, prototypes: Tensor, k: int = 5) -> T
         raise ValueError(
             f"prototypes must have the shape of features {tuple(features.shape)}, got {tuple(prototypes.shape)}"
         )
-    _check_k(k, features.shape[1])
+    check_k(k, features.shape[1])
     # both index sets are duplicate-free, so the number of equal (i, j) index pairs is the size of the intersection
     top_f, top_p = topk_indices(features, k, dim=1), topk_indices(prototypes, k, dim=1)
     shared = (top_f[:, :, None] == top_p[:, None, :]).sum(dim=(1, 2))

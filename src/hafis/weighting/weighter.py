@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from .alignment import check_align, resize_features
 from .bank import PrototypeBank
-from .checks import check_features_labels
-from .similarity import _check_k, topk_indices, topk_mask
+from .checks import check_features_labels, check_k
+from .similarity import topk_indices, topk_mask
 
 
 class PseudoLabelWeighter(nn.Module):
@@ -53,7 +53,7 @@ class PseudoLabelWeighter(nn.Module):
         require_labelled: bool = False,
     ) -> None:
         super().__init__()
-        _check_k(k, feature_dim)
+        check_k(k, feature_dim)
         self.num_classes = num_classes
         self.feature_dim = feature_dim
         self.k = k
