@@ -1,10 +1,11 @@
-# `make test` and `make demo` build the same virtual environment from scratch when it is missing.
+# `make test` and `make demo` build the same virtual environment from scratch when it is missing. The package
+# accepts a range of torch versions (pyproject.toml); this is the exact pair it is tested with.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hafis-installed
 
-.PHONY: test demo demo-quick bench clean
+.PHONY: test lint demo demo-quick bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,8 +14,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q -n 2 tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
 	$(VENV)/bin/hafis demo --out demo_out

@@ -91,7 +91,7 @@ def run(preset: str, workers: int, args) -> list:
         start = time.perf_counter()
         step(fixed)
         preloaded_t.append(time.perf_counter() - start)
-    del labelled, unlabelled  # shuts the workers down
+    labelled = unlabelled = None  # drops the streams' loaders, which shuts their workers down
     lo, pre = median(loaded_t), median(preloaded_t)
     return [preset, workers, cfg.data.crop_size, f"{cfg.train.batch_size}+{cfg.train.unlabelled_batch_size}",
             median(load_t) * 1e3, lo * 1e3, pre * 1e3, 100 * (lo / pre - 1)]

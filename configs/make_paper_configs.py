@@ -142,7 +142,8 @@ def dataset_base(dataset: str) -> str:
     text = HEADER
     if dataset == "voc":
         text += ("# Pascal VOC 2012, 21 classes; whole-image evaluation on the 1,449 val images (as published).\n"
-                 "# data.root: the VOC2012 folder (JPEGImages, SegmentationClass[Aug], ImageSets); see hafis.data.voc\n")
+                 "# data.root: the VOC2012 folder (JPEGImages, SegmentationClass[Aug], ImageSets); "
+                 "see hafis.data.voc\n")
         data = {"dataset": "voc", "root": ROOTS[dataset], "voc_setting": "classic", "num_workers": 4}
         evaluation = {"mode": "whole", "batch_size": 1}
     elif dataset == "cityscapes":

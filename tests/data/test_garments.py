@@ -56,9 +56,9 @@ def _write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
 
 def write_fake_fashion_mnist(folder: Path, train_images=None, test_images=None, compress: bool = True) -> Path:
     if train_images is None:
-        train_images = np.stack([_garment(int(l), i) for i, l in enumerate(TRAIN_LABELS)])
+        train_images = np.stack([_garment(int(c), i) for i, c in enumerate(TRAIN_LABELS)])
     if test_images is None:
-        test_images = np.stack([_garment(int(l), 100 + i) for i, l in enumerate(TEST_LABELS)])
+        test_images = np.stack([_garment(int(c), 100 + i) for i, c in enumerate(TEST_LABELS)])
     _write_idx(folder / "train-images-idx3-ubyte", train_images, compress)
     _write_idx(folder / "train-labels-idx1-ubyte", TRAIN_LABELS[:len(train_images)], compress)
     _write_idx(folder / "t10k-images-idx3-ubyte", test_images, compress)

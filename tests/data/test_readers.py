@@ -163,6 +163,17 @@ def test_coco_rasterise_polygon_and_rle_against_hand_computed_masks():
     assert rasterise([b, a], h, w, {1: 1, 2: 2})[1, 1] == 1
 
 
+def test_coco_without_pycocotools_is_a_data_error_naming_the_extra(monkeypatch):
+    import sys
+
+    from hafis.data.base import DataError
+
+    monkeypatch.setitem(sys.modules, "pycocotools", None)  # import pycocotools now raises ImportError
+    poly = {"category_id": 1, "iscrowd": 0, "segmentation": [[1, 1, 5, 1, 5, 4, 1, 4]]}
+    with pytest.raises(DataError, match=r"pip install 'hafis\[coco\]'"):
+        rasterise([poly], 6, 8, {1: 1})
+
+
 # --------------------------------------------------------------------------------------------------------- folder
 def test_folder_format_with_unlabelled_images_without_masks(folder_tree, mini):
     labelled, unlabelled, val = build_sources(data_config("folder", folder_tree))

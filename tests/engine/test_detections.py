@@ -24,7 +24,8 @@ def fake_run(calls):
         for i in indices:
             n = i % 3
             out.append({"boxes": np.tile(np.array([[i, 1, i + 2, 4]], np.float32), (n, 1)),
-                        "labels": np.arange(n, dtype=np.int64) + 1, "scores": np.linspace(0.9, 1.0, n, dtype=np.float32),
+                        "labels": np.arange(n, dtype=np.int64) + 1,
+                        "scores": np.linspace(0.9, 1.0, n, dtype=np.float32),
                         "size": (8, 12)})
         return out
 

@@ -138,7 +138,8 @@ def test_adaptive_mixing_probability_is_one_minus_reliability(monkeypatch):
 
 def test_weight_normaliser_leaves_out_ignored_pixels(monkeypatch):
     overrides = ["model.feature_dim=3", "augseg.extra_weak=false", "augseg.threshold=0", "augseg.cutmix=false",
-                 "weighting.enabled=true", "weighting.reliable=confidence", "weighting.normalize=weight", "weighting.k=1"]
+                 "weighting.enabled=true", "weighting.reliable=confidence", "weighting.normalize=weight",
+                 "weighting.k=1"]
     fw = AugSeg(load_config(None, overrides), Stub(), 3)
     g = torch.Generator().manual_seed(3)
     w = torch.randint(1, 5, (2, 8, 8), generator=g).float() / 4

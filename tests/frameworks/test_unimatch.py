@@ -39,7 +39,8 @@ def make_batch(seed=0, n=2, size=4):
     labelled = {"image": torch.randn(n, 3, size, size, generator=g),
                 "mask": torch.randint(0, C, (n, size, size), generator=g)}
     labelled["mask"][0, 0, 0] = 255
-    unlabelled = {"weak": torch.randn(n, 3, size, size, generator=g), "strong1": torch.randn(n, 3, size, size, generator=g),
+    unlabelled = {"weak": torch.randn(n, 3, size, size, generator=g),
+                  "strong1": torch.randn(n, 3, size, size, generator=g),
                   "strong2": torch.randn(n, 3, size, size, generator=g), "ignore": ignore, "box1": box1, "box2": box2}
     return labelled, unlabelled
 

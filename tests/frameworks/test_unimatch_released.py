@@ -52,7 +52,8 @@ def released_loss(model, labelled, unlabelled, thresh):
     img_u_s1, img_u_s2 = unlabelled["strong1"].clone(), unlabelled["strong2"].clone()
     cutmix_box1, cutmix_box2 = unlabelled["box1"].long(), unlabelled["box2"].long()
     mix = unlabelled["mix"]
-    img_u_w_mix, img_u_s1_mix, img_u_s2_mix, ignore_mask_mix = mix["weak"], mix["strong1"], mix["strong2"], mix["ignore"]
+    img_u_w_mix, img_u_s1_mix = mix["weak"], mix["strong1"]
+    img_u_s2_mix, ignore_mask_mix = mix["strong2"], mix["ignore"]
 
     with torch.no_grad():
         model.eval()
@@ -78,7 +79,8 @@ def released_loss(model, labelled, unlabelled, thresh):
     mixed = []
     for box in (cutmix_box1, cutmix_box2):
         m, c, i = mask_u_w.clone(), conf_u_w.clone(), ignore_mask.clone()
-        m[box == 1], c[box == 1], i[box == 1] = mask_u_w_mix[box == 1], conf_u_w_mix[box == 1], ignore_mask_mix[box == 1]
+        m[box == 1], c[box == 1] = mask_u_w_mix[box == 1], conf_u_w_mix[box == 1]
+        i[box == 1] = ignore_mask_mix[box == 1]
         mixed.append((m, c, i))
 
     criterion_u = nn.CrossEntropyLoss(reduction="none")

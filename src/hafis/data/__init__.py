@@ -10,7 +10,8 @@ def build_sources(data_config) -> tuple[SegmentationSource, SegmentationSource, 
     if data_config.dataset == "synthetic":
         from .synthetic import SyntheticScenes
 
-        return tuple(SyntheticScenes(data_config.synthetic, split, cache_dir=data_config.cache_dir) for split in ("labelled", "unlabelled", "val"))
+        return tuple(SyntheticScenes(data_config.synthetic, split, cache_dir=data_config.cache_dir)
+                     for split in ("labelled", "unlabelled", "val"))
     if data_config.dataset == "garments":
         from .garments import garment_splits
 
@@ -30,7 +31,8 @@ def build_sources(data_config) -> tuple[SegmentationSource, SegmentationSource, 
             if missing:  # a split file naming images that are not there fails now, not hours into training
                 raise FileNotFoundError(
                     f"{len(missing)} {part} image(s) of the split are missing, e.g. {', '.join(missing[:5])} "
-                    f"(check data.root and the split files; `hafis prepare {layout.name} {layout.root}` checks the tree)")
+                    f"(check data.root and the split files; `hafis prepare {layout.name} {layout.root}` checks "
+                    f"the tree)")
             if part != "unlabelled":  # COCO: rasterise missing masks once here, not in every loader worker
                 layout.warm_cache(part_ids, part)
         return tuple(LayoutSource(layout, part_ids, part) for part_ids, part in zip(ids, parts))

@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .base import IGNORE_INDEX
+from .base import IGNORE_INDEX, DataError
 from .io import Problem, atomic_write_bytes, check_image, hafis_cache_dir, read_label, save_label_png, stack_boxes
 from .layout import DatasetLayout
 
@@ -56,10 +56,19 @@ COCO_CATEGORIES = tuple(enumerate((
 COCO_CATEGORIES = tuple((i, n) for i, n in COCO_CATEGORIES if n is not None)
 
 
+def _mask_utils():
+    """pycocotools' mask module; it is an optional dependency (``pip install 'hafis[coco]'``), needed only here."""
+    try:
+        from pycocotools import mask
+    except ImportError:
+        raise DataError("rasterising COCO masks needs pycocotools: pip install 'hafis[coco]'") from None
+    return mask
+
+
 def annotation_rle(segmentation: Any, height: int, width: int) -> Optional[dict]:
     """One RLE for an annotation's segmentation: polygons (merged), uncompressed or compressed RLE; ``None`` when
     it has no usable polygon (fewer than 3 points)."""
-    from pycocotools import mask as mask_utils
+    mask_utils = _mask_utils()
 
     if isinstance(segmentation, list):
         polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6]
@@ -78,7 +87,7 @@ def annotation_rle(segmentation: Any, height: int, width: int) -> Optional[dict]
 
 def rasterise(annotations: list[dict], height: int, width: int, label_of: dict[int, int]) -> np.ndarray:
     """The semantic mask of one image: larger instances first so smaller (then later) ones win; crowd -> 255."""
-    from pycocotools import mask as mask_utils
+    mask_utils = _mask_utils()
 
     layers = []
     for order, ann in enumerate(annotations):
@@ -133,7 +142,8 @@ class COCO(DatasetLayout):
         return data
 
     def index(self, split: str) -> dict:
-        """``{'categories': [[id, name]...], 'images': {stem: [image_id, file_name, h, w]}, 'boxes': {stem: [...]}}``."""
+        """``{'categories': [[id, name]...], 'images': {stem: [image_id, file_name, h, w]},
+        'boxes': {stem: [...]}}``."""
         if split in self._index:
             return self._index[split]
         cache = self.cache_dir(split) / "index.json"

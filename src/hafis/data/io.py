@@ -31,7 +31,9 @@ def hafis_cache_dir(cache_dir: Optional[PathLike] = None) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- decoding
 def read_image(path: PathLike) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB; grey, palette and RGBA images are converted. Raises ``FileNotFoundError`` / ``OSError``."""
+    """``(H, W, 3)`` uint8 RGB; grey, palette and RGBA images are converted.
+
+    Raises ``FileNotFoundError`` / ``OSError``."""
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 

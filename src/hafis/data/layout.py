@@ -108,7 +108,8 @@ class DatasetLayout:
             mask_file = self.mask_path(id, part)
             if mask_file is None:
                 if required:
-                    problems.append(Problem(str(self.expected_mask_path(id, part)), f"missing mask of {part} image {id!r}"))
+                    problems.append(Problem(str(self.expected_mask_path(id, part)),
+                                            f"missing mask of {part} image {id!r}"))
                 continue
             problems += self.check_mask(mask_file, size)
         return problems

@@ -24,4 +24,5 @@ def build_framework(config: Config, model: nn.Module, num_classes: int) -> Frame
     return FRAMEWORKS[name](config, model, num_classes)
 
 
-__all__ = ["FRAMEWORKS", "EMATeacher", "Framework", "MeanTeacherFramework", "PseudoLabelWeighting", "StepOutput", "build_framework"]
+__all__ = ["FRAMEWORKS", "EMATeacher", "Framework", "MeanTeacherFramework", "PseudoLabelWeighting", "StepOutput",
+           "build_framework"]

@@ -190,7 +190,8 @@ def gather_keys(keys: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def contrastive_term(anchors: Tensor, positive: Tensor, negatives: Tensor, temperature: float) -> Tensor:
-    """``mean_a CE(cos(a, [p, n_a1 .. n_aK]) / τ, 0)``; anchors ``(A, D)``, positive ``(D,)``, negatives ``(A, K, D)``."""
+    """``mean_a CE(cos(a, [p, n_a1 .. n_aK]) / τ, 0)``; anchors ``(A, D)``, positive ``(D,)``, negatives
+    ``(A, K, D)``."""
     anchors, positive, negatives = anchors.float(), positive.float(), negatives.float()  # one dtype under autocast
     keys = torch.cat([positive.view(1, 1, -1).expand(anchors.shape[0], 1, -1), negatives], dim=1)
     logits = F.cosine_similarity(anchors.unsqueeze(1), keys, dim=2) / temperature

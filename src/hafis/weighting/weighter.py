@@ -143,7 +143,8 @@ class PseudoLabelWeighter(nn.Module):
 
     @torch.no_grad()
     def weights(self, features: Tensor, pseudo_labels: Tensor) -> Tensor:
-        """``(B, H, W)`` float weights ``offset + s / k`` for pseudo-labels ``(B, H, W)`` and features ``(B, D, h, w)``."""
+        """``(B, H, W)`` float weights ``offset + s / k`` for pseudo-labels ``(B, H, W)`` and features
+        ``(B, D, h, w)``."""
         s = self.similarity(features, pseudo_labels)
         dtype = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
         return self.offset + s.to(dtype) / self.k
