@@ -21,7 +21,8 @@ import yaml
 
 from hafis.data.garments import GarmentsConfig
 from hafis.data.synthetic import SyntheticConfig
-from hafis.fields import bounded, choice, is_runtime, nonneg, positive, range_error, relation_errors, runtime, unit
+from hafis.fields import (bounded, choice, is_runtime, nonneg, positive, range_error, registry, relation_errors,
+                          runtime, unit)
 
 
 class ConfigError(ValueError):
@@ -62,7 +63,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     #: deeplabv3plus (ResNet, as the four frameworks publish) or segformer (hierarchical Transformer + MLP decoder)
-    name: str = choice("deeplabv3plus", "deeplabv3plus", "segformer")
+    name: str = registry("deeplabv3plus", "hafis.models:SEGMENTERS")
     #: deeplabv3plus: resnet18/50/101, resnet50s/101s, resnet_tiny, efficientnet_lite0 (ImageNet weights offline,
     #: cheap on CPU); segformer: mit_b0..mit_b5, pvt_v2_b0..b5, mit_tiny
     backbone: str = "resnet50"
@@ -71,9 +72,10 @@ class ModelConfig:
     pretrained: Optional[str] = choice(None, None, "imagenet")
     #: a local backbone checkpoint (for machines with no network); wins over ``pretrained``
     pretrained_path: Optional[str] = None
+    #: deeplabv3plus: the backbone's output stride (16 as published; 8 dilates one more stage); segformer has none
     output_stride: int = choice(16, 8, 16)
     feature_dim: int = positive(256)
-    #: channels of the ASPP branches (256 as published; smaller for the tiny CPU configs)
+    #: deeplabv3plus: channels of the ASPP branches (256 as published; smaller for the tiny CPU configs)
     aspp_channels: int = positive(256)
     #: UniMatch's feature perturbation: Dropout2d rate on the encoder features
     fp_dropout: float = unit(0.5)
@@ -100,7 +102,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    framework: str = choice("unimatch", "supervised", "unimatch", "u2pl", "ael", "augseg")
+    #: the SSL recipe, a name of ``hafis.frameworks.FRAMEWORKS`` (supervised: the labelled images only)
+    framework: str = registry("unimatch", "hafis.frameworks:FRAMEWORKS")
     #: changing it on resume changes the poly learning rate of every remaining step: resume refuses it unless
     #: ``--allow-change train.iterations``
     iterations: int = positive(1000)
@@ -270,7 +273,7 @@ class DetectorConfig:
 
     #: resnet50_fpn = the paper's Faster R-CNN ResNet-50-FPN (GPU); mobilenet_v3_large_fpn = lighter; tiny = a CPU
     #: detector with 8-64 px anchors for 32-128 px images (tests, demo)
-    arch: str = choice("resnet50_fpn", "resnet50_fpn", "mobilenet_v3_large_fpn", "tiny")
+    arch: str = registry("resnet50_fpn", "hafis.models.detector:DETECTOR_ARCHS")
     #: training steps (Adam); the authors train "many epochs"
     iterations: int = positive(10000)
     batch_size: int = positive(4)

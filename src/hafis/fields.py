@@ -10,12 +10,13 @@ can use it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from dataclasses import field
 from typing import Any, Callable, Optional
 
-__all__ = ["choice", "bounded", "positive", "nonneg", "unit", "runtime", "range_error", "relation_errors",
-           "is_runtime"]
+__all__ = ["choice", "registry", "RegistryNames", "bounded", "positive", "nonneg", "unit", "runtime", "range_error",
+           "relation_errors", "is_runtime"]
 
 
 def _field(default: Any, meta: dict, runtime: bool) -> Any:
@@ -29,6 +30,38 @@ def _field(default: Any, meta: dict, runtime: bool) -> Any:
 def choice(default: Any, *choices: Any, doc: str = "", runtime: bool = False) -> Any:
     """A key whose value must be one of ``choices``."""
     return _field(default, {"choices": choices, "doc": doc}, runtime)
+
+
+class RegistryNames:
+    """The names of a registry (``"module:ATTRIBUTE"``, a dict or tuple), read when first asked for.
+
+    The registries (segmenters, frameworks, detectors) import the config, so the config cannot import them; reading
+    them at validation time keeps each list of names in one place.
+    """
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+
+    def names(self) -> tuple:
+        module, _, attribute = self.ref.partition(":")
+        return tuple(getattr(importlib.import_module(module), attribute))
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __contains__(self, value: Any) -> bool:
+        return value in self.names()
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __repr__(self) -> str:
+        return f"RegistryNames({self.ref!r})"
+
+
+def registry(default: Any, ref: str, runtime: bool = False) -> Any:
+    """A key whose value must be a name of the registry ``ref`` (``"module:ATTRIBUTE"``)."""
+    return _field(default, {"choices": RegistryNames(ref)}, runtime)
 
 
 def bounded(default: Any, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,

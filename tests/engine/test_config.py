@@ -61,3 +61,25 @@ def test_missing_and_invalid_files(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "bad.yaml", "a: [1,\n"))
+
+
+@pytest.mark.parametrize("key,registry", [("train.framework", "hafis.frameworks:FRAMEWORKS"),
+                                          ("model.name", "hafis.models:SEGMENTERS"),
+                                          ("detector.arch", "hafis.models.detector:DETECTOR_ARCHS")])
+def test_registry_keys_accept_exactly_the_registered_names(tmp_path, monkeypatch, key, registry):
+    import importlib
+    import re
+
+    module, _, attribute = registry.partition(":")
+    names = getattr(importlib.import_module(module), attribute)
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\n")
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}' must be one of {list(names)}, got 'not-registered'")):
+        load_config(path, [f"{key}=not-registered"])
+    # a newly registered name is valid at once, without touching the config module
+    if isinstance(names, dict):
+        monkeypatch.setitem(names, "not-registered", None)
+    else:
+        monkeypatch.setattr(importlib.import_module(module), attribute, (*names, "not-registered"))
+    section, _, field = key.partition(".")
+    assert getattr(getattr(load_config(path, [f"{key}=not-registered"]), section), field) == "not-registered"

@@ -49,8 +49,10 @@ def test_param_groups_split_encoder_and_decoder():
 
 def test_registered_and_built_from_config_kwargs():
     assert "segformer" in SEGMENTERS
-    model = build_segmenter("segformer", 3, backbone="mit_tiny", output_stride=16, feature_dim=8, aspp_channels=256,
-                            fp_dropout=0.5, pretrained=None, pretrained_path=None)
+    model = build_segmenter("segformer", 3, backbone="mit_tiny", feature_dim=8, fp_dropout=0.5, pretrained=None,
+                            pretrained_path=None)
+    with pytest.raises(TypeError, match="output_stride"):  # a DeepLab key is not a SegFormer argument
+        build_segmenter("segformer", 3, backbone="mit_tiny", output_stride=16)
     # inputs below the encoder's 32 px minimum are padded inside and cropped back
     out = model(torch.zeros(1, 3, 16, 18))
     assert out.features.shape == (1, 8, 4, 5) and out.logits.shape == (1, 3, 16, 18)

@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from .base import IGNORE_INDEX
-from .io import IMAGE_EXTENSIONS, Problem, boxes_from_components, find_image
+from .io import IMAGE_EXTENSIONS, Problem, boxes_from_connected_components, find_image
 from .layout import DatasetLayout
 
 BACKGROUND_NAMES = ("background", "_background_", "bg")
@@ -111,7 +111,7 @@ class ImageFolder(DatasetLayout):
     def boxes(self, id: str, part: str, mask: Optional[np.ndarray]):
         if mask is None:
             return super().boxes(id, part, mask)
-        return boxes_from_components(mask, self.thing_classes)
+        return boxes_from_connected_components(mask, self.thing_classes)
 
 
 __all__ = ["ImageFolder", "read_class_list"]

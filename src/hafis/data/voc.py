@@ -33,7 +33,7 @@ from typing import Optional
 import numpy as np
 
 from .base import IGNORE_INDEX
-from .io import box_of, boxes_from_components, empty_boxes, find_image, read_instance_ids, stack_boxes
+from .io import box_of, boxes_from_connected_components, empty_boxes, find_image, read_instance_ids, stack_boxes
 from .layout import DatasetLayout
 
 CLASS_NAMES = (
@@ -150,7 +150,7 @@ class PascalVOC(DatasetLayout):
         if xml.is_file():
             return xml_boxes(xml)
         if mask is not None:
-            return boxes_from_components(mask, self.thing_classes)
+            return boxes_from_connected_components(mask, self.thing_classes)
         return empty_boxes()
 
 

@@ -27,11 +27,12 @@ def build_model(config: Config, num_classes: int) -> torch.nn.Module:
     """The config's segmenter; a model key that does not fit it becomes a :class:`ConfigError` naming the model."""
     m = config.model
     extra = {} if m.align_corners is None else {"align_corners": m.align_corners}
+    if m.name == "deeplabv3plus":  # the keys of its dilated backbone and ASPP head; other segmenters have neither
+        extra.update(output_stride=m.output_stride, aspp_channels=m.aspp_channels)
     try:
         return build_segmenter(
-            m.name, num_classes, backbone=m.backbone, output_stride=m.output_stride, feature_dim=m.feature_dim,
-            aspp_channels=m.aspp_channels, fp_dropout=m.fp_dropout, pretrained=m.pretrained,
-            pretrained_path=m.pretrained_path, **extra,
+            m.name, num_classes, backbone=m.backbone, feature_dim=m.feature_dim, fp_dropout=m.fp_dropout,
+            pretrained=m.pretrained, pretrained_path=m.pretrained_path, **extra,
         )
     except ValueError as exc:  # an unknown backbone, a backbone of the other model, a checkpoint of another one
         raise ConfigError(f"model (name={m.name!r}, backbone={m.backbone!r}): {exc}") from None

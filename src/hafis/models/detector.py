@@ -23,15 +23,13 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import Tensor, nn
 
-from hafis.data.base import IGNORE_INDEX, Sample, SegmentationSource, load_checked
+from hafis.data.base import Sample, SegmentationSource, load_checked
+from hafis.data.io import boxes_from_connected_components
 
 __all__ = [
     "DETECTOR_ARCHS",
-    "boxes_from_instance_mask",
-    "boxes_from_connected_components",
     "sample_boxes",
     "build_detector",
     "DetectionDataset",
@@ -43,80 +41,6 @@ DETECTOR_ARCHS = ("resnet50_fpn", "mobilenet_v3_large_fpn", "tiny")
 
 
 # ------------------------------------------------------------------------------------------------- boxes
-def _slices_to_boxes(slices: Sequence[Optional[tuple]]) -> np.ndarray:
-    """``scipy.ndimage.find_objects`` slices -> ``(n, 4)`` float32 ``x0, y0, x1, y1`` (x1 / y1 exclusive)."""
-    rows = [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in slices]
-    return np.asarray(rows, np.float32).reshape(-1, 4)
-
-
-def boxes_from_instance_mask(instance_ids: np.ndarray, semantic: Optional[np.ndarray] = None, *,
-                             ignore_index: int = IGNORE_INDEX, background_id: int = 0,
-                             min_area: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Tight boxes of every instance of an instance-id map, and each instance's semantic class.
-
-    ``instance_ids``: ``(H, W)`` ints; ``background_id`` (0) and ``ignore_index`` (255, VOC's object borders) are no
-    instance; any other value is one instance (Cityscapes' ``class * 1000 + k`` ids work as they are).
-    ``semantic``: ``(H, W)`` class ids; pixels where it is ``ignore_index`` do not count, and an instance's label is
-    the most frequent semantic class of its pixels (without ``semantic`` the label is the instance id itself).
-    Instances with fewer than ``min_area`` counted pixels are dropped. Returns ``(boxes (n, 4) float32 x0, y0, x1, y1
-    with x1 / y1 exclusive, labels (n,) int64)``, in increasing instance id. Vectorised: one ``np.unique``, one
-    ``find_objects`` and one ``bincount``, no loop over pixels.
-    """
-    inst = np.asarray(instance_ids)
-    keep = (inst != background_id) & (inst != ignore_index)
-    if semantic is not None:
-        sem = np.asarray(semantic)
-        if sem.shape != inst.shape:
-            raise ValueError(f"semantic mask {sem.shape} and instance map {inst.shape} differ in shape")
-        keep &= sem != ignore_index
-    ids, compact = np.unique(inst[keep], return_inverse=True)
-    if ids.size == 0:
-        return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
-    n = ids.size
-    label_map = np.zeros(inst.shape, np.int64)  # 0 = no instance, 1..n = the instances in increasing id
-    label_map[keep] = compact.ravel() + 1
-    slices = ndimage.find_objects(label_map, max_label=n)
-    area = np.bincount(label_map.ravel(), minlength=n + 1)[1:]
-    if semantic is not None:
-        num_sem = int(sem[keep].max()) + 1
-        joint = np.bincount(label_map[keep] * num_sem + sem[keep].astype(np.int64),
-                            minlength=(n + 1) * num_sem).reshape(n + 1, num_sem)[1:]
-        labels = joint.argmax(axis=1).astype(np.int64)
-    else:
-        labels = ids.astype(np.int64)
-    ok = area >= max(min_area, 1)
-    boxes = _slices_to_boxes([s for s, k in zip(slices, ok) if k])
-    return boxes, labels[ok]
-
-
-def boxes_from_connected_components(semantic: np.ndarray, classes: Sequence[int], min_area: int = 0, *,
-                                    connectivity: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """One box per connected component of each class in ``classes`` (for masks without instance annotations).
-
-    ``connectivity`` 8 (default, diagonal neighbours join) or 4. Components with fewer than ``min_area`` pixels are
-    dropped (the authors keep components over 90 px for thin classes). Returns boxes ordered by class, then by
-    component label (raster order of each component's first pixel). The loop is over classes; each class is one
-    ``ndimage.label`` + ``find_objects`` + ``bincount``.
-    """
-    if connectivity not in (4, 8):
-        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
-    sem = np.asarray(semantic)
-    structure = ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
-    all_boxes, all_labels = [], []
-    for c in classes:
-        comp, n = ndimage.label(sem == c, structure=structure)
-        if n == 0:
-            continue
-        area = np.bincount(comp.ravel(), minlength=n + 1)[1:]
-        ok = area >= min_area
-        boxes = _slices_to_boxes([s for s, k in zip(ndimage.find_objects(comp), ok) if k])
-        all_boxes.append(boxes)
-        all_labels.append(np.full(len(boxes), c, np.int64))
-    if not all_boxes:
-        return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
-    return np.concatenate(all_boxes), np.concatenate(all_labels)
-
-
 BOX_MODES = ("auto", "instances", "components", "combined")
 
 

@@ -115,8 +115,7 @@ class SegFormer(nn.Module):
     """SegFormer with the segmenter interface of :class:`~hafis.models.DeepLabV3Plus`.
 
     ``backbone`` names the encoder (:data:`ENCODERS`); ``feature_dim`` is the decoder width (SegFormer: 256 for B0,
-    768 for B1-B5). ``output_stride`` and ``aspp_channels`` are DeepLab options, accepted and ignored so one config
-    section serves both models.
+    768 for B1-B5).
     """
 
     def __init__(
@@ -129,12 +128,9 @@ class SegFormer(nn.Module):
         drop_path_rate: float = 0.1,
         pretrained: Optional[str] = None,
         pretrained_path=None,
-        output_stride: Optional[int] = None,
-        aspp_channels: Optional[int] = None,
         align_corners: bool = False,
     ):
         super().__init__()
-        del output_stride, aspp_channels
         #: bilinear resizes of the decoder and the logits (SegFormer's release: False); the weighting follows it
         self.align_corners = align_corners
         self.num_classes = num_classes
