@@ -4,32 +4,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from hafis.config import load_config
 from hafis.frameworks.ael import (AEL, category_confidence, component_box, cutmix_class_probabilities,
                                   equalization_rates, paste_class_probabilities, random_half_box)
 from hafis.frameworks.losses import ohem_cross_entropy
-from hafis.models import SegOutput
 
 
-class Stub(nn.Module):
-    def __init__(self, classes=3):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.conv = nn.Conv2d(3, classes, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(classes, 3, 1, 1, generator=g))
-            self.conv.bias.zero_()
+@pytest.fixture
+def ael(stub_segmenter, stub_config):
+    """``ael(classes=3, **overrides)``: AEL on the stub segmenter."""
 
-    def forward(self, x, feature_perturbation=False):
-        return SegOutput(self.conv(x), x)
+    def make(classes=3, **overrides):
+        return AEL(stub_config(*(f"{k}={v}" for k, v in overrides.items())), stub_segmenter(classes), classes)
 
-
-def ael(classes=3, **overrides):
-    config = load_config(None, ["model.feature_dim=3", "weighting.k=1", "weighting.reliable=confidence",
-                                *(f"{k}={v}" for k, v in overrides.items())])
-    return AEL(config, Stub(classes), classes)
+    return make
 
 
 def test_sampling_distributions_from_a_given_confidence_bank():
@@ -51,7 +39,7 @@ def test_category_confidence():
     assert got.tolist() == pytest.approx([0.6, 0.2, 0.0])
 
 
-def test_confidence_bank_update_in_a_step_and_the_labelled_loss():
+def test_confidence_bank_update_in_a_step_and_the_labelled_loss(ael):
     fw = ael(**{"ael.confidence_init": 0.5, "ael.momentum": 0.9, "ael.copy_paste": False, "ael.cutmix": False,
                 "loss.labelled": "ohem", "loss.ohem_min_kept": 3, "loss.ohem_threshold": 0.0})
     g = torch.Generator().manual_seed(0)
@@ -68,7 +56,7 @@ def test_confidence_bank_update_in_a_step_and_the_labelled_loss():
     assert expected.item() != pytest.approx(F.cross_entropy(logits, labelled["mask"]).item(), rel=1e-3)
 
 
-def test_dynamic_reweighting_and_equalization_sampling():
+def test_dynamic_reweighting_and_equalization_sampling(ael):
     fw = ael(classes=2, **{"ael.threshold": 0.6, "ael.gamma": 2})
     teacher = torch.tensor([[2.0, -1.0, 0.0, 1.0], [0.0, 0.0, 1.0, -1.0]]).view(1, 2, 2, 2)
     student = torch.tensor([[1.0, 0.0, -1.0, 2.0], [0.0, 1.0, 0.5, 0.0]]).view(1, 2, 2, 2)
@@ -94,7 +82,7 @@ def test_dynamic_reweighting_and_equalization_sampling():
     assert got.item() == pytest.approx(((w * r * (q >= 0.6) * ce).sum() / r.sum()).item(), rel=1e-6)
 
 
-def test_adaptive_copy_paste_pastes_only_the_drawn_class():
+def test_adaptive_copy_paste_pastes_only_the_drawn_class(ael):
     fw = ael(**{"ael.paste_exclude": "[0, 2]", "ael.copy_paste_prob": 1.0})  # only class 1 can be pasted
     x = torch.arange(2, dtype=torch.float32).view(2, 1, 1, 1).expand(2, 3, 2, 2).clone()
     y = torch.tensor([[[0, 1], [2, 2]], [[1, 255], [0, 1]]])
@@ -117,7 +105,7 @@ def test_cutmix_box_follows_a_large_enough_component():
     assert 0 <= y0 < y1 <= 16 and 0 <= x0 < x1 <= 16 and abs((y1 - y0) * (x1 - x0) - 128) <= 16
 
 
-def test_cutmix_boxes_take_the_sampled_class_from_another_image():
+def test_cutmix_boxes_take_the_sampled_class_from_another_image(ael):
     fw = ael(classes=3, **{"ael.area_thresh": 0.1})
     fw.confidence = torch.tensor([1.0, 1.0, -30.0])  # softmax(1 - conf): class 2 almost surely
     pred = torch.zeros(3, 8, 8, dtype=torch.long)

@@ -3,13 +3,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from hafis.config import load_config
 from hafis.data.transforms import normalize
 from hafis.frameworks.augseg import (OP_NAMES, AugSeg, apply_intensity_ops, from_uint8, image_reliability,
                                      label_aided_cutmix, rand_boxes, sample_intensity_ops, to_uint8)
-from hafis.models import SegOutput
 
 
 def draws(seed, n=200, **kwargs):
@@ -99,23 +96,9 @@ def test_label_aided_cutmix_follows_the_released_order():
     assert torch.equal(out["image"][:, 0], out["target"].float())
 
 
-class Stub(nn.Module):
-    def __init__(self, classes=3):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.conv = nn.Conv2d(3, classes, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(classes, 3, 1, 1, generator=g) * 5)
-
-    def forward(self, x, feature_perturbation=False):
-        return SegOutput(self.conv(x), x)
-
-
-def test_adaptive_mixing_probability_is_one_minus_reliability(monkeypatch):
+def test_adaptive_mixing_probability_is_one_minus_reliability(monkeypatch, stub_segmenter, stub_config):
     """A fully reliable unlabelled image never receives labelled pixels; an unreliable one always does."""
-    config = load_config(None, ["model.feature_dim=3", "weighting.k=1", "augseg.extra_weak=false",
-                                "augseg.threshold=0"])
-    fw = AugSeg(config, Stub(), 3)
+    fw = AugSeg(stub_config("augseg.extra_weak=false", "augseg.threshold=0"), stub_segmenter(scale=5), 3)
     calls = []
     import hafis.frameworks.augseg as mod
     real = mod.label_aided_cutmix
@@ -136,11 +119,10 @@ def test_adaptive_mixing_probability_is_one_minus_reliability(monkeypatch):
     assert [c.tolist() for c in calls] == [[False, True]] * 5
 
 
-def test_weight_normaliser_leaves_out_ignored_pixels(monkeypatch):
-    overrides = ["model.feature_dim=3", "augseg.extra_weak=false", "augseg.threshold=0", "augseg.cutmix=false",
-                 "weighting.enabled=true", "weighting.reliable=confidence", "weighting.normalize=weight",
-                 "weighting.k=1"]
-    fw = AugSeg(load_config(None, overrides), Stub(), 3)
+def test_weight_normaliser_leaves_out_ignored_pixels(monkeypatch, stub_segmenter, stub_config):
+    config = stub_config("augseg.extra_weak=false", "augseg.threshold=0", "augseg.cutmix=false",
+                         "weighting.enabled=true", "weighting.normalize=weight")
+    fw = AugSeg(config, stub_segmenter(scale=5), 3)
     g = torch.Generator().manual_seed(3)
     w = torch.randint(1, 5, (2, 8, 8), generator=g).float() / 4
     monkeypatch.setattr(fw.weighting, "weights", lambda features, pseudo: w)

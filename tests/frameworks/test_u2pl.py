@@ -4,33 +4,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from hafis.config import load_config
 from hafis.frameworks.u2pl import (U2PL, class_ranks, contrastive_term, entropy_masks, half_area_boxes,
                                    negative_masks, percentile)
-from hafis.models import SegOutput
 
 
-class Stub(nn.Module):
-    """logits = 1x1 conv of the image; features = the image itself (so D = 3)."""
+@pytest.fixture
+def u2pl(stub_segmenter, stub_config):
+    """``u2pl(classes=3, **overrides)``: U2PL on the stub segmenter (confident logits: scale 3)."""
 
-    def __init__(self, classes=3):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.conv = nn.Conv2d(3, classes, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(classes, 3, 1, 1, generator=g) * 3)
-            self.conv.bias.zero_()
+    def make(classes=3, **overrides):
+        config = stub_config("u2pl.rep_dim=2", *(f"{k}={v}" for k, v in overrides.items()))
+        return U2PL(config, stub_segmenter(classes, scale=3), classes)
 
-    def forward(self, x, feature_perturbation=False):
-        return SegOutput(self.conv(x), x)
-
-
-def u2pl(classes=3, **overrides):
-    config = load_config(None, ["model.feature_dim=3", "u2pl.rep_dim=2", "weighting.k=1",
-                                "weighting.reliable=confidence", *(f"{k}={v}" for k, v in overrides.items())])
-    return U2PL(config, Stub(classes), classes)
+    return make
 
 
 def test_percentile_is_numpy_linear_interpolation():
@@ -54,7 +41,7 @@ def test_entropy_masks_split_at_the_alpha_percentiles():
     assert int(kept.sum()) == 9 and entropy[unreliable].tolist() == pytest.approx([0.9])
 
 
-def test_alpha_decays_linearly_to_zero():
+def test_alpha_decays_linearly_to_zero(u2pl):
     fw = u2pl(**{"train.iterations": 100, "u2pl.alpha": 20})
     assert [fw.alpha(t) for t in (0, 25, 50, 100)] == [20.0, 15.0, 10.0, 0.0]
 
@@ -91,7 +78,7 @@ def test_contrastive_term_against_hand_computation():
     assert contrastive_term(anchors, positive, negatives, 0.5).item() == pytest.approx((l1 + l2) / 2, rel=1e-6)
 
 
-def test_contrastive_loss_end_to_end_on_a_two_pixel_batch():
+def test_contrastive_loss_end_to_end_on_a_two_pixel_batch(u2pl):
     fw = u2pl(classes=2, **{"u2pl.low_rank": 2, "u2pl.high_rank": 2, "u2pl.num_anchors": 3,
                             "u2pl.num_negatives": 2})
     # batch: one labelled image (pixels labelled 0, 1) and one unlabelled image, 1x2 pixels, rep at full size
@@ -113,7 +100,7 @@ def test_contrastive_loss_end_to_end_on_a_two_pixel_batch():
     assert loss.item() == 0.0
 
 
-def test_queue_keeps_the_newest_keys():
+def test_queue_keeps_the_newest_keys(u2pl):
     fw = u2pl(**{"u2pl.queue_size": 3})
 
     def push(*values):
@@ -147,7 +134,7 @@ def make_batch(seed=0, n=2, size=4, classes=3):
 
 @pytest.mark.parametrize("normalize", ["count", "weight"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_unsupervised_loss_normaliser(monkeypatch, weighted, normalize):
+def test_unsupervised_loss_normaliser(u2pl, monkeypatch, weighted, normalize):
     """L_u = Σ_K W ℓ / Z · N / |K| with the teacher's entropy percentile (t = 0: α = 20)."""
     fw = u2pl(**{"u2pl.sup_only_iterations": 0, "u2pl.cutmix_prob": 0.0, "weighting.enabled": weighted,
                  "weighting.normalize": normalize})
@@ -173,7 +160,7 @@ def test_unsupervised_loss_normaliser(monkeypatch, weighted, normalize):
     assert out.terms["mask_ratio"].item() == pytest.approx(kept.sum().item() / valid.sum().item())
 
 
-def test_supervised_only_phase_then_teacher_copy():
+def test_supervised_only_phase_then_teacher_copy(u2pl):
     fw = u2pl(**{"u2pl.sup_only_iterations": 2})
     labelled, unlabelled = make_batch()
     out = fw.train_step(labelled, unlabelled, 0)

@@ -1,31 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from hafis.config import load_config
 from hafis.frameworks.unimatch import UniMatch, cutmix, partner_index
-from hafis.models import SegOutput
 
 C = 3
-
-
-class StubModel(nn.Module):
-    """logits = 1x1 conv of the image (scaled so confidences are high); fp view = conv of the image halved."""
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.conv = nn.Conv2d(3, C, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(C, 3, 1, 1, generator=g) * 20)
-            self.conv.bias.zero_()
-
-    def forward(self, x, feature_perturbation=False):
-        out = SegOutput(self.conv(x), x)
-        if feature_perturbation:
-            out.logits_fp = self.conv(x * 0.5)
-        return out
 
 
 def make_batch(seed=0, n=2, size=4):
@@ -45,10 +24,17 @@ def make_batch(seed=0, n=2, size=4):
     return labelled, unlabelled
 
 
-def framework(threshold=0.0, **weighting):
-    overrides = [f"unimatch.threshold={threshold}", "unimatch.mix=in_batch", "model.feature_dim=3", "weighting.k=1",
-                 "weighting.reliable=confidence", *(f"weighting.{k}={v}" for k, v in weighting.items())]
-    return UniMatch(load_config(None, overrides), StubModel(), C)
+@pytest.fixture
+def framework(stub_segmenter, stub_config):
+    """``framework(threshold=0.0, **weighting)``: UniMatch on the stub segmenter (scale 20: confident logits; the
+    feature-perturbed view is the convolution of the image halved)."""
+
+    def make(threshold=0.0, **weighting):
+        config = stub_config(f"unimatch.threshold={threshold}", "unimatch.mix=in_batch",
+                             *(f"weighting.{k}={v}" for k, v in weighting.items()))
+        return UniMatch(config, stub_segmenter(C, scale=20, fp_scale=0.5), C)
+
+    return make
 
 
 def mixed(t, box, partner):
@@ -87,7 +73,7 @@ def hand_loss(model, labelled, unlabelled, weight=None, normalize="count", thres
     return (loss_x + 0.25 * terms[0] + 0.25 * terms[1] + 0.5 * terms[2]) / 2, terms
 
 
-def test_loss_equals_the_formula_without_weighting():
+def test_loss_equals_the_formula_without_weighting(framework):
     fw = framework(threshold=0.0)
     labelled, unlabelled = make_batch()
     out = fw.train_step(labelled, unlabelled, 0)
@@ -97,7 +83,7 @@ def test_loss_equals_the_formula_without_weighting():
         assert out.terms[name].item() == pytest.approx(t.item(), rel=1e-5)
 
 
-def test_threshold_masks_pixels_but_keeps_the_normaliser():
+def test_threshold_masks_pixels_but_keeps_the_normaliser(framework):
     fw = framework(threshold=0.999)
     labelled, unlabelled = make_batch(seed=3)
     out = fw.train_step(labelled, unlabelled, 0)
@@ -106,7 +92,7 @@ def test_threshold_masks_pixels_but_keeps_the_normaliser():
 
 
 @pytest.mark.parametrize("normalize", ["count", "weight"])
-def test_known_weights_scale_each_unsupervised_term(normalize, monkeypatch):
+def test_known_weights_scale_each_unsupervised_term(framework, normalize, monkeypatch):
     fw = framework(threshold=0.0, enabled="true", normalize=normalize)
     labelled, unlabelled = make_batch(seed=1)
     g = torch.Generator().manual_seed(7)
@@ -119,7 +105,7 @@ def test_known_weights_scale_each_unsupervised_term(normalize, monkeypatch):
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_constant_weight_halves_the_unsupervised_terms(monkeypatch):
+def test_constant_weight_halves_the_unsupervised_terms(framework, monkeypatch):
     labelled, unlabelled = make_batch(seed=2)
     plain = framework(threshold=0.0).train_step(labelled, unlabelled, 0)
     fw = framework(threshold=0.0, enabled="true")
@@ -145,7 +131,7 @@ def test_cutmix_moves_labels_and_weights_with_the_box():
     assert torch.equal(cutmix(images, images, box, partner)[:, 0], mixed_labels.float())
 
 
-def test_weight_identically_one_leaves_the_loss_unchanged():
+def test_weight_identically_one_leaves_the_loss_unchanged(framework):
     """offset 1 with no prototype yet gives W = 1 everywhere: the plug-in path must reproduce the plain loss."""
     labelled, unlabelled = make_batch(seed=4)
     plain = framework(threshold=0.5).train_step(labelled, unlabelled, 0)
@@ -158,7 +144,7 @@ def test_weight_identically_one_leaves_the_loss_unchanged():
 
 
 @pytest.mark.parametrize("view", ["weak", "strong"])
-def test_bank_view_feeds_the_unlabelled_queue_from_that_view(view):
+def test_bank_view_feeds_the_unlabelled_queue_from_that_view(framework, view):
     # the stub's features are its input pixels, so every queued vector names the view it came from
     fw = framework(threshold=0.0, enabled="true", bank_view=view, tau_seg=0.0, samples_per_class=64,
                    memory_per_class=64)
