@@ -9,7 +9,8 @@ TINY = ["data.synthetic.image_size=32", "data.crop_size=32", "data.synthetic.num
 
 
 def test_demo_frameworks_table(tmp_path, capsys):
-    assert main(["demo", "--quick", "--frameworks", "u2pl,augseg", "--out", str(tmp_path), *TINY]) == 0
+    assert main(["demo", "--quick", "--data", "synthetic", "--frameworks", "u2pl,augseg", "--out", str(tmp_path),
+                 *TINY]) == 0
     report = (tmp_path / "report.md").read_text()
     table = report[report.index("| framework | mIoU off | mIoU on |"):].splitlines()
     assert [row.split("|")[1].strip() for row in table[2:5]] == ["u2pl", "augseg", "(supervised only)"]

@@ -154,7 +154,7 @@ def _demo(args: argparse.Namespace) -> int:
         if bad or not frameworks:
             raise ConfigError(f"--frameworks: unknown or unusable framework(s) {bad}; valid: "
                               f"{', '.join(f for f in FRAMEWORKS if f != 'supervised')}")
-    run_demo(Path(args.out), quick=args.quick, overrides=args.overrides, frameworks=frameworks)
+    run_demo(Path(args.out), quick=args.quick, overrides=args.overrides, frameworks=frameworks, data=args.data)
     return 0
 
 
@@ -230,8 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default="", help="comma-separated image indices of the split (default: the first 4)")
     p.set_defaults(func=_visualize)
 
-    p = sub.add_parser("demo", help="supervised vs UniMatch vs UniMatch + weighting on the built-in scenes")
-    p.add_argument("--quick", action="store_true", help="a smaller run (under 3 minutes on 2 CPU cores)")
+    p = sub.add_parser("demo", help="supervised vs UniMatch vs UniMatch + weighting, one seed")
+    p.add_argument("--quick", action="store_true", help="a smaller run (about 5 minutes on 2 CPU cores)")
+    p.add_argument("--data", choices=("auto", "garments", "synthetic"), default="auto",
+                   help="garments (needs Fashion-MNIST: apt-get install dataset-fashion-mnist), the built-in synthetic "
+                        "scenes, or auto: garments when Fashion-MNIST is found (default)")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--frameworks", default=None, metavar="A,B,...",
                    help="instead of the default runs: supervised, then each of these frameworks without and with "

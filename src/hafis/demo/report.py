@@ -32,10 +32,14 @@ def pct(v: Optional[float]) -> str:
     return "-" if v is None or v != v else f"{100 * v:.1f}"
 
 
+DATA_NAMES = {"garments": "Fashion-MNIST garments on real photographs, ImageNet-pretrained EfficientNet-Lite0"}
+
+
 def write_report(path: Path, records: list[RunRecord], class_names: list[str], quick: bool, seconds: float,
                  config_path: Path, frameworks: Optional[Sequence[str]] = None) -> str:
+    data = DATA_NAMES.get(config_path.stem.split("_")[0], "built-in synthetic scenes")
     lines = [f"# hafis demo ({'quick' if quick else 'full'})", "",
-             f"Config: `{config_path.name}` (built-in synthetic scenes), one seed, same labelled subset for every run. "
+             f"Config: `{config_path.name}` ({data}), one seed, same labelled subset for every run. "
              f"Total wall time {seconds:.0f} s.", "",
              "| method | final mIoU | best mIoU | wall time (s) |", "|---|---|---|---|"]
     for r in records:

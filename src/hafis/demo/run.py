@@ -1,4 +1,6 @@
-"""The demo's runs: supervised vs UniMatch vs UniMatch + the weighting, on the built-in synthetic scenes.
+"""The demo's runs: supervised vs UniMatch vs UniMatch + the weighting, on the garments (Fashion-MNIST on real
+photographs, with an ImageNet-pretrained encoder) or, where Fashion-MNIST is not installed, the built-in synthetic
+scenes.
 
 Every run uses the same labelled subset, seed and schedule; only the framework and the weighting keys change. The
 report gives the final and best mIoU of each run, per-class IoU, pseudo-label quality against the (hidden) ground
@@ -42,21 +44,43 @@ def framework_runs(frameworks: Sequence[str]) -> list[tuple[str, list[str]]]:
     return runs
 
 
-def demo_config_path(quick: bool) -> Path:
-    return CONFIG_DIR / ("demo_quick.yaml" if quick else "demo.yaml")
+DATA_CHOICES = ("auto", "garments", "synthetic")
+
+
+def demo_data(data: str, log=print) -> str:
+    """``auto``: the garments when Fashion-MNIST is installed, else the synthetic scenes (saying how to get it)."""
+    if data != "auto":
+        return data
+    from hafis.data.base import DataError
+    from hafis.data.garments import GarmentsConfig, find_fashion_mnist
+
+    try:
+        find_fashion_mnist(GarmentsConfig())
+        return "garments"
+    except DataError as exc:
+        log(f"[demo] {exc}. The demo runs on the built-in synthetic scenes instead.")
+        return "synthetic"
+
+
+def demo_config_path(quick: bool, data: str = "synthetic") -> Path:
+    name = "garments" if data == "garments" else "demo"
+    return CONFIG_DIR / (f"{name}_quick.yaml" if quick else f"{name}.yaml")
 
 
 def run_demo(out: Path, quick: bool = False, overrides: Sequence[str] = (), log=print,
-             frameworks: Optional[Sequence[str]] = None) -> list[RunRecord]:
-    """The default demo, or with ``frameworks`` supervised plus each framework with and without the weighting."""
+             frameworks: Optional[Sequence[str]] = None, data: str = "auto") -> list[RunRecord]:
+    """The default demo, or with ``frameworks`` supervised plus each framework with and without the weighting;
+    ``data``: garments, synthetic or auto (:func:`demo_data`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    data = demo_data(data, log)
     if frameworks:
         runs = framework_runs(frameworks)
+    elif quick or data == "garments":
+        runs = list(RUNS)  # the garments' full demo keeps to these three to stay near 10 minutes on 2 cores
     else:
-        # --quick: the three runs the issue asks for; the full demo adds the authors' form and the detector run
-        runs = RUNS + ([] if quick else [AUTHORS_RUN, DETECTOR_RUN])
-    config_path = demo_config_path(quick)
+        runs = RUNS + [AUTHORS_RUN, DETECTOR_RUN]  # the synthetic scenes are cheap enough for both extra forms
+    config_path = demo_config_path(quick, data)
     records, last_trainer = [], None
     detector_info, detector_trainer = None, None
     t_all = time.perf_counter()
