@@ -12,7 +12,6 @@ from hafis.engine.detections import (BoxMaskProvider, DetectionCache, DetectionC
                                      file_digest, split_key)
 
 IDS = tuple(f"img_{i}" for i in range(7))
-TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "unimatch.yaml"
 
 
 def fake_run(calls):
@@ -139,38 +138,38 @@ def test_box_mask_provider_checks_the_image_size(tmp_path):
         provider(0, (4, 4))
 
 
-def test_detect_then_train_end_to_end(tmp_path, capsys):
+def test_detect_then_train_end_to_end(tmp_path, capsys, tiny_config):
     overrides = [f"output_dir={tmp_path / 'run'}", f"detector.output_dir={tmp_path / 'det'}", "detector.arch=tiny",
                  "detector.iterations=3", "detector.batch_size=2", "detector.lr=0.001", "detector.chunk_size=5",
                  "weighting.enabled=true", "weighting.reliable=detector", "weighting.tau_det=0.0"]
     # without detections, train stops before writing anything and names the command to run
-    assert main(["train", str(TINY), *overrides]) == 2
+    assert main(["train", str(tiny_config), *overrides]) == 2
     err = capsys.readouterr().err
     assert "hafis detect" in err and not (tmp_path / "run").exists()
 
-    assert main(["detect", str(TINY), *overrides]) == 0
+    assert main(["detect", str(tiny_config), *overrides]) == 0
     out = capsys.readouterr()
     summary = json.loads(out.out.strip().splitlines()[-1])
     assert summary["images"] == 16 and Path(summary["cache"]).is_file()
-    config = load_config(TINY, overrides)
+    config = load_config(tiny_config, overrides)
     checkpoint = default_checkpoint_path(config)
     assert checkpoint == tmp_path / "det" / "detector.pt" and checkpoint.is_file()
 
-    assert main(["train", str(TINY), *overrides]) == 0
+    assert main(["train", str(tiny_config), *overrides]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert np.isfinite(record["miou"])
 
     # a second detect reuses detector and cache; a changed recipe retrains, giving a new checkpoint hash
     old_hash = file_digest(checkpoint)
-    assert main(["detect", str(TINY), *overrides]) == 0
+    assert main(["detect", str(tiny_config), *overrides]) == 0
     assert "reusing the trained detector" in capsys.readouterr().out and file_digest(checkpoint) == old_hash
     changed = [*overrides, "detector.iterations=4"]
-    assert main(["train", str(TINY), *changed]) == 2  # the detector on disk no longer matches the config
+    assert main(["train", str(tiny_config), *changed]) == 2  # the detector on disk no longer matches the config
     assert "another recipe" in capsys.readouterr().err
-    assert main(["detect", str(TINY), *changed]) == 0
+    assert main(["detect", str(tiny_config), *changed]) == 0
     printed = capsys.readouterr().out
     assert "retraining" in printed and "stale" in printed  # the old checkpoint's cache is reported, not used
-    new_config = load_config(TINY, changed)
+    new_config = load_config(tiny_config, changed)
     assert file_digest(checkpoint) != old_hash
     assert detection_cache(new_config, _unlabelled(new_config), file_digest(checkpoint)).load() is not None
     assert len(list((detector_dir(config) / "detections").glob("*.npz"))) == 2
