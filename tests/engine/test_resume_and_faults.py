@@ -32,22 +32,7 @@ def comparable(records):
     return [{k: v for k, v in r.items() if k != "seconds_per_iteration"} for r in records]
 
 
-def assert_states_equal(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_states_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_states_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), path
-
-
-def test_sigkill_and_resume_is_bit_identical(tmp_path, tiny_config):
+def test_sigkill_and_resume_is_bit_identical(tmp_path, tiny_config, assert_states_equal):
     hafis(tiny_config, tmp_path / "straight")
     killed = hafis(tiny_config, tmp_path / "killed", wait=False)
     ckpts = tmp_path / "killed" / "checkpoints"
