@@ -68,3 +68,26 @@ def test_an_empty_split_is_named_not_a_traceback(tmp_path, capsys, tiny_config):
     assert code == 2
     assert "the unlabelled split is empty" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_overrides_may_follow_the_options(tmp_path, tiny_config):
+    run_dir = tmp_path / "run"
+    assert main(["train", str(tiny_config), "--nproc", "1", "train.iterations=2", "train.eval_interval=1",
+                 f"output_dir={run_dir}"]) == 0
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["iteration"] for r in records if r.get("event") == "eval"] == [1, 2]
+    assert [r["iteration"] for r in records if "loss" in r] == [1, 2]
+
+
+@pytest.mark.parametrize("argv,stray", [
+    (["train", "{config}", "--nproc", "1", "stray"], "stray"),  # not key=value
+    (["train", "{config}", "train.iterations=2", "--bogus", "output_dir={out}"], "--bogus"),
+    (["compare", "{config}", "--arm", "a:", "--out", "{out}", "train.iterations=2"], "train.iterations=2"),
+])
+def test_stray_arguments_are_a_usage_error_before_anything_runs(tmp_path, capsys, tiny_config, argv, stray):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main([a.format(config=tiny_config, out=out) for a in argv])
+    assert exit_.value.code == 2
+    assert f"unrecognized arguments: {stray}" in capsys.readouterr().err.splitlines()[-1]
+    assert not out.exists()
