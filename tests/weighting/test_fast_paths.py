@@ -10,7 +10,7 @@ from hafis.weighting.similarity import topk_indices
 
 
 def reference_topk_mask(x, k, dim=-1):
-    """The previous implementation: k-th largest value from torch.topk, then the tied entries in index order."""
+    """The plain way: the k-th largest value from torch.topk, then the tied entries in index order."""
     kth = torch.topk(x, k, dim=dim, largest=True, sorted=True).values.narrow(dim, k - 1, 1)
     above = x > kth
     tied = x == kth
@@ -19,7 +19,7 @@ def reference_topk_mask(x, k, dim=-1):
 
 
 def reference_similarity(weighter, features, pseudo_labels):
-    """The previous ``PseudoLabelWeighter.similarity``: an (N x D) mask, one (hw x D)@(D x C) product, a gather."""
+    """``PseudoLabelWeighter.similarity`` the plain way: an (N x D) mask, one (hw x D)@(D x C) product, a gather."""
     B, H, W = pseudo_labels.shape
     protos, has_proto = weighter.bank.prototypes()
     proto_mask = reference_topk_mask(protos, weighter.k, dim=1) & has_proto[:, None]
