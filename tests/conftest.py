@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,3 +13,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Generated data goes to a per-session cache, never the user's ~/.cache."""
     cache = os.environ.get("HAFIS_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "hafis-cache")
     monkeypatch.setenv("HAFIS_CACHE", cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``configs/tiny/unimatch.yaml``: the few-second CPU run the end-to-end tests start from."""
+    return Path(__file__).resolve().parents[1] / "configs" / "tiny" / "unimatch.yaml"

@@ -1,21 +1,18 @@
 """End to end through the command line, on tiny synthetic data (a few seconds per run)."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from hafis.cli import main
 from hafis.engine.run_log import read_metrics
 
-TINY = Path(__file__).parent.parent / "configs" / "tiny"
-
 
 @pytest.mark.parametrize("framework", ["supervised", "unimatch"])
 @pytest.mark.parametrize("weighting", ["false", "true"])
-def test_train_then_eval_reproduces_the_logged_miou(tmp_path, capsys, framework, weighting):
+def test_train_then_eval_reproduces_the_logged_miou(tmp_path, capsys, framework, weighting, tiny_config):
     run_dir = tmp_path / "run"
-    code = main(["train", str(TINY / "unimatch.yaml"), f"train.framework={framework}",
+    code = main(["train", str(tiny_config), f"train.framework={framework}",
                  f"weighting.enabled={weighting}", f"output_dir={run_dir}"])
     assert code == 0
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -31,16 +28,16 @@ def test_train_then_eval_reproduces_the_logged_miou(tmp_path, capsys, framework,
     assert (run_dir / "config.yaml").is_file() and any((run_dir / "tensorboard").iterdir())
     capsys.readouterr()
 
-    assert main(["eval", str(TINY / "unimatch.yaml"), "--checkpoint", str(checkpoint)]) == 0
+    assert main(["eval", str(tiny_config), "--checkpoint", str(checkpoint)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["miou"] == evals[0]["miou"]
     assert result["iou"] == evals[0]["iou"]
 
 
-def test_training_is_deterministic_on_cpu(tmp_path):
+def test_training_is_deterministic_on_cpu(tmp_path, tiny_config):
     runs = []
     for name in ("a", "b"):
-        assert main(["train", str(TINY / "unimatch.yaml"), "weighting.enabled=true",
+        assert main(["train", str(tiny_config), "weighting.enabled=true",
                      f"output_dir={tmp_path / name}"]) == 0
         runs.append([{k: v for k, v in r.items() if k != "seconds_per_iteration"}
                      for r in read_metrics(tmp_path / name / "metrics.jsonl")])
@@ -51,23 +48,46 @@ def test_training_is_deterministic_on_cpu(tmp_path):
     "override,message",
     [("train.iteratons=3", "unknown key 'train.iteratons'"), ("train.iterations=abc", "must be int")],
 )
-def test_config_errors_exit_2_and_write_nothing(tmp_path, capsys, override, message):
+def test_config_errors_exit_2_and_write_nothing(tmp_path, capsys, override, message, tiny_config):
     run_dir = tmp_path / "run"
-    code = main(["train", str(TINY / "unimatch.yaml"), override, f"output_dir={run_dir}"])
+    code = main(["train", str(tiny_config), override, f"output_dir={run_dir}"])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not run_dir.exists()
 
 
-def test_eval_of_a_missing_checkpoint_names_it(tmp_path, capsys):
+def test_eval_of_a_missing_checkpoint_names_it(tmp_path, capsys, tiny_config):
     missing = tmp_path / "nope.pt"
-    assert main(["eval", str(TINY / "unimatch.yaml"), "--checkpoint", str(missing)]) == 2
+    assert main(["eval", str(tiny_config), "--checkpoint", str(missing)]) == 2
     assert str(missing) in capsys.readouterr().err
 
 
-def test_an_empty_split_is_named_not_a_traceback(tmp_path, capsys):
-    code = main(["train", str(TINY / "unimatch.yaml"), "data.synthetic.num_unlabelled=0",
+def test_an_empty_split_is_named_not_a_traceback(tmp_path, capsys, tiny_config):
+    code = main(["train", str(tiny_config), "data.synthetic.num_unlabelled=0",
                  f"output_dir={tmp_path / 'run'}"])
     assert code == 2
     assert "the unlabelled split is empty" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_overrides_may_follow_the_options(tmp_path, tiny_config):
+    run_dir = tmp_path / "run"
+    assert main(["train", str(tiny_config), "--nproc", "1", "train.iterations=2", "train.eval_interval=1",
+                 f"output_dir={run_dir}"]) == 0
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["iteration"] for r in records if r.get("event") == "eval"] == [1, 2]
+    assert [r["iteration"] for r in records if "loss" in r] == [1, 2]
+
+
+@pytest.mark.parametrize("argv,stray", [
+    (["train", "{config}", "--nproc", "1", "stray"], "stray"),  # not key=value
+    (["train", "{config}", "train.iterations=2", "--bogus", "output_dir={out}"], "--bogus"),
+    (["compare", "{config}", "--arm", "a:", "--out", "{out}", "train.iterations=2"], "train.iterations=2"),
+])
+def test_stray_arguments_are_a_usage_error_before_anything_runs(tmp_path, capsys, tiny_config, argv, stray):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main([a.format(config=tiny_config, out=out) for a in argv])
+    assert exit_.value.code == 2
+    assert f"unrecognized arguments: {stray}" in capsys.readouterr().err.splitlines()[-1]
+    assert not out.exists()

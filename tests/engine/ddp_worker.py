@@ -1,5 +1,5 @@
-"""Run by test_distributed.py under ``torchrun --nproc_per_node 2`` (gloo): each rank saves what it saw to
-``OUT/rank{r}.pt`` and the test compares the ranks, and the ranks with one process."""
+"""Run by test_distributed.py as ``torchrun --nproc_per_node 2 ddp_worker.py OUT TINY_CONFIG`` (gloo): each rank saves
+what it saw to ``OUT/rank{r}.pt`` and the test compares the ranks, and the ranks with one process."""
 
 import sys
 from pathlib import Path
@@ -12,9 +12,6 @@ from hafis.config import load_config
 from hafis.engine import distributed
 from hafis.engine.trainer import Trainer
 from hafis.weighting import PrototypeBank
-
-TINY = Path(__file__).parents[2] / "configs" / "tiny" / "unimatch.yaml"
-
 
 def bank_pushes(rank: int) -> dict:
     """Two images per rank, class 0 on the left half, class 1 on the right; a pixel's feature is
@@ -62,10 +59,10 @@ def toy_ddp(rank: int, world: int) -> list:
     return [p.detach().clone() for p in owner.model.parameters()]
 
 
-def u2pl_gradients(out: Path) -> dict:
+def u2pl_gradients(config_path: Path, out: Path) -> dict:
     """U2PL under DDP: step 0 is supervised-only (the representation head unused), step 1 the full recipe."""
-    config = load_config(TINY, ["train.framework=u2pl", "u2pl.sup_only_iterations=1", "train.batch_size=4",
-                                "train.unlabelled_batch_size=4", f"output_dir={out}"])
+    config = load_config(config_path, ["train.framework=u2pl", "u2pl.sup_only_iterations=1", "train.batch_size=4",
+                                       "train.unlabelled_batch_size=4", f"output_dir={out}"])
     trainer = Trainer(config)
     framework = trainer.framework
     labelled, unlabelled = trainer._streams()
@@ -82,13 +79,13 @@ def u2pl_gradients(out: Path) -> dict:
     return seen
 
 
-def main(out: Path) -> None:
+def main(out: Path, config_path: Path) -> None:
     context = distributed.setup("cpu")
     results = {"bank": bank_pushes(context.rank), "toy": toy_ddp(context.rank, context.world_size),
-               "u2pl": u2pl_gradients(out)}
+               "u2pl": u2pl_gradients(config_path, out)}
     torch.save(results, out / f"rank{context.rank}.pt")
     distributed.teardown()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

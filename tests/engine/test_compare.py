@@ -3,7 +3,6 @@
 import json
 import math
 import statistics
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from hafis.config import ConfigError
 from hafis.engine.compare import RunData, parse_arm, parse_seeds, plan_runs, report_markdown, summarise
 from hafis.engine.run_log import read_metrics, truncate_metrics
 
-TINY = Path(__file__).parents[2] / "configs" / "tiny" / "unimatch.yaml"
 #: two-sided 95 % Student t quantiles (tables), df = 1 and 2
 T95 = {1: 12.706204736, 2: 4.30265273}
 OFF = {"enabled": False, "offset": 0.0, "normalize": "count", "reliable": "confidence"}
@@ -33,11 +31,11 @@ def test_parse_arm_and_seeds():
             parse_seeds(bad)
 
 
-def test_plan_shares_one_detector_per_seed_and_validates_every_arm(tmp_path):
+def test_plan_shares_one_detector_per_seed_and_validates_every_arm(tmp_path, tiny_config):
     arms = [parse_arm("w: weighting.enabled=true weighting.reliable=detector"),
             parse_arm("w1: weighting.enabled=true weighting.reliable=detector weighting.offset=1"),
             parse_arm("plain: weighting.enabled=false")]
-    specs = plan_runs(TINY, arms, [0, 1], ["train.iterations=2"], tmp_path)
+    specs = plan_runs(tiny_config, arms, [0, 1], ["train.iterations=2"], tmp_path)
     assert [(s.arm.name, s.seed) for s in specs] == [("w", 0), ("w1", 0), ("plain", 0), ("w", 1), ("w1", 1),
                                                      ("plain", 1)]
     det = {(s.arm.name, s.seed): s.detector_dir for s in specs}
@@ -46,10 +44,10 @@ def test_plan_shares_one_detector_per_seed_and_validates_every_arm(tmp_path):
     w0 = specs[0]
     assert w0.config.detector.output_dir == str(det["w", 0]) and w0.config.train.iterations == 2
     assert w0.config.seed == 0 and w0.run_dir == tmp_path / "runs" / "w" / "seed_0"
-    changed = plan_runs(TINY, arms[:1], [0], ["detector.iterations=7"], tmp_path)[0]
+    changed = plan_runs(tiny_config, arms[:1], [0], ["detector.iterations=7"], tmp_path)[0]
     assert changed.detector_dir != det["w", 0]  # another detector recipe: another detector
     with pytest.raises(ConfigError, match="arm 'bad'.*weighting.ofset"):
-        plan_runs(TINY, [arms[2], parse_arm("bad: weighting.ofset=1")], [0], [], tmp_path)
+        plan_runs(tiny_config, [arms[2], parse_arm("bad: weighting.ofset=1")], [0], [], tmp_path)
     assert not (tmp_path / "runs").exists()
 
 
@@ -97,10 +95,10 @@ def _eval_records(run_dir):
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "eval"]
 
 
-def test_compare_end_to_end_reuses_and_resumes(tmp_path, capsys):
+def test_compare_end_to_end_reuses_and_resumes(tmp_path, capsys, tiny_config):
     out = tmp_path / "cmp"
-    args = ["compare", str(TINY), "--arm", "plain: train.framework=unimatch", "--arm", "w: weighting.enabled=true",
-            "--seeds", "0,1", "--jobs", "2", "--out", str(out),
+    args = ["compare", str(tiny_config), "--arm", "plain: train.framework=unimatch",
+            "--arm", "w: weighting.enabled=true", "--seeds", "0,1", "--jobs", "2", "--out", str(out),
             "--set", "train.eval_interval=1", "train.tensorboard=false", "eval.diagnostics_images=3"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
@@ -156,9 +154,9 @@ def test_compare_end_to_end_reuses_and_resumes(tmp_path, capsys):
     assert (out / "report.md").read_text() == report
 
 
-def test_a_failing_run_is_named_with_its_log_and_the_others_go_on(tmp_path, capsys):
+def test_a_failing_run_is_named_with_its_log_and_the_others_go_on(tmp_path, capsys, tiny_config):
     out = tmp_path / "cmp"
-    code = main(["compare", str(TINY), "--arm", "ok: train.framework=supervised", "--arm",
+    code = main(["compare", str(tiny_config), "--arm", "ok: train.framework=supervised", "--arm",
                  "broken: data.synthetic.num_unlabelled=0", "--seeds", "0", "--out", str(out),
                  "--set", "train.tensorboard=false", "train.iterations=1"])
     assert code == 1
@@ -169,11 +167,11 @@ def test_a_failing_run_is_named_with_its_log_and_the_others_go_on(tmp_path, caps
     assert f"- broken seed 0: failed (exit 2); log: {log}" in (out / "report.md").read_text()
 
 
-def test_a_bad_arm_key_exits_2_and_writes_nothing(tmp_path, capsys):
+def test_a_bad_arm_key_exits_2_and_writes_nothing(tmp_path, capsys, tiny_config):
     out = tmp_path / "cmp"
-    assert main(["compare", str(TINY), "--arm", "a: train.iteratons=3", "--out", str(out)]) == 2
+    assert main(["compare", str(tiny_config), "--arm", "a: train.iteratons=3", "--out", str(out)]) == 2
     assert "train.iteratons" in capsys.readouterr().err
-    assert main(["compare", str(TINY), "--arm", "a:", "--baseline", "zz", "--out", str(out)]) == 2
+    assert main(["compare", str(tiny_config), "--arm", "a:", "--baseline", "zz", "--out", str(out)]) == 2
     assert "--baseline 'zz'" in capsys.readouterr().err
     assert main(["compare", "--report-only", "--out", str(out)]) == 2
     assert not out.exists()

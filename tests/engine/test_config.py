@@ -1,5 +1,6 @@
 import pytest
 
+from hafis.cli import main
 from hafis.config import ConfigError, load_config
 
 
@@ -83,3 +84,28 @@ def test_registry_keys_accept_exactly_the_registered_names(tmp_path, monkeypatch
         monkeypatch.setattr(importlib.import_module(module), attribute, (*names, "not-registered"))
     section, _, field = key.partition(".")
     assert getattr(getattr(load_config(path, [f"{key}=not-registered"]), section), field) == "not-registered"
+
+
+@pytest.mark.parametrize("files", [
+    {"a.yaml": "base: a.yaml\nname: a\n"},  # itself
+    {"a.yaml": "base: b.yaml\n", "b.yaml": "base: sub/c.yaml\n", "sub/c.yaml": "base: ../a.yaml\n"},  # a cycle of 3
+])
+def test_a_base_loop_is_named_not_a_recursion_error(tmp_path, capsys, files):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        write(tmp_path, name, text)
+    with pytest.raises(ConfigError, match=r"'base' chain loops back to itself"):
+        load_config(tmp_path / "a.yaml")
+    assert main(["train", str(tmp_path / "a.yaml"), f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "loops back" in err and not (tmp_path / "run").exists()
+
+
+def test_a_three_level_chain_is_no_loop_and_a_missing_base_is_named(tmp_path):
+    write(tmp_path, "root.yaml", "train: {iterations: 7}\n")
+    write(tmp_path, "mid.yaml", "base: root.yaml\ntrain: {batch_size: 5}\n")
+    config = load_config(write(tmp_path, "leaf.yaml", "base: mid.yaml\nname: leaf\n"))
+    assert (config.name, config.train.iterations, config.train.batch_size) == ("leaf", 7, 5)
+    write(tmp_path, "bad.yaml", "base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config(tmp_path / "bad.yaml")

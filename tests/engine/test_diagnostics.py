@@ -1,5 +1,4 @@
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -81,15 +80,14 @@ def test_without_weights_only_confidence_diagnostics():
     assert math.isnan(stats["bank_confidence_precision"])  # nothing reaches 0.95
 
 
-def test_diagnostics_are_logged_and_leave_training_unchanged(tmp_path):
+def test_diagnostics_are_logged_and_leave_training_unchanged(tmp_path, tiny_config):
     from hafis.engine.run_log import read_metrics
     from hafis.engine.trainer import Trainer
 
-    tiny = Path(__file__).parents[2] / "configs" / "tiny" / "unimatch.yaml"
     runs = {}
     for n in (0, 3):
-        config = load_config(tiny, ["weighting.enabled=true", "train.tensorboard=false",
-                                    f"eval.diagnostics_images={n}", f"output_dir={tmp_path / str(n)}"])
+        config = load_config(tiny_config, ["weighting.enabled=true", "train.tensorboard=false",
+                                           f"eval.diagnostics_images={n}", f"output_dir={tmp_path / str(n)}"])
         Trainer(config).train()
         runs[n] = read_metrics(tmp_path / str(n) / "metrics.jsonl")
     final = runs[3][-1]

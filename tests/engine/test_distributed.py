@@ -21,15 +21,14 @@ from hafis.engine.run_log import read_metrics
 from hafis.engine.build import build_model
 
 HERE = Path(__file__).parent
-TINY = HERE.parents[1] / "configs" / "tiny" / "unimatch.yaml"
 ARGS = ["train.batch_size=4", "train.unlabelled_batch_size=4", "train.iterations=4", "train.eval_interval=2",
         "weighting.enabled=true", "weighting.reliable=confidence", "weighting.labelled_threshold=0"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run(run_dir, *extra):
-    proc = subprocess.run([sys.executable, "-m", "hafis", "train", str(TINY), *ARGS, f"output_dir={run_dir}", *extra],
-                          env=ENV, capture_output=True, text=True, timeout=300)
+def run(config, *args):
+    proc = subprocess.run([sys.executable, "-m", "hafis", "train", str(config), *args], env=ENV, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -39,12 +38,12 @@ def flat(state):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory, tiny_config):
     """What each of two torchrun ranks saw in ddp_worker.py."""
     out = tmp_path_factory.mktemp("ddp")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(HERE / "ddp_worker.py"), str(out)], env=ENV, capture_output=True, text=True,
-                          timeout=300)
+                           str(HERE / "ddp_worker.py"), str(out), str(tiny_config)], env=ENV, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
@@ -91,16 +90,23 @@ def test_framework_head_gets_gradients_teacher_does_not(ranks):
             assert all(g is None for g in step["teacher"]) and not step["teacher_requires_grad"]
 
 
-def test_two_processes_stay_close_to_one_process(tmp_path):
-    out = run(tmp_path / "two", "--nproc", "2")
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, tiny_config):
+    """The tiny run on two gloo processes: ``(run dir, stdout)``; checkpoints at iterations 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    return run_dir, run(tiny_config, *ARGS, f"output_dir={run_dir}", "--nproc", "2")
+
+
+def test_two_processes_stay_close_to_one_process(tmp_path, tiny_config, two_processes):
+    two_dir, out = two_processes
     assert out.count('"run_dir"') == 1  # only rank 0 reports
-    run(tmp_path / "one")
-    records = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    run(tiny_config, *ARGS, f"output_dir={tmp_path / 'one'}")
+    records = read_metrics(two_dir / "metrics.jsonl")
     assert [r["iteration"] for r in records if "loss" in r] == [1, 2, 3, 4]  # written once, by rank 0
-    two = load_checkpoint(tmp_path / "two" / "checkpoints" / "ckpt_00000004.pt")
+    two = load_checkpoint(two_dir / "checkpoints" / "ckpt_00000004.pt")
     one = load_checkpoint(tmp_path / "one" / "checkpoints" / "ckpt_00000004.pt")
     torch.manual_seed(0)
-    start = build_model(load_config(TINY, ARGS), 4).state_dict()
+    start = build_model(load_config(tiny_config, ARGS), 4).state_dict()
     w0, w1, w2 = flat(start), flat(one["student"]), flat(two["student"])
     travelled = (w1 - w0).norm()
     assert travelled > 0
@@ -114,10 +120,10 @@ def test_two_processes_stay_close_to_one_process(tmp_path):
     assert [len(two["bank_generators"]), one["bank_generators"]] == [2, None]  # each rank's own draws
 
 
-def test_failed_rendezvous_is_one_line_and_exit_2(tmp_path):
+def test_failed_rendezvous_is_one_line_and_exit_2(tmp_path, tiny_config):
     env = {k: v for k, v in ENV.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     env.update(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
-    proc = subprocess.run([sys.executable, "-m", "hafis", "train", str(TINY), f"output_dir={tmp_path / 'run'}"],
+    proc = subprocess.run([sys.executable, "-m", "hafis", "train", str(tiny_config), f"output_dir={tmp_path / 'run'}"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -125,8 +131,23 @@ def test_failed_rendezvous_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
-def test_nnodes_without_endpoint_is_a_usage_error(capsys):
+def test_nnodes_without_endpoint_is_a_usage_error(capsys, tiny_config):
     from hafis.cli import main
 
-    assert main(["train", str(TINY), "--nproc", "2", "--nnodes", "2"]) == 2
+    assert main(["train", str(tiny_config), "--nproc", "2", "--nnodes", "2"]) == 2
     assert "--rdzv-endpoint" in capsys.readouterr().err
+
+
+def test_resume_from_a_path_through_torchrun(tmp_path, tiny_config, two_processes, assert_states_equal):
+    """``hafis train CONFIG --nproc 2 --resume PATH`` (overrides after the options) continues the two-process run
+    from its iteration-2 checkpoint into another folder and ends where the uninterrupted run did."""
+    two_dir, _ = two_processes
+    checkpoint = two_dir / "checkpoints" / "ckpt_00000002.pt"
+    out = run(tiny_config, "--nproc", "2", "--resume", str(checkpoint), *ARGS, f"output_dir={tmp_path / 'resumed'}")
+    assert f"resumed from {checkpoint} at iteration 2" in out
+    records = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["iteration"] for r in records if "loss" in r] == [3, 4]
+    a = load_checkpoint(two_dir / "checkpoints" / "ckpt_00000004.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "ckpt_00000004.pt")
+    for key in ("student", "model", "optimizer", "framework"):
+        assert_states_equal(a[key], b[key], key)

@@ -6,8 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 import torch
 
 from hafis.cli import EXIT_NONFINITE, main
@@ -15,14 +13,13 @@ from hafis.engine.checkpoint import load_checkpoint
 from hafis.engine.run_log import read_metrics
 from hafis.frameworks.unimatch import UniMatch
 
-TINY = Path(__file__).parents[2] / "configs" / "tiny" / "unimatch.yaml"
-ARGS = ["weighting.enabled=true", "weighting.reliable=confidence", "train.iterations=40", "train.eval_interval=10",
+ARGS = ["weighting.enabled=true", "weighting.reliable=confidence", "train.iterations=12", "train.eval_interval=4",
         "train.checkpoint_interval=2", "train.keep_checkpoints=3", "train.log_interval=1"]
 
 
-def hafis(run_dir, *extra, wait=True):
+def hafis(config, run_dir, *extra, wait=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    cmd = [sys.executable, "-m", "hafis", "train", str(TINY), *ARGS, f"output_dir={run_dir}", *extra]
+    cmd = [sys.executable, "-m", "hafis", "train", str(config), *ARGS, f"output_dir={run_dir}", *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if wait:
         out, err = proc.communicate(timeout=300)
@@ -35,38 +32,23 @@ def comparable(records):
     return [{k: v for k, v in r.items() if k != "seconds_per_iteration"} for r in records]
 
 
-def assert_states_equal(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_states_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_states_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), path
-
-
-def test_sigkill_and_resume_is_bit_identical(tmp_path):
-    hafis(tmp_path / "straight")
-    killed = hafis(tmp_path / "killed", wait=False)
+def test_sigkill_and_resume_is_bit_identical(tmp_path, tiny_config, assert_states_equal):
+    hafis(tiny_config, tmp_path / "straight")
+    killed = hafis(tiny_config, tmp_path / "killed", wait=False)
     ckpts = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 120
-    while not (ckpts / "ckpt_00000008.pt").exists():
+    while not (ckpts / "ckpt_00000004.pt").exists():
         assert killed.poll() is None and time.time() < deadline, "run ended before it could be killed"
         time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert killed.returncode == -signal.SIGKILL
-    assert not (ckpts / "ckpt_00000040.pt").exists()
-    out = hafis(tmp_path / "killed", "--resume")
+    assert not (ckpts / "ckpt_00000012.pt").exists()
+    out = hafis(tiny_config, tmp_path / "killed", "--resume")
     resumed_at = int(re.search(r"resumed from \S+ at iteration (\d+)", out).group(1))
-    assert 8 <= resumed_at < 40
+    assert 4 <= resumed_at < 12  # evaluations at 8 and 12 are replayed
 
-    final = "checkpoints/ckpt_00000040.pt"
+    final = "checkpoints/ckpt_00000012.pt"
     a = load_checkpoint(tmp_path / "straight" / final)
     b = load_checkpoint(tmp_path / "killed" / final)
     for key in ("model", "student", "optimizer", "framework", "torch_rng", "best_miou", "iteration"):
@@ -75,7 +57,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
         comparable(read_metrics(tmp_path / "killed" / "metrics.jsonl"))
 
 
-def test_nan_loss_stops_with_the_iteration_and_term(tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_with_the_iteration_and_term(tmp_path, monkeypatch, capsys, tiny_config):
     original = UniMatch.train_step
 
     def poisoned(self, labelled, unlabelled, iteration):
@@ -87,22 +69,22 @@ def test_nan_loss_stops_with_the_iteration_and_term(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(UniMatch, "train_step", poisoned)
     run = tmp_path / "run"
-    code = main(["train", str(TINY), "train.iterations=10", "train.eval_interval=2", f"output_dir={run}"])
+    code = main(["train", str(tiny_config), "train.iterations=10", "train.eval_interval=2", f"output_dir={run}"])
     assert code == EXIT_NONFINITE
     err = capsys.readouterr().err
     assert "iteration 4" in err and "loss_s1" in err
     state = load_checkpoint(run / "checkpoints" / "ckpt_00000004.pt")  # written before the bad step, still intact
     assert state["iteration"] == 4
 
-    code = main(["train", str(TINY), "train.iterations=10", "train.eval_interval=2", "train.max_nonfinite_skips=3",
-                 f"output_dir={tmp_path / 'skip'}"])
+    code = main(["train", str(tiny_config), "train.iterations=10", "train.eval_interval=2",
+                 "train.max_nonfinite_skips=3", f"output_dir={tmp_path / 'skip'}"])
     assert code == EXIT_NONFINITE
     assert "4 non-finite step(s)" in capsys.readouterr().err  # iterations 4, 5, 6 skipped, 7 stops
 
 
-def test_bf16_autocast_trains_on_cpu(tmp_path):
+def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_config):
     run = tmp_path / "run"
-    assert main(["train", str(TINY), "train.amp=bf16", "weighting.enabled=true", "weighting.reliable=confidence",
+    assert main(["train", str(tiny_config), "train.amp=bf16", "weighting.enabled=true", "weighting.reliable=confidence",
                  f"output_dir={run}"]) == 0
     records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert len(records) == 3 and all(r["loss"] == r["loss"] for r in records)

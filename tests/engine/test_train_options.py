@@ -1,18 +1,13 @@
 """``train.channels_last``, ``train.amp=fp16`` and ``train.compile``: each trains a few tiny steps."""
 
-from pathlib import Path
-
 import torch
 
 from hafis.config import load_config
 from hafis.engine.trainer import Trainer
 
-TINY = Path(__file__).parents[2] / "configs" / "tiny" / "unimatch.yaml"
-
-
-def train(tmp_path, *overrides, hook=None):
-    config = load_config(TINY, ["train.iterations=2", "train.tensorboard=false", f"output_dir={tmp_path}",
-                                *overrides])
+def train(config_path, tmp_path, *overrides, hook=None):
+    config = load_config(config_path, ["train.iterations=2", "train.tensorboard=false", f"output_dir={tmp_path}",
+                                       *overrides])
     trainer = Trainer(config)
     if hook is not None:
         trainer.model.register_forward_pre_hook(hook)
@@ -22,28 +17,28 @@ def train(tmp_path, *overrides, hook=None):
     return trainer, result, moved
 
 
-def test_channels_last_converts_the_inputs_as_well_as_the_model(tmp_path):
+def test_channels_last_converts_the_inputs_as_well_as_the_model(tmp_path, tiny_config):
     seen = []
 
     def record(module, args):
         if module.training:
             seen.append(args[0].is_contiguous(memory_format=torch.channels_last) and args[0].stride(1) == 1)
 
-    trainer, _, moved = train(tmp_path, "train.channels_last=true", hook=record)
+    trainer, _, moved = train(tiny_config, tmp_path, "train.channels_last=true", hook=record)
     conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert seen and all(seen), seen  # every training forward (UniMatch: two a step) got channels-last images
     assert moved > 0
 
 
-def test_fp16_trains_with_a_grad_scaler(tmp_path):
-    trainer, result, moved = train(tmp_path, "train.amp=fp16")
+def test_fp16_trains_with_a_grad_scaler(tmp_path, tiny_config):
+    trainer, result, moved = train(tiny_config, tmp_path, "train.amp=fp16")
     assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() > 0
     assert moved > 0 and 0 <= result.miou <= 1
     assert torch.isfinite(torch.cat([p.detach().flatten() for p in trainer.model.parameters()])).all()
 
 
-def test_compile_trains_like_the_eager_model(tmp_path, monkeypatch):
+def test_compile_trains_like_the_eager_model(tmp_path, tiny_config, monkeypatch):
     # aot_eager traces forward and backward as inductor does, without its C++ code generation (minutes on CPU)
     compiled = []
     original = torch.nn.Module.compile
@@ -53,8 +48,8 @@ def test_compile_trains_like_the_eager_model(tmp_path, monkeypatch):
         return original(module, backend="aot_eager")
 
     monkeypatch.setattr(torch.nn.Module, "compile", compile_cheaply)
-    trainer, _, moved = train(tmp_path / "compiled", "train.compile=true")
+    trainer, _, moved = train(tiny_config, tmp_path / "compiled", "train.compile=true")
     assert compiled == [trainer.model] and moved > 0
-    eager, _, _ = train(tmp_path / "eager")
+    eager, _, _ = train(tiny_config, tmp_path / "eager")
     for (name, a), b in zip(trainer.model.state_dict().items(), eager.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

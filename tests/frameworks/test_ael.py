@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from hafis.frameworks.ael import (AEL, category_confidence, component_box, cutmix_class_probabilities,
                                   equalization_rates, paste_class_probabilities, random_half_box)
-from hafis.frameworks.losses import ohem_cross_entropy
 
 
 @pytest.fixture
@@ -41,19 +40,18 @@ def test_category_confidence():
 
 def test_confidence_bank_update_in_a_step_and_the_labelled_loss(ael):
     fw = ael(**{"ael.confidence_init": 0.5, "ael.momentum": 0.9, "ael.copy_paste": False, "ael.cutmix": False,
-                "loss.labelled": "ohem", "loss.ohem_min_kept": 3, "loss.ohem_threshold": 0.0})
-    g = torch.Generator().manual_seed(0)
-    labelled = {"image": torch.randn(2, 3, 4, 4, generator=g), "mask": torch.randint(0, 3, (2, 4, 4), generator=g)}
-    unlabelled = {"weak": torch.randn(2, 3, 4, 4, generator=g), "ignore": torch.zeros(2, 4, 4, dtype=torch.long)}
+                "loss.labelled": "ohem", "loss.ohem_min_kept": 1, "loss.ohem_threshold": 0.0})
+    with torch.no_grad():  # logits = the image: each pixel's softmax is the probabilities written below
+        fw.model.conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+    probs = torch.tensor([[[0.5, 0.25, 0.25], [0.2, 0.6, 0.2]],  # image 0: labels 0, 1
+                          [[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]])  # image 1: labels 0, 1 (class 2 absent)
+    labelled = {"image": probs.log().permute(0, 2, 1)[..., None, :], "mask": torch.tensor([[[0, 1]], [[0, 1]]])}
+    unlabelled = {"weak": torch.zeros(2, 3, 1, 2), "ignore": torch.zeros(2, 1, 2, dtype=torch.long)}
     out = fw.train_step(labelled, unlabelled, 0)
-    with torch.no_grad():
-        logits = fw.model.conv(labelled["image"])
-        batch = category_confidence(logits, labelled["mask"], 3)
-    assert fw.confidence.tolist() == pytest.approx((0.9 * 0.5 + 0.1 * batch).tolist())
-    # loss.labelled applies to AEL's supervised term (OHEM with min_kept per image: 6 for the batch of 2)
-    expected = ohem_cross_entropy(logits, labelled["mask"], 0.0, 6)
-    assert out.terms["loss_x"].item() == pytest.approx(expected.item(), rel=1e-6)
-    assert expected.item() != pytest.approx(F.cross_entropy(logits, labelled["mask"]).item(), rel=1e-3)
+    # category confidence (0.5 + 0.7) / 2, (0.6 + 0.1) / 2, 0; then 0.9 * 0.5 + 0.1 * that
+    assert fw.confidence.tolist() == pytest.approx([0.51, 0.485, 0.45])
+    # OHEM, threshold 0, 1 pixel per image kept: the 2 lowest true-class probabilities of the batch (0.1 and 0.5)
+    assert out.terms["loss_x"].item() == pytest.approx(-(math.log(0.1) + math.log(0.5)) / 2, rel=1e-6)
 
 
 def test_dynamic_reweighting_and_equalization_sampling(ael):

@@ -3,7 +3,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
 from hafis.config import load_config
 from hafis.frameworks.losses import ohem_cross_entropy, ohem_keep, supervised_loss
@@ -29,10 +28,13 @@ def test_ohem_keeps_easy_pixels_out_and_at_least_min_kept():
 
 
 def test_supervised_loss_follows_the_config():
-    logits, target = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
-    ce = load_config(None, []).loss
-    assert torch.equal(supervised_loss(logits, target, ce), F.cross_entropy(logits, target, ignore_index=255))
-    ohem = load_config(None, ["loss.labelled=ohem", "loss.ohem_min_kept=3"]).loss
-    keep = ohem_keep(logits, target, 0.7, 6)  # 3 per image x 2 images
-    expected = F.cross_entropy(logits, target.masked_fill(~keep, 255), ignore_index=255)
-    torch.testing.assert_close(supervised_loss(logits, target, ohem), expected)
+    # two images of two pixels; class-0 probabilities 0.9, 0.6 and 0.8, 0.95, every pixel labelled 0
+    logits = torch.cat([_logits_for([0.9, 0.6]), _logits_for([0.8, 0.95])])
+    target = torch.zeros(2, 1, 2, dtype=torch.long)
+    ce = -(math.log(0.9) + math.log(0.6) + math.log(0.8) + math.log(0.95)) / 4
+    assert math.isclose(float(supervised_loss(logits, target, load_config(None, []).loss)), ce, rel_tol=1e-9)
+    assert math.isclose(float(supervised_loss(logits, target)), ce, rel_tol=1e-9)
+    # threshold 0.7 keeps only 0.6; min_kept 1 per image (2 for the batch) raises the cut to 0.8
+    ohem = load_config(None, ["loss.labelled=ohem", "loss.ohem_min_kept=1"]).loss
+    expected = -(math.log(0.6) + math.log(0.8)) / 2
+    assert math.isclose(float(supervised_loss(logits, target, ohem)), expected, rel_tol=1e-9)

@@ -1,4 +1,4 @@
-"""The fast paths of the weighting (issue 8) against the exact references they replaced, ties included."""
+"""The fast paths of the weighting against exact references written the plain way, ties included."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from hafis.weighting.similarity import topk_indices
 
 
 def reference_topk_mask(x, k, dim=-1):
-    """The previous implementation: k-th largest value from torch.topk, then the tied entries in index order."""
+    """The plain way: the k-th largest value from torch.topk, then the tied entries in index order."""
     kth = torch.topk(x, k, dim=dim, largest=True, sorted=True).values.narrow(dim, k - 1, 1)
     above = x > kth
     tied = x == kth
@@ -19,7 +19,7 @@ def reference_topk_mask(x, k, dim=-1):
 
 
 def reference_similarity(weighter, features, pseudo_labels):
-    """The previous ``PseudoLabelWeighter.similarity``: an (N x D) mask, one (hw x D)@(D x C) product, a gather."""
+    """``PseudoLabelWeighter.similarity`` the plain way: an (N x D) mask, one (hw x D)@(D x C) product, a gather."""
     B, H, W = pseudo_labels.shape
     protos, has_proto = weighter.bank.prototypes()
     proto_mask = reference_topk_mask(protos, weighter.k, dim=1) & has_proto[:, None]
@@ -159,31 +159,27 @@ def test_weighter_equals_the_reference(align, kind, size):
     assert got.dtype == torch.long and got.shape == pseudo.shape
 
 
-def reference_select(bank, features, labels, mask):
-    """The previous ``PrototypeBank._select``: the same keys, sorted as floats."""
-    from hafis.weighting.alignment import sample_features
-
+def reference_select(seed, draws, features, labels, mask, num_classes, quota):
+    """What ``PrototypeBank._select`` documents, written per class with Python's sort: every pixel draws ``U[0, 1/2)``
+    (the bank's generator, seeded ``seed``, on its ``draws``-th push); a class's qualifying pixels are taken in
+    ascending ``class + draw`` (float32; ties by pixel index), at most ``quota``; the features are the bilinearly
+    upsampled map (``align_corners=True``) at those pixels. Returns ``{class: [(image, y, x, feature), ...]}``."""
     B, H, W = labels.shape
-    C, n = bank.num_classes, bank.samples_per_class
-    labels = labels.long()
-    qualifies = (labels != bank.ignore_index) & mask.bool()
-    noise = torch.rand(labels.shape, generator=bank._generator(labels.device)) * 0.5
-    key = torch.where(qualifies, labels.to(noise.dtype), torch.full_like(noise, float(C))) + noise
-    order = torch.argsort(key.flatten(), stable=True)
-    per_class = torch.zeros(C + 1, dtype=torch.long)
-    per_class.scatter_add_(0, torch.where(qualifies, labels, C).flatten(), torch.ones_like(order))
-    start = torch.cumsum(per_class, 0) - per_class
-    rank = torch.arange(n)
-    valid = rank[None, :] < per_class[:C, None]
-    pos = (start[:C, None] + rank[None, :]).clamp_max(order.numel() - 1)
-    pixel = order[pos].flatten()
-    batch = torch.div(pixel, H * W, rounding_mode="floor")
-    values = sample_features(features, batch, pixel - batch * H * W, (H, W), bank.align)
-    return values.view(C, n, -1).float(), valid
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(draws + 1):
+        noise = torch.rand(labels.shape, generator=g) * 0.5
+    upsampled = F.interpolate(features, size=(H, W), mode="bilinear", align_corners=True)
+    chosen = {}
+    for c in range(num_classes):
+        pixels = [(b, y, x) for b in range(B) for y in range(H) for x in range(W)
+                  if labels[b, y, x] == c and mask[b, y, x]]
+        key = {p: (float(torch.tensor(float(c)) + noise[p]), (p[0] * H + p[1]) * W + p[2]) for p in pixels}
+        chosen[c] = [(*p, upsampled[p[0], :, p[1], p[2]]) for p in sorted(pixels, key=key.get)[:quota]]
+    return chosen
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_bank_selection_equals_the_float_sort(seed):
+def test_bank_selection_equals_a_per_class_sort(seed):
     from hafis.weighting import PrototypeBank
 
     g = torch.Generator().manual_seed(seed)
@@ -191,11 +187,29 @@ def test_bank_selection_equals_the_float_sort(seed):
     labels = torch.randint(0, 6, (3, 10, 10), generator=g)
     labels[labels == 5] = 255
     mask = torch.rand(3, 10, 10, generator=g) < 0.7
-    new, old = PrototypeBank(5, 8, samples_per_class=7, seed=seed), PrototypeBank(5, 8, samples_per_class=7, seed=seed)
-    for _ in range(3):  # the generators advance identically
-        values, valid = new._select(feats, labels, mask)
-        ref_values, ref_valid = reference_select(old, feats, labels, mask)
-        assert torch.equal(valid, ref_valid) and torch.equal(values, ref_values)
+    bank = PrototypeBank(5, 8, samples_per_class=7, seed=seed)
+    for draw, quota in enumerate((7, 7, 5)):  # the generator advances push by push; a rank's quota may be below n
+        values, valid = bank._select(feats, labels, mask, 7, quota)
+        expected = reference_select(seed, draw, feats, labels, mask, 5, quota)
+        assert values.shape == (5, 7, 8) and valid.shape == (5, 7)
+        for c, rows in expected.items():
+            assert valid[c].tolist() == [i < len(rows) for i in range(7)]
+            for i, (*_, feature) in enumerate(rows):
+                torch.testing.assert_close(values[c, i], feature, rtol=0, atol=1e-6)
+
+
+def test_bank_selection_by_hand():
+    from hafis.weighting import PrototypeBank
+
+    # one 2x3 image; each pixel's feature is its index; class 0 qualifies at 0, 2, 4 (3 is masked out), class 1 at 1
+    labels = torch.tensor([[[0, 1, 0], [0, 0, 255]]])
+    mask = torch.tensor([[[True, True, True], [False, True, True]]])
+    feats = torch.arange(6, dtype=torch.float32).view(1, 1, 2, 3)
+    values, valid = PrototypeBank(3, 1, samples_per_class=2)._select(feats, labels, mask)
+    assert valid.tolist() == [[True, True], [True, False], [False, False]]
+    assert set(values[0, :, 0].tolist()) < {0.0, 2.0, 4.0} and values[1, 0, 0] == 1.0
+    everything, valid = PrototypeBank(3, 1, samples_per_class=4)._select(feats, labels, mask)
+    assert sorted(everything[0][valid[0]].flatten().tolist()) == [0.0, 2.0, 4.0]
 
 
 def _inputs(device="cpu"):
