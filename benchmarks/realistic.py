@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from hafis.engine.compare import mean_std, paired_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "realistic" / "base.yaml"
@@ -41,6 +44,9 @@ ARMS = {
     "augseg+W": f"train.framework=augseg {PAPER}",
 }
 CORE = ("supervised", "unimatch", "unimatch+W")
+#: (arm, compared with): the semi-supervised effect, the weighting's effect in each framework, the headroom
+CONTRASTS = [("unimatch", "supervised"), ("unimatch+W", "unimatch"), ("unimatch+W(authors)", "unimatch"),
+             ("augseg", "supervised"), ("augseg+W", "augseg"), ("fully-supervised", "supervised")]
 
 
 def plan(stage: str) -> list[tuple[str, list[str], str]]:
@@ -70,7 +76,7 @@ def compare(folder: str, arms: list[str], common: str, seeds: str, jobs: int, ou
     return subprocess.run(command).returncode
 
 
-def collect(out: Path, command: str) -> dict:
+def collect(out: Path, command: str) -> tuple[dict, list[str]]:
     """One results file for the whole benchmark: every finished run of every split, in the issue's schema."""
     runs, machine, sections = [], "", []
     for folder in ("1_32", "1_8", "full"):
@@ -81,11 +87,51 @@ def collect(out: Path, command: str) -> dict:
         machine = data.get("machine", machine)
         runs += data["runs"]
         report = (out / folder / "report.md").read_text()
-        sections.append(f"## Split {folder.replace('_', '/')}\n\n" + report.split("\n", 1)[1])
         for plot in ("miou.png", "diagnostics.png"):
             if (out / folder / plot).is_file():
                 shutil.copyfile(out / folder / plot, RESULTS / f"realistic_{folder}_{plot}")
+            report = report.replace(f"({plot})", f"(realistic_{folder}_{plot})")
+        title = "fully supervised" if folder == "full" else f"split {folder.replace('_', '/')}"
+        sections.append(f"## The runs of {title} (`hafis compare` report)\n\n" + report.split("\n", 1)[1])
     return {"command": command, "machine": machine, "runs": runs}, sections
+
+
+def headline(runs: list[dict]) -> list[str]:
+    """Per split: mean ± std of final and best mIoU per arm, and the paired differences of :data:`CONTRASTS` with
+    95 % t intervals over the seeds both arms finished (the fully supervised arm pairs with every split's runs)."""
+    by = {}
+    for r in runs:
+        by.setdefault(r["arm"], {})[(r["labelled"], r["seed"])] = r
+    full = {seed: r for (n, seed), r in by.get("fully-supervised", {}).items()}
+    seeds = sorted({r["seed"] for r in runs})
+    lines = []
+    for labelled in sorted({r["labelled"] for r in runs if r["arm"] != "fully-supervised"}):
+        def get(arm, seed):
+            return full.get(seed) if arm == "fully-supervised" else by.get(arm, {}).get((labelled, seed))
+
+        lines += [f"**{labelled} labelled images** of {POOL} (final / best mIoU %, mean ± std over seeds, n):", "",
+                  "| arm | n | final mIoU | best mIoU |", "|---|---|---|---|"]
+        for arm in [*ARMS, "fully-supervised"]:
+            rows = [r for seed in seeds if (r := get(arm, seed)) is not None]
+            if rows:
+                cells = []
+                for key in ("miou", "best_miou"):
+                    m, sd = mean_std([100 * r[key] for r in rows])
+                    cells.append(f"{m:.1f} ± {sd:.1f}" if sd is not None else f"{m:.1f}")
+                lines.append(f"| {arm} | {len(rows)} | {cells[0]} | {cells[1]} |")
+        lines += ["", "| paired difference | n | Δ final (95 % interval) | Δ best (95 % interval) |",
+                  "|---|---|---|---|"]
+        for arm, base in CONTRASTS:
+            pairs = [(a, b) for seed in seeds if (a := get(arm, seed)) and (b := get(base, seed))]
+            if not pairs:
+                continue
+            cells = []
+            for key in ("miou", "best_miou"):
+                m, ci = paired_interval([100 * (a[key] - b[key]) for a, b in pairs])
+                cells.append(f"{m:+.1f} ({ci[0]:+.1f}, {ci[1]:+.1f})" if ci else f"{m:+.1f} (n = 1)")
+            lines.append(f"| {arm} − {base} | {len(pairs)} | {cells[0]} | {cells[1]} |")
+        lines.append("")
+    return lines
 
 
 def main() -> int:
@@ -104,8 +150,11 @@ def main() -> int:
         status |= compare(folder, arms, common, args.seeds, args.jobs, args.out, args.report_only)
     results, sections = collect(args.out, f"python benchmarks/realistic.py --stage {args.stage} --seeds {args.seeds}")
     (RESULTS / "realistic.json").write_text(json.dumps(results, indent=1) + "\n")
-    (RESULTS / "realistic.md").write_text("# Realistic benchmark (garments on photographs, EfficientNet-Lite0 "
-                                          "DeepLabV3+)\n\n" + "\n".join(sections))
+    (RESULTS / "realistic.md").write_text(
+        "# Realistic benchmark (garments on photographs, EfficientNet-Lite0 DeepLabV3+)\n\n"
+        f"`{results['command']}` on {results['machine']}; settings: `configs/realistic/base.yaml`; load average "
+        f"{os.getloadavg()[0]:.2f} when this report was written (two runs side by side, one thread each).\n\n"
+        + "\n".join(headline(results["runs"])) + "\n" + "\n".join(sections))
     print(f"wrote {RESULTS / 'realistic.json'} ({len(results['runs'])} runs) and {RESULTS / 'realistic.md'}")
     return status
 
