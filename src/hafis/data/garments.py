@@ -26,9 +26,6 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional, Sequence, Union
@@ -37,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from hafis.data.base import DataError, Sample, SegmentationSource
+from hafis.data.scene_cache import read_cache, stack_samples, write_cache
 from hafis.data.synthetic import SceneLayers, layers_to_sample
 from hafis.fields import bounded, choice, nonneg
 
@@ -352,11 +350,6 @@ def layers_to_garment_sample(layers: GarmentLayers, sample_id: str = "") -> Samp
 
 
 # ------------------------------------------------------------------------------------------------------ source
-class _CacheMismatch(ValueError):
-    """A cache file that reads but does not hold what its name promises."""
-
-
-_ARRAYS = ("images", "masks", "boxes", "box_labels", "box_offsets")
 
 
 class _Part:
@@ -379,11 +372,11 @@ class _Part:
         if self._arrays is None:
             data = load_fashion_mnist(self.paths)
             path = None if self.cache_dir is None else self._cache_path(data.digest)
-            arrays = _read_cache(path, self.count, self.config.image_size) if path is not None else None
+            arrays = read_cache(path, self.count, self.config.image_size, "garments") if path is not None else None
             if arrays is None:
                 arrays = self.generate(data)
                 if path is not None:
-                    _write_cache(path, arrays)
+                    write_cache(path, arrays, "garments")
             self._arrays = arrays
         return self._arrays
 
@@ -394,65 +387,8 @@ class _Part:
         return render_garments(rng, images, labels, **self.config.render_kwargs())
 
     def generate(self, data: FashionMNIST) -> dict[str, np.ndarray]:
-        n, size = self.count, self.config.image_size
-        images = np.empty((n, size, size, 3), np.uint8)
-        masks = np.empty((n, size, size), np.uint8)
-        boxes, labels, offsets = [], [], np.zeros(n + 1, np.int64)
-        for i in range(n):
-            sample = layers_to_garment_sample(self.render(i, data))
-            images[i], masks[i] = sample.image, sample.mask
-            boxes.append(sample.boxes)
-            labels.append(sample.box_labels)
-            offsets[i + 1] = offsets[i] + len(sample.boxes)
-        return {"images": images, "masks": masks,
-                "boxes": np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
-                "box_labels": np.concatenate(labels) if labels else np.zeros((0,), np.int64),
-                "box_offsets": offsets}
-
-
-def _check(arrays: dict[str, np.ndarray], n: int, size: int) -> None:
-    offsets = arrays["box_offsets"]
-    total = int(offsets[-1]) if len(offsets) else -1
-    expected = {"images": ((n, size, size, 3), np.uint8), "masks": ((n, size, size), np.uint8),
-                "boxes": ((total, 4), np.float32), "box_labels": ((total,), np.int64),
-                "box_offsets": ((n + 1,), np.int64)}
-    for name, (shape, dtype) in expected.items():
-        got = arrays[name]
-        if got.shape != shape or got.dtype != dtype:
-            raise _CacheMismatch(f"{name} has shape {got.shape} {got.dtype}, expected {shape} {np.dtype(dtype)}")
-    if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
-        raise _CacheMismatch("box offsets are not increasing from 0")
-
-
-def _read_cache(path: Path, n: int, size: int) -> Optional[dict[str, np.ndarray]]:
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in _ARRAYS}
-        _check(arrays, n, size)
-    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        warnings.warn(f"garments cache file {path} is unreadable ({type(err).__name__}: {err}); regenerating")
-        return None
-    return arrays
-
-
-def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Atomic (temp file, then rename); a read-only or full cache folder keeps the data in memory only."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as err:
-        warnings.warn(f"could not write garments cache file {path} ({err}); continuing without cache")
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
+        samples = (layers_to_garment_sample(self.render(i, data)) for i in range(self.count))
+        return stack_samples(samples, self.count, self.config.image_size)
 
 def labelled_indices(config: GarmentsConfig) -> np.ndarray:
     """Pool indices of the labelled split, sorted: the first ``num_labelled`` of one seeded permutation."""

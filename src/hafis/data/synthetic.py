@@ -18,9 +18,6 @@ import colorsys
 import hashlib
 import json
 import os
-import tempfile
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Sequence, Union
@@ -28,6 +25,7 @@ from typing import Literal, NamedTuple, Sequence, Union
 import numpy as np
 
 from hafis.data.base import IGNORE_INDEX, Sample, SegmentationSource
+from hafis.data.scene_cache import read_cache, stack_samples, write_cache
 from hafis.fields import bounded, nonneg, positive, unit
 
 __all__ = [
@@ -334,10 +332,6 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "hafis") / "synthetic"
 
 
-class _CacheMismatch(ValueError):
-    """A cache file that reads but does not hold what its name promises."""
-
-
 class SyntheticScenes(SegmentationSource):
     """One split of the synthetic dataset, generated on first use and cached as one ``.npz``.
 
@@ -402,79 +396,18 @@ class SyntheticScenes(SegmentationSource):
 
     def _data(self) -> dict[str, np.ndarray]:
         if self._arrays is None:
-            arrays = self._read_cache() if self.cache_path is not None else None
+            arrays = read_cache(self.cache_path, len(self), self.config.image_size, "synthetic") \
+                if self.cache_path is not None else None
             if arrays is None:
                 arrays = self.generate_arrays()
                 if self.cache_path is not None:
-                    self._write_cache(arrays)
+                    write_cache(self.cache_path, arrays, "synthetic")
             self._arrays = arrays
         return self._arrays
 
     def generate_arrays(self) -> dict[str, np.ndarray]:
         """Generate the whole split (no cache) as stacked arrays; boxes are concatenated with per-sample offsets."""
-        cfg, n, size = self.config, len(self), self.config.image_size
-        images = np.empty((n, size, size, 3), np.uint8)
-        masks = np.empty((n, size, size), np.uint8)
-        boxes, labels, offsets = [], [], np.zeros(n + 1, np.int64)
+        cfg = self.config
         kwargs = cfg.scene_kwargs()
-        for i in range(n):
-            sample = generate_scene(sample_rng(cfg.seed, self.split, i), **kwargs)
-            images[i], masks[i] = sample.image, sample.mask
-            boxes.append(sample.boxes)
-            labels.append(sample.box_labels)
-            offsets[i + 1] = offsets[i] + len(sample.boxes)
-        return {
-            "images": images,
-            "masks": masks,
-            "boxes": np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
-            "box_labels": np.concatenate(labels) if labels else np.zeros((0,), np.int64),
-            "box_offsets": offsets,
-        }
-
-    def _check(self, arrays: dict[str, np.ndarray]) -> None:
-        n, size = len(self), self.config.image_size
-        offsets = arrays["box_offsets"]
-        expected = {
-            "images": ((n, size, size, 3), np.uint8),
-            "masks": ((n, size, size), np.uint8),
-            "boxes": ((int(offsets[-1]) if len(offsets) else -1, 4), np.float32),
-            "box_labels": ((int(offsets[-1]) if len(offsets) else -1,), np.int64),
-            "box_offsets": ((n + 1,), np.int64),
-        }
-        for name, (shape, dtype) in expected.items():
-            got = arrays[name]
-            if got.shape != shape or got.dtype != dtype:
-                raise _CacheMismatch(f"{name} has shape {got.shape} {got.dtype}, expected {shape} {np.dtype(dtype)}")
-        if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
-            raise _CacheMismatch("box offsets are not increasing from 0")
-
-    def _read_cache(self) -> dict[str, np.ndarray] | None:
-        path = self.cache_path
-        if not path.is_file():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in ("images", "masks", "boxes", "box_labels", "box_offsets")}
-            self._check(arrays)
-        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
-            # a truncated or corrupt file (killed writer, full disk): regenerate instead of failing or training on junk
-            warnings.warn(f"synthetic cache file {path} is unreadable ({type(err).__name__}: {err}); regenerating")
-            return None
-        return arrays
-
-    def _write_cache(self, arrays: dict[str, np.ndarray]) -> None:
-        """Write atomically (temp file in the same folder, then rename) so readers never see a partial file."""
-        path = self.cache_path
-        tmp = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-            tmp = None
-        except OSError as err:  # a read-only or full cache folder must not stop training: keep the data in memory
-            warnings.warn(f"could not write synthetic cache file {path} ({err}); continuing without cache")
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
+        samples = (generate_scene(sample_rng(cfg.seed, self.split, i), **kwargs) for i in range(len(self)))
+        return stack_samples(samples, len(self), cfg.image_size)
