@@ -298,7 +298,7 @@ class DetectorConfig:
     #: a trained detector to use as it is (hafis detect then only runs it); null = train one into output_dir
     checkpoint: Optional[str] = None
     #: where the trained detector (detector.pt) and the detection cache go; ``{name}`` is the experiment name
-    output_dir: str = "runs/{name}/detector"
+    output_dir: str = runtime("runs/{name}/detector")
     #: local torchvision ResNet-50 weights for resnet50_fpn's backbone (nothing is ever downloaded)
     backbone_weights: Optional[str] = None
     inference_batch_size: int = positive(8, runtime=True)

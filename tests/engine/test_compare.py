@@ -175,3 +175,23 @@ def test_a_bad_arm_key_exits_2_and_writes_nothing(tmp_path, capsys, tiny_config)
     assert "--baseline 'zz'" in capsys.readouterr().err
     assert main(["compare", "--report-only", "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_a_run_folder_of_another_experiment_is_reported_a_moved_one_is_not(tmp_path, tiny_config):
+    import yaml
+
+    from hafis.config import to_dict
+    from hafis.engine.compare import _config_conflict
+
+    spec = plan_runs(tiny_config, [parse_arm("a: weighting.enabled=true")], [0], [], tmp_path)[0]
+    spec.run_dir.mkdir(parents=True)
+    saved = to_dict(spec.config)
+    # written elsewhere and logged differently (a run folder copied from another machine): the same experiment
+    saved["output_dir"], saved["name"] = "/elsewhere/runs/a", "copied"
+    saved["detector"]["output_dir"], saved["train"]["log_interval"] = "/elsewhere/detector", 7
+    (spec.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert _config_conflict(spec) is None
+    saved["weighting"]["k"], saved["optim"]["lr"] = 3, 0.5
+    (spec.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    message = _config_conflict(spec)
+    assert "optim.lr" in message and "weighting.k" in message and "output_dir" not in message

@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence
 
 import yaml
 
-from hafis.config import Config, ConfigError, load_config, to_dict
+from hafis.config import Config, ConfigError, config_changes, load_config, to_dict
 
 from .run_log import read_metrics
 
@@ -188,28 +188,16 @@ def _read_records(run_dir: Path) -> list[dict]:
 
 
 def _config_conflict(spec: RunSpec) -> Optional[str]:
-    """The keys where an existing run directory's config.yaml differs from the planned one, if any."""
+    """The keys that alter the experiment (:func:`hafis.config.config_changes`: not where it is written or how it
+    is logged) where an existing run directory's config.yaml differs from the planned one, if any."""
     path = spec.run_dir / "config.yaml"
     if not path.is_file():
         return None
-    have = yaml.safe_load(path.read_text()) or {}
-    want = yaml.safe_load(yaml.safe_dump(to_dict(spec.config), sort_keys=False))
-    diff = sorted(_diff_keys(have, want))
+    diff = sorted(config_changes(yaml.safe_load(path.read_text()) or {}, spec.config))
     if not diff:
         return None
     return (f"{spec.run_dir} was trained with another config (differs in: {', '.join(diff[:5])}); remove it or "
             f"use another --out")
-
-
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _diff_keys(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.append(prefix + k)
-    return keys
 
 
 def _read_status(spec: RunSpec) -> dict:
