@@ -11,7 +11,9 @@ the method's published settings (k = 5, τ = 0.95, detector-verified bank, memor
     python benchmarks/realistic.py --report-only    # rebuild benchmarks/results/realistic.{json,md} from the runs
 
 Runs go to ``--out`` (default ``bench_out/realistic``), two at a time with one thread each; every call reuses the
-finished runs and resumes unfinished ones, so the benchmark can be stopped and continued at any point.
+finished runs and resumes unfinished ones, so the benchmark can be stopped and continued at any point. The records
+of finished runs are copied to ``benchmarks/results/realistic_runs/`` (committed) and put back into ``--out`` when
+missing, so a fresh checkout continues where the committed results stop.
 """
 
 from __future__ import annotations
@@ -25,11 +27,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from hafis.engine.compare import mean_std, paired_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "realistic" / "base.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
+#: the finished runs' records (config, metrics, wall time), committed so that a fresh checkout resumes the benchmark
+ARCHIVE = RESULTS / "realistic_runs"
+RECORDS = ("config.yaml", "metrics.jsonl", "compare_run.json")
 POOL = 2000  # data.garments.num_train of the config
 SPLITS = {"1_32": POOL // 32, "1_8": POOL // 8}
 
@@ -74,6 +81,36 @@ def compare(folder: str, arms: list[str], common: str, seeds: str, jobs: int, ou
             command += ["--arm", f"{name}: {arm_overrides(name)}"]
     print("$", shlex.join(command), flush=True)
     return subprocess.run(command).returncode
+
+
+def archive(out: Path) -> int:
+    """Copy the records of every finished run (its metrics end with an evaluation at the last iteration) into
+    :data:`ARCHIVE`; returns how many runs are archived."""
+    count = 0
+    for metrics in sorted(out.glob("*/runs/*/seed_*/metrics.jsonl")):
+        run = metrics.parent
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        evals = [json.loads(line) for line in metrics.read_text().splitlines() if '"eval"' in line]
+        if not evals or evals[-1]["iteration"] != config["train"]["iterations"]:
+            continue
+        target = ARCHIVE / run.relative_to(out)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RECORDS:
+            if (run / name).is_file():
+                shutil.copyfile(run / name, target / name)
+        count += 1
+    return count
+
+
+def restore(out: Path) -> None:
+    """Put archived runs that ``out`` lacks back, so ``hafis compare`` reuses them instead of training them again."""
+    for config in ARCHIVE.glob("*/runs/*/seed_*/config.yaml"):
+        run = out / config.parent.relative_to(ARCHIVE)
+        if not (run / "metrics.jsonl").is_file():
+            run.mkdir(parents=True, exist_ok=True)
+            for name in RECORDS:
+                if (config.parent / name).is_file():
+                    shutil.copyfile(config.parent / name, run / name)
 
 
 def collect(out: Path, command: str) -> tuple[dict, list[str]]:
@@ -143,6 +180,7 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    restore(args.out)
     status = 0
     for folder, arms, common in plan(args.stage):
         if args.report_only and not (args.out / folder / "compare.json").is_file():
@@ -155,7 +193,8 @@ def main() -> int:
         f"`{results['command']}` on {results['machine']}; settings: `configs/realistic/base.yaml`; load average "
         f"{os.getloadavg()[0]:.2f} when this report was written (two runs side by side, one thread each).\n\n"
         + "\n".join(headline(results["runs"])) + "\n" + "\n".join(sections))
-    print(f"wrote {RESULTS / 'realistic.json'} ({len(results['runs'])} runs) and {RESULTS / 'realistic.md'}")
+    print(f"wrote {RESULTS / 'realistic.json'} ({len(results['runs'])} runs) and {RESULTS / 'realistic.md'}; "
+          f"{archive(args.out)} finished runs' records in {ARCHIVE}")
     return status
 
 
