@@ -315,11 +315,13 @@ def test_train_end_to_end(tmp_path, fake_root, capsys, framework, labelled):
     code = main(["train", str(TINY / "garments.yaml"), f"data.garments.root={fake_root}",
                  f"data.cache_dir={tmp_path / 'cache'}", f"train.framework={framework}",
                  f"data.garments.num_labelled={labelled}", "train.iterations=2", "train.eval_interval=2",
-                 f"output_dir={run_dir}"])
+                 "eval.diagnostics_images=4", f"output_dir={run_dir}"])
     assert code == 0, capsys.readouterr().err
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "eval"]
     assert [r["iteration"] for r in evals] == [2]
     assert set(evals[0]["iou_by_class"]) == set(COARSE_CLASSES)
+    # pseudo-labels are measured where there are unlabelled images; a fully supervised run has none to measure
+    assert ("diagnostics" in evals[0]) == (labelled < 16)
 
 
 def test_semi_supervised_with_no_unlabelled_image_is_a_one_line_error(tmp_path, fake_root, capsys):

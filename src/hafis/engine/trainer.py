@@ -339,7 +339,8 @@ class Trainer:
         record = {"iteration": self.iteration, "event": "eval", **result.record(), "best_miou": self.best_miou,
                   "seed": self.config.seed, "iou_by_class": dict(zip(self.class_names, result.iou)),
                   "labelled": len(self.labelled_source)}
-        if self.config.eval.diagnostics_images > 0 and self.dist.is_main:
+        # a fully supervised run has no unlabelled image to measure pseudo-labels on
+        if self.config.eval.diagnostics_images > 0 and len(self.unlabelled_source) > 0 and self.dist.is_main:
             record["diagnostics"] = self._diagnostics()
         log.write(record, "val")
         return result
