@@ -430,9 +430,6 @@ class GarmentScenes(SegmentationSource):
     def ids(self) -> Sequence[str]:
         return self._ids
 
-    def __len__(self) -> int:
-        return len(self._ids)
-
     def __repr__(self) -> str:
         c = self.config
         return (f"GarmentScenes({self.split}: {len(self)} images; num_train={c.num_train}, "

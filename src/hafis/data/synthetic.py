@@ -361,9 +361,6 @@ class SyntheticScenes(SegmentationSource):
     def ids(self) -> Sequence[str]:
         return self._ids
 
-    def __len__(self) -> int:
-        return len(self._ids)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.split}, {len(self)} images, seed={self.config.seed})"
 
