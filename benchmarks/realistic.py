@@ -146,16 +146,21 @@ def headline(runs: list[dict]) -> list[str]:
         def get(arm, seed):
             return full.get(seed) if arm == "fully-supervised" else by.get(arm, {}).get((labelled, seed))
 
-        lines += [f"**{labelled} labelled images** of {POOL} (final / best mIoU %, mean ± std over seeds, n):", "",
-                  "| arm | n | final mIoU | best mIoU |", "|---|---|---|---|"]
+        lines += [f"**{labelled} labelled images** of {POOL} (final / best mIoU %, mean ± std over seeds, n; last "
+                  "quarter = final mIoU minus the mIoU at 3/4 of the schedule, near 0 when converged):", "",
+                  "| arm | n | final mIoU | best mIoU | last quarter |", "|---|---|---|---|---|"]
         for arm in [*ARMS, "fully-supervised"]:
             rows = [r for seed in seeds if (r := get(arm, seed)) is not None]
             if rows:
                 cells = []
-                for key in ("miou", "best_miou"):
-                    m, sd = mean_std([100 * r[key] for r in rows])
-                    cells.append(f"{m:.1f} ± {sd:.1f}" if sd is not None else f"{m:.1f}")
-                lines.append(f"| {arm} | {len(rows)} | {cells[0]} | {cells[1]} |")
+                for key, sign in (("miou", ""), ("best_miou", ""), ("last_quarter_change", "+")):
+                    values = [100 * r[key] for r in rows if r.get(key) is not None]
+                    if not values:
+                        cells.append("–")
+                        continue
+                    m, sd = mean_std(values)
+                    cells.append(f"{m:{sign}.1f} ± {sd:.1f}" if sd is not None else f"{m:{sign}.1f}")
+                lines.append(f"| {arm} | {len(rows)} | {' | '.join(cells)} |")
         lines += ["", "| paired difference | n | Δ final (95 % interval) | Δ best (95 % interval) |",
                   "|---|---|---|---|"]
         for arm, base in CONTRASTS:

@@ -9,7 +9,8 @@ import pytest
 
 from hafis.cli import main
 from hafis.config import ConfigError
-from hafis.engine.compare import RunData, parse_arm, parse_seeds, plan_runs, report_markdown, summarise
+from hafis.engine.compare import (RunData, last_quarter_change, parse_arm, parse_seeds, plan_runs, report_markdown,
+                                  summarise)
 from hafis.engine.run_log import read_metrics, truncate_metrics
 
 #: two-sided 95 % Student t quantiles (tables), df = 1 and 2
@@ -195,3 +196,24 @@ def test_a_run_folder_of_another_experiment_is_reported_a_moved_one_is_not(tmp_p
     (spec.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
     message = _config_conflict(spec)
     assert "optim.lr" in message and "weighting.k" in message and "output_dir" not in message
+
+
+def test_last_quarter_change_is_final_minus_the_evaluation_at_three_quarters():
+    def run(seed, curve, iterations=8):
+        records = [{"iteration": it, "event": "eval", "miou": m, "best_miou": max(curve.values()), "labelled": 4}
+                   for it, m in curve.items()]
+        return RunData("A", seed, "supervised", OFF, iterations, records, 1.0)
+
+    # 3/4 of 8 iterations = 6: the evaluation at 6 is the reference, the one at 7 is inside the last quarter
+    rising = run(0, {2: 0.30, 4: 0.40, 6: 0.45, 7: 0.47, 8: 0.50})
+    flat = run(1, {4: 0.40, 6: 0.48, 8: 0.47})
+    assert last_quarter_change(rising) == pytest.approx(0.05)
+    assert last_quarter_change(flat) == pytest.approx(-0.01)
+    assert last_quarter_change(run(2, {8: 0.5})) is None  # no evaluation before the last quarter
+    assert last_quarter_change(run(3, {4: 0.4, 6: 0.45})) is None  # unfinished
+    summary = summarise([rising, flat, run(2, {8: 0.5})], ["A"], [0, 1, 2], "A")
+    quarter = summary["arms"][0]["last_quarter_change"]
+    assert quarter["mean"] == pytest.approx(0.02) and quarter["std"] == pytest.approx(np.std([0.05, -0.01], ddof=1))
+    text = report_markdown(summary, [rising, flat], {"config": "x.yaml", "command": "c", "machine": "m",
+                                                      "seeds": [0, 1, 2]}, ["A"])
+    assert f"| +2.00 ± {100 * np.std([0.05, -0.01], ddof=1):.2f} |" in text

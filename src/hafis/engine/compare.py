@@ -256,7 +256,7 @@ def result_rows(runs: Sequence[RunData]) -> list[dict]:
         rows.append({"arm": r.arm, "framework": r.framework, "weighting": dict(r.weighting), "seed": r.seed,
                      "labelled": final.get("labelled"), "iterations": r.iterations, "miou": final["miou"],
                      "best_miou": final["best_miou"], "wall_s": r.wall_s if r.wall_s is not None else _train_time(r),
-                     "diagnostics": final.get("diagnostics")})
+                     "last_quarter_change": last_quarter_change(r), "diagnostics": final.get("diagnostics")})
     return rows
 
 
@@ -268,6 +268,16 @@ def _train_time(run: RunData) -> float:
         total += r["seconds_per_iteration"] * (r["iteration"] - last)
         last = r["iteration"]
     return total
+
+
+def last_quarter_change(run: RunData) -> Optional[float]:
+    """Final mIoU minus the mIoU of the last evaluation at or before 3/4 of the schedule: near 0 when the run has
+    converged (the test a benchmark's baseline must pass), None before the run finished or without that evaluation."""
+    final = run.final
+    earlier = [e for e in run.evals if e["iteration"] <= 0.75 * run.iterations]
+    if final is None or not earlier:
+        return None
+    return final["miou"] - max(earlier, key=lambda e: e["iteration"])["miou"]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
@@ -287,8 +297,10 @@ def paired_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float,
 
 
 def summarise(runs: Sequence[RunData], arms: Sequence[str], seeds: Sequence[int], baseline: str) -> dict:
-    """Per arm mean ± std of final and best mIoU, paired differences to ``baseline``, missing runs."""
+    """Per arm mean ± std of final and best mIoU and of the change over the last quarter of the schedule, paired
+    differences to ``baseline``, missing runs."""
     finished = {(r.arm, r.seed): r.final for r in runs if r.final is not None}
+    changes = {(r.arm, r.seed): last_quarter_change(r) for r in runs}
     arm_rows, paired, missing = [], [], []
     for arm in arms:
         got = [s for s in seeds if (arm, s) in finished]
@@ -297,6 +309,10 @@ def summarise(runs: Sequence[RunData], arms: Sequence[str], seeds: Sequence[int]
             if got:
                 m, s = mean_std([finished[arm, seed][key] for seed in got])
                 row[key] = {"mean": m, "std": s}
+        quarter = [changes[arm, s] for s in got if changes.get((arm, s)) is not None]
+        if quarter:
+            m, s = mean_std(quarter)
+            row["last_quarter_change"] = {"mean": m, "std": s}
         arm_rows.append(row)
         if arm != baseline:
             both = [s for s in got if (baseline, s) in finished]
@@ -366,6 +382,13 @@ def _pm(stat: Optional[dict]) -> str:
     return f"{_pct(stat['mean'])} ± {std}"
 
 
+def _signed_pm(stat: Optional[dict]) -> str:
+    if not stat:
+        return "–"
+    std = "–" if stat["std"] is None else f"{100 * stat['std']:.2f}"
+    return f"{100 * stat['mean']:+.2f} ± {std}"
+
+
 def _diff(stat: Optional[dict]) -> tuple[str, str]:
     if not stat:
         return "–", "–"
@@ -381,9 +404,10 @@ def report_markdown(summary: dict, runs: Sequence[RunData], header: dict, arms: 
     lines = [f"# hafis compare: `{header['config']}`", "",
              f"Command: `{header['command']}`  ", f"Machine: {header['machine']}  ",
              f"Seeds: {', '.join(map(str, header['seeds']))}; baseline arm: **{base}**. mIoU in %, mean ± sample "
-             "std over the finished seeds (n).", "",
-             "| arm | framework | weighting | n | final mIoU | best mIoU | wall time / run (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "std over the finished seeds (n); last quarter = final mIoU minus the mIoU at 3/4 of the schedule "
+             "(near 0: converged).", "",
+             "| arm | framework | weighting | n | final mIoU | best mIoU | last quarter | wall time / run (s) |",
+             "|---|---|---|---|---|---|---|---|"]
     first = {r.arm: r for r in runs}
     walls = {}
     for r in result_rows(runs):
@@ -394,7 +418,8 @@ def report_markdown(summary: dict, runs: Sequence[RunData], header: dict, arms: 
         weighting = (f"offset {w['offset']:g}, {w['normalize']}, {w['reliable']}" if w.get("enabled") else "off")
         wall = f"{statistics.fmean(walls[row['arm']]):.0f}" if row["arm"] in walls else "–"
         lines.append(f"| {row['arm']} | {r.framework if r else '–'} | {weighting} | {row['n']} | "
-                     f"{_pm(row.get('miou'))} | {_pm(row.get('best_miou'))} | {wall} |")
+                     f"{_pm(row.get('miou'))} | {_pm(row.get('best_miou'))} | "
+                     f"{_signed_pm(row.get('last_quarter_change'))} | {wall} |")
     lines += ["", f"Paired difference to **{base}** (arm − {base}, mIoU points, over the seeds both finished; 95 % "
               "t interval, scipy.stats.t):", "",
               "| arm | pairs | Δ final | 95 % interval | Δ best | 95 % interval |", "|---|---|---|---|---|---|"]
