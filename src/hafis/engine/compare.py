@@ -375,18 +375,12 @@ def _pct(v: Optional[float]) -> str:
     return "–" if v is None else f"{100 * v:.2f}"
 
 
-def _pm(stat: Optional[dict]) -> str:
+def _pm(stat: Optional[dict], sign: str = "") -> str:
+    """``mean ± std`` in percent points; ``sign="+"`` for a change, which reads wrong without its sign."""
     if not stat:
         return "–"
     std = "–" if stat["std"] is None else f"{100 * stat['std']:.2f}"
-    return f"{_pct(stat['mean'])} ± {std}"
-
-
-def _signed_pm(stat: Optional[dict]) -> str:
-    if not stat:
-        return "–"
-    std = "–" if stat["std"] is None else f"{100 * stat['std']:.2f}"
-    return f"{100 * stat['mean']:+.2f} ± {std}"
+    return f"{100 * stat['mean']:{sign}.2f} ± {std}"
 
 
 def _diff(stat: Optional[dict]) -> tuple[str, str]:
@@ -419,7 +413,7 @@ def report_markdown(summary: dict, runs: Sequence[RunData], header: dict, arms: 
         wall = f"{statistics.fmean(walls[row['arm']]):.0f}" if row["arm"] in walls else "–"
         lines.append(f"| {row['arm']} | {r.framework if r else '–'} | {weighting} | {row['n']} | "
                      f"{_pm(row.get('miou'))} | {_pm(row.get('best_miou'))} | "
-                     f"{_signed_pm(row.get('last_quarter_change'))} | {wall} |")
+                     f"{_pm(row.get('last_quarter_change'), '+')} | {wall} |")
     lines += ["", f"Paired difference to **{base}** (arm − {base}, mIoU points, over the seeds both finished; 95 % "
               "t interval, scipy.stats.t):", "",
               "| arm | pairs | Δ final | 95 % interval | Δ best | 95 % interval |", "|---|---|---|---|---|---|"]
