@@ -60,7 +60,7 @@ def test_published_settings():
     assert c.train.iterations == 240 * ((2975 - 186) // 8) and c.loss.labelled == "ohem"
     assert (c.detector.boxes, c.detector.component_min_area, c.detector.component_classes) == \
         ("combined", 90, ["pole", "traffic light", "traffic sign"])
-    assert (c.model.align_corners, c.unimatch.mix) == (None, "second_batch")
+    assert (c.model.align_corners, c.unimatch.mix) == (None, "same_images")
     assert (c.eval.mode, c.eval.window, c.eval.stride) == ("sliding", None, None)  # = crop, 2/3 of it
 
     c = load_config(CONFIGS / "cityscapes/1_2/u2pl.yaml")

@@ -97,6 +97,8 @@ class OptimConfig:
     #: AdamW only
     betas: tuple[float, float] = bounded((0.9, 0.999), 0, 1, hi_open=True)
     weight_decay: float = nonneg(1e-4)
+    #: the poly schedule lr·(1 - t/T)^power; step t uses it at t, or at t-1 for a framework whose release sets the
+    #: rate after the step (UniMatch; ``Framework.lr_lag``)
     poly_power: float = nonneg(0.9)
 
 
@@ -137,10 +139,12 @@ class UniMatchConfig:
     #: τ: pseudo-labels with weak-view confidence below it do not count (published: 0.95 VOC, 0 Cityscapes)
     threshold: float = unit(0.95)
     cutmix_prob: float = unit(0.5)
-    #: where CutMix takes its pixels: second_batch = a second unlabelled batch whose pseudo-labels come from an
-    #: extra no_grad pass in eval mode (released); in_batch = image i+1 of the same batch with its train-mode
-    #: pseudo-labels (a cheaper variant; with one unlabelled image per process it mixes each image with itself)
-    mix: str = choice("second_batch", "second_batch", "in_batch")
+    #: where CutMix takes its pixels: same_images = a second batch of the main stream's images, augmented
+    #: independently and pseudo-labelled by an extra no_grad pass in eval mode (as released); other_images = the same
+    #: with a second batch of other images (a stream of its own order); in_batch = image i+1 of the same batch with
+    #: its train-mode pseudo-labels (cheaper: no second batch, no extra pass; with one unlabelled image per process it
+    #: mixes each image with itself)
+    mix: str = choice("same_images", "same_images", "other_images", "in_batch")
     #: the published loss is (loss_x + 0.25 loss_s1 + 0.25 loss_s2 + 0.5 loss_fp) / 2
     strong_weight: float = nonneg(0.25)
     fp_weight: float = nonneg(0.5)

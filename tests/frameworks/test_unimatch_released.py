@@ -1,8 +1,10 @@
-"""UniMatch as released: the mixed-in images come from a second unlabelled batch with eval-mode pseudo-labels."""
+"""UniMatch as released: the mixed-in images are the main batch's images augmented again, pseudo-labelled in eval
+mode; the learning rate is set after each step."""
 
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,7 +101,7 @@ def test_loss_and_gradients_equal_the_released_recipe(thresh):
     reference = copy.deepcopy(model)
     labelled, unlabelled = hand_batch()
     fw = UniMatch(load_config(None, [f"unimatch.threshold={thresh}"]), model, C)
-    assert fw.mix_batch
+    assert fw.mix_batch == "same_images"
     torch.manual_seed(7)
     loss = fw.train_step(labelled, unlabelled, 0).loss
     torch.manual_seed(7)
@@ -126,15 +128,15 @@ class Recorder(nn.Module):
         return self.model(x, feature_perturbation)
 
 
-@pytest.mark.parametrize("mix", ["second_batch", "in_batch"])
-def test_one_image_per_process_still_mixes_in_another_image(mix):
+@pytest.mark.parametrize("mix", ["same_images", "other_images", "in_batch"])
+def test_one_image_per_process_mixes_in_the_second_batch(mix):
     labelled, unlabelled = hand_batch(n_l=1, n_u=1)
     model = Recorder(tiny_model())
     fw = UniMatch(load_config(None, [f"unimatch.mix={mix}"]), model, C)
     fw.train_step(labelled, unlabelled, 0)
     s1 = model.seen[0][:1]
     box = unlabelled["box1"][0]
-    if mix == "second_batch":
+    if mix != "in_batch":
         assert torch.equal(s1[0][:, box], unlabelled["mix"]["strong1"][0][:, box])
         assert not torch.equal(s1[0][:, box], unlabelled["strong1"][0][:, box])
     else:  # the documented limit of the in-batch variant: image 0 mixes with itself
@@ -149,18 +151,62 @@ def test_second_batch_without_a_mix_batch_names_the_key():
         fw.train_step(labelled, unlabelled, 0)
 
 
-def test_trainer_supplies_a_second_batch_from_its_own_stream(tmp_path):
+def mix_stream(tmp_path, mix, batches=4):
     from hafis.engine.trainer import Trainer
 
-    config = load_config(TINY, [f"output_dir={tmp_path}", "train.unlabelled_batch_size=2"])
+    config = load_config(TINY, [f"output_dir={tmp_path}", "train.unlabelled_batch_size=2", f"unimatch.mix={mix}"])
+    unlabelled = Trainer(config)._streams()[1]
+    return [next(unlabelled) for _ in range(batches)]
+
+
+def test_same_images_mixes_each_image_with_another_view_of_itself(tmp_path):
+    for batch in mix_stream(tmp_path, "same_images"):
+        mix = batch["mix"]
+        assert set(mix) >= {"weak", "strong1", "strong2", "ignore"}
+        assert torch.equal(mix["index"], batch["index"])  # the released loader iterated twice: same order
+        for a, b in zip(mix["weak"], batch["weak"]):  # each image augmented independently
+            assert not torch.equal(a, b)
+
+
+def test_other_images_mixes_in_a_stream_of_its_own_order(tmp_path):
+    batches = mix_stream(tmp_path, "other_images")
+    main = torch.cat([b["index"] for b in batches])
+    other = torch.cat([b["mix"]["index"] for b in batches])
+    assert not torch.equal(main, other)
+    assert "mix" not in mix_stream(tmp_path, "in_batch", batches=1)[0]
+
+
+def rates_used(tmp_path, framework, iterations=5):
+    """The learning rate of every parameter group as each optimiser step ran."""
+    from hafis.engine.trainer import Trainer
+
+    config = load_config(TINY, [f"output_dir={tmp_path}", f"train.framework={framework}",
+                                f"train.iterations={iterations}", f"train.eval_interval={iterations}",
+                                "train.tensorboard=false", "optim.head_lr_multiplier=10"])
     trainer = Trainer(config)
-    _, unlabelled = trainer._streams()
-    batch = next(unlabelled)
-    mix = batch["mix"]
-    assert set(mix) >= {"weak", "strong1", "strong2", "ignore"}
-    assert mix["weak"].shape == batch["weak"].shape and not torch.equal(mix["weak"], batch["weak"])
-    trainer = Trainer(load_config(TINY, [f"output_dir={tmp_path}", "unimatch.mix=in_batch"]))
-    assert "mix" not in next(trainer._streams()[1])
+    used = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append([g["lr"] for g in
+                                                                                    opt.param_groups]))
+    trainer.train()
+    bases = [g["initial_lr"] for g in trainer.optimizer.param_groups]
+    return used, bases, config.optim.poly_power
+
+
+def test_unimatch_uses_the_rate_set_after_the_previous_step_as_released(tmp_path):
+    used, bases, power = rates_used(tmp_path, "unimatch")
+    assert {round(b, 12) for b in bases} == {0.01, 0.1}
+    # the release: SGD starts at the base rates; after step i (i = epoch * len + i) it sets lr(i) for the next step
+    total, expected, current = len(used), [], list(bases)
+    for i in range(total):
+        expected.append(list(current))
+        current = [b * (1 - i / total) ** power for b in bases]
+    assert expected[0] == expected[1] == bases
+    np.testing.assert_allclose(used, expected, rtol=1e-12, atol=0)
+
+
+def test_a_framework_released_with_the_rate_set_before_the_step_keeps_it(tmp_path):
+    used, bases, power = rates_used(tmp_path, "supervised", iterations=4)
+    np.testing.assert_allclose(used, [[b * (1 - i / 4) ** power for b in bases] for i in range(4)], rtol=1e-12, atol=0)
 
 
 def test_strong_bank_view_is_unimatch_only():

@@ -149,11 +149,13 @@ class Trainer:
                                         c.unimatch.cutmix_prob, box_masks=self.box_masks)
             unlabelled = self._stream(dataset, self.unlabelled_batch_size, c.seed + 1)
             if self.framework.mix_batch:
-                # a second unlabelled stream (own order, own augmentations) for the mixed-in images; it advances
-                # in step with the first, so a resumed run replays it too
+                # a second unlabelled stream (own augmentations; the main stream's order for same_images, its own
+                # for other_images) for the mixed-in images; it advances in step with the first, so a resumed run
+                # replays it too
                 mix = UnlabelledDataset(self.unlabelled_source, c.data.crop_size, c.data.scale_range, c.seed,
                                         c.unimatch.cutmix_prob, box_masks=self.box_masks, stream=MIX_STREAM)
-                unlabelled = _with_mix(unlabelled, self._stream(mix, self.unlabelled_batch_size, c.seed + 2))
+                order = c.seed + 1 if self.framework.mix_batch == "same_images" else c.seed + 2
+                unlabelled = _with_mix(unlabelled, self._stream(mix, self.unlabelled_batch_size, order))
         return labelled, unlabelled
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -241,8 +243,9 @@ class Trainer:
         try:
             while self.iteration < total:
                 it = self.iteration
+                schedule_it = max(it - self.framework.lr_lag, 0)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = poly_lr(group["initial_lr"], it, total, c.optim.poly_power)
+                    group["lr"] = poly_lr(group["initial_lr"], schedule_it, total, c.optim.poly_power)
                 batch_l = next(labelled)
                 batch_u = next(unlabelled) if unlabelled else None
                 with self._autocast():

@@ -115,9 +115,13 @@ class Framework:
     #: iterations in one pass over the unlabelled images (the released codes' "epoch"); the trainer sets it, the
     #: mean-teacher recipes read it for their epoch-based schedules (U2PL's supervised-only epoch, AugSeg's warm-up)
     epoch_iterations: Optional[int] = None
-    #: the framework mixes in a second unlabelled batch (UniMatch as released): the trainer then adds one, from a
-    #: stream of its own, as ``unlabelled["mix"]``
-    mix_batch: bool = False
+    #: the framework mixes in a second unlabelled batch (UniMatch): the trainer then adds one as
+    #: ``unlabelled["mix"]``, from a stream whose augmentations are drawn independently and whose images are the
+    #: main stream's (``"same_images"``, as UniMatch's release) or in an order of their own (``"other_images"``)
+    mix_batch: Optional[str] = None
+    #: step ``t`` uses the poly rate of iteration ``t - lr_lag`` (0 at the first steps): 0 sets the rate before the
+    #: step (U2PL's release); UniMatch's release sets it after the step, so its step ``t`` uses ``lr(t - 1)``
+    lr_lag: int = 0
     #: the framework can feed the bank from its strong views (``weighting.bank_view: strong``, the authors' code,
     #: which is UniMatch's)
     strong_bank_view: bool = False

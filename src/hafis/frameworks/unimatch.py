@@ -1,6 +1,6 @@
 """UniMatch (Yang et al., CVPR 2023): one network, a weak view, two strong views and a feature-perturbed view.
 
-Recipe (frameworks.md)::
+Recipe (the released ``unimatch.py``)::
 
     pred_x, pred_w, pred_w_fp = model(cat(x, u_w), feature_perturbation=True)
     conf_w, mask_w = softmax(pred_w.detach()).max(1)
@@ -12,12 +12,20 @@ own normaliser counts every non-ignored pixel, confident or not, and hafis keeps
 pixel term is multiplied by ``W`` computed on the weak view's features; inside a CutMix box the pseudo-label,
 confidence, ignore mask *and* ``W`` come from the mixed-in image, exactly like its pixels.
 
-The mixed-in images (``unimatch.mix``): ``second_batch`` (default, as released) takes them from a second unlabelled
+The mixed-in images (``unimatch.mix``) come, under ``same_images`` and ``other_images``, from a second unlabelled
 batch (the trainer's ``unlabelled["mix"]``), whose pseudo-labels, confidences and ``W`` come from an extra
 ``no_grad`` forward in **eval mode** (BatchNorm running statistics), run before the training passes so it sees the
-statistics as they were at the start of the step. ``in_batch`` (a cheaper variant: no second batch, no extra pass)
-mixes image ``i + 1`` of the same batch (cyclically) with its train-mode pseudo-labels; with one unlabelled image
-per process it mixes each image with itself, i.e. CutMix does nothing.
+statistics as they were at the start of the step. ``same_images`` (default) is the release: it iterates its
+unlabelled loader twice in step, both passes shuffled by the same sampler seed, so the second batch holds the same
+images, augmented independently (another crop, colours and flip), and each image's boxes take the pixels of another
+view of itself (unintended upstream, LiheYoung/UniMatch#51 and #85; the maintainer reports the same accuracy).
+``other_images`` mixes in other images, as the method describes: a second batch in an order of its own.
+``in_batch`` (cheaper: no second batch, no extra pass) mixes image ``i + 1`` of the same batch (cyclically) with its
+train-mode pseudo-labels; with one unlabelled image per process it mixes each image with itself, i.e. CutMix does
+nothing.
+
+The learning rate is set after each step, as released: step ``t`` uses the poly rate of iteration ``t - 1`` (step 0
+the base rate).
 
 The bank (``weighting.bank_view``) is fed from the weak view (hafis) or from the two strong views with their
 CutMixed pseudo-labels, confidences, ignore masks and box masks (the authors' code).
@@ -54,18 +62,19 @@ def paste(base: Tensor, inside: Tensor, box: Tensor) -> Tensor:
 class UniMatch(Framework):
     name = "unimatch"
     strong_bank_view = True
+    lr_lag = 1
 
     def __init__(self, config, model, num_classes: int) -> None:
         super().__init__(config, model, num_classes)
-        self.mix_batch = config.unimatch.mix == "second_batch"
+        self.mix_batch = None if config.unimatch.mix == "in_batch" else config.unimatch.mix
 
     @torch.no_grad()
     def _second_batch(self, unlabelled: dict) -> dict:
-        """What the CutMix boxes take under ``second_batch``: the second batch's strong views, and pseudo-labels,
+        """What the CutMix boxes take from a second batch: its strong views, and pseudo-labels,
         confidences and features of an eval-mode pass over its weak view."""
         mix = unlabelled.get("mix")
         if mix is None:
-            raise ValueError("unimatch.mix is 'second_batch' but the unlabelled batch has no 'mix' batch: the "
+            raise ValueError(f"unimatch.mix is {self.mix_batch!r} but the unlabelled batch has no 'mix' batch: the "
                              "trainer supplies it; in a loop of your own pass one, or set unimatch.mix=in_batch")
         was_training = self.model.training
         self.model.eval()
