@@ -62,16 +62,20 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    #: deeplabv3plus (ResNet, as the four frameworks publish) or segformer (hierarchical Transformer + MLP decoder)
+    #: deeplabv3plus (ResNet, as the four frameworks publish), segformer (hierarchical Transformer + MLP decoder) or
+    #: dpt (DINOv2 ViT + DPT decoder, UniMatch V2's; crops and sliding windows a multiple of 14)
     name: str = registry("deeplabv3plus", "hafis.models:SEGMENTERS")
     #: deeplabv3plus: resnet18/50/101, resnet50s/101s, resnet_tiny, efficientnet_lite0 (ImageNet weights offline,
-    #: cheap on CPU); segformer: mit_b0..mit_b5, pvt_v2_b0..b5, mit_tiny
+    #: cheap on CPU); segformer: mit_b0..mit_b5, pvt_v2_b0..b5, mit_tiny; dpt: dinov2_small/base/large, dinov2_tiny
     backbone: str = "resnet50"
     #: ``imagenet`` loads the backbone's ImageNet weights through timm (efficientnet_lite0: from its installed weights
-    #: package, no network); ``null`` starts from scratch
-    pretrained: Optional[str] = choice(None, None, "imagenet")
-    #: a local backbone checkpoint (for machines with no network); wins over ``pretrained``
+    #: package, no network); ``dinov2`` (dpt) DINOv2's weights through timm; ``null`` starts from scratch
+    pretrained: Optional[str] = choice(None, None, "imagenet", "dinov2")
+    #: a local backbone checkpoint (for machines with no network; dpt: Meta's dinov2_vit{s,b,l}14_pretrain.pth);
+    #: wins over ``pretrained``
     pretrained_path: Optional[str] = None
+    #: dpt: the encoder is not trained (UniMatch V2's lock_backbone)
+    freeze_encoder: bool = False
     #: deeplabv3plus: the backbone's output stride (16 as published; 8 dilates one more stage); segformer has none
     output_stride: int = choice(16, 8, 16)
     feature_dim: int = positive(256)
@@ -383,10 +387,20 @@ def load_config(path: Union[str, Path, None] = None, overrides: typing.Sequence[
             raise ConfigError(f"override {item!r}: cannot parse the value: {exc}") from None
         _set_dotted(raw, key.strip(), value)
     config = from_dict(Config, raw, source)
-    problems = relation_errors(config, lambda key: get_key(config, key))
+    problems = relation_errors(config, lambda key: get_key(config, key)) + _input_multiple_errors(config)
     if problems:
         raise ConfigError(f"{source}: {problems[0]}")
     return config
+
+
+def _input_multiple_errors(config: Config) -> list[str]:
+    """Crop and sliding window must be multiples of the segmenter's ``input_multiple`` (dpt: its 14 px patch)."""
+    from hafis.models import SEGMENTERS
+
+    multiple = getattr(SEGMENTERS.get(config.model.name), "input_multiple", 1)
+    return [f"'{key}' must be a multiple of {multiple} for model.name={config.model.name}, got {value}"
+            for key, value in (("data.crop_size", config.data.crop_size), ("eval.window", config.eval.window))
+            if value is not None and value % multiple]
 
 
 def get_key(config: Any, key: str) -> Any:

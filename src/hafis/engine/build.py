@@ -29,6 +29,10 @@ def build_model(config: Config, num_classes: int) -> torch.nn.Module:
     extra = {} if m.align_corners is None else {"align_corners": m.align_corners}
     if m.name == "deeplabv3plus":  # the keys of its dilated backbone and ASPP head; other segmenters have neither
         extra.update(output_stride=m.output_stride, aspp_channels=m.aspp_channels)
+    if m.freeze_encoder:
+        if m.name != "dpt":
+            raise ConfigError(f"model.freeze_encoder is implemented for model.name=dpt, not {m.name!r}")
+        extra.update(freeze_encoder=True)
     try:
         return build_segmenter(
             m.name, num_classes, backbone=m.backbone, feature_dim=m.feature_dim, fp_dropout=m.fp_dropout,

@@ -12,13 +12,16 @@ from torch import nn
 
 from hafis.models.backbones import BACKBONES, build_backbone
 from hafis.models.deeplabv3plus import DeepLabV3Plus, SegOutput
+from hafis.models.dpt import DPT
 from hafis.models.segformer import SegFormer
 
-__all__ = ["BACKBONES", "SEGMENTERS", "DeepLabV3Plus", "SegFormer", "SegOutput", "build_backbone", "build_segmenter"]
+__all__ = ["BACKBONES", "DPT", "SEGMENTERS", "DeepLabV3Plus", "SegFormer", "SegOutput", "build_backbone",
+           "build_segmenter"]
 
 SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
     "deeplabv3plus": DeepLabV3Plus,
     "segformer": SegFormer,
+    "dpt": DPT,
 }
 
 
