@@ -70,12 +70,23 @@ class Recipe:
     note: str = ""
     #: OHEM's min_kept of the released config per GPU batch, and that per-GPU batch: hafis counts per image
     ohem_min_kept: tuple = (100000, 2)
+    #: where a value differs from what the released config file says at first sight: key -> the release's line
+    #: that sets it (written into the framework's YAML as a comment)
+    sources: dict = field(default_factory=dict)
 
     def iterations_per_epoch(self, labelled: int) -> int:
         return (TRAIN_IMAGES[self.dataset] - labelled) // self.batch
 
 
 OHEM = "OHEM (0.7)"
+#: the sources of AEL's learning rates (both datasets)
+AEL_LR = {
+    "optim.lr": "0.01 / 8: config `lr: 0.01`, but train.py divides the supervised and both consistency losses by "
+                "the world size and DDP averages the gradients again (8 GPUs)",
+    "optim.weight_decay": "1e-4 x 8: config `weight_decay: 0.0001`, the same update at lr / 8",
+    "optim.head_lr_multiplier": "10: train.py builds `lr * 10` for `model.auxor` and `model.decoder` on every "
+                                "dataset",
+}
 RECIPES = {
     # UniMatch (LiheYoung/UniMatch configs/*.yaml: batch_size 2 per GPU x 4 GPUs)
     ("unimatch", "voc"): Recipe("unimatch", "voc", "UniMatch configs/pascal.yaml", 321, 8, 0.001, 10, 1e-4, 80, 16,
@@ -87,19 +98,31 @@ RECIPES = {
                                  note="UniMatch used Xception-65; hafis has no Xception, so ResNet-101 (deep stem)"),
     # U2PL (Haochen-Wang409/U2PL experiments/*/config.yaml; VOC: batch 4 x 4 GPUs, Cityscapes: 2 x 8 GPUs)
     ("u2pl", "voc"): Recipe("u2pl", "voc", "U2PL experiments/pascal/1464/ours", 513, 16, 0.001, 10, 1e-4, 80, 8,
-                            OHEM, {"ema_decay": 0.99}, ohem_min_kept=(100000, 4)),
+                            "CE", {"ema_decay": 0.99},
+                            sources={"loss.labelled": "ce: experiments/pascal/1464/ours/config.yaml `criterion: type: "
+                                     "CELoss` -> nn.CrossEntropyLoss (u2pl/utils/loss_helper.py Criterion); OHEM is "
+                                     "the Cityscapes recipe"}),
     ("u2pl", "cityscapes"): Recipe("u2pl", "cityscapes", "U2PL experiments/cityscapes/744/ours", 769, 16, 0.01, 1,
                                    5e-4, 200, 8, OHEM, {"ema_decay": 0.99, "sup_only_iterations": 0},
                                    ohem_min_kept=(100000, 2)),
     # AEL (hzhupku/SemiSeg-AEL experiments/{pascal_4,cityscapes_2}: batch 2 x 8 GPUs)
-    ("ael", "voc"): Recipe("ael", "voc", "AEL experiments/pascal_4", 513, 16, 0.01, 10, 1e-4, 80, 8, OHEM,
+    # AEL's configs say lr 0.01 and weight decay 1e-4, but train.py divides every loss term by the world size
+    # (`loss_sup_student = criterion(...) / world_size`, `loss_consistency1/2 = ... / world_size`) and DDP averages
+    # the gradients again: on its 8 GPUs SGD steps with lr / 8 and weight decay x 8 (the same update)
+    ("ael", "voc"): Recipe("ael", "voc", "AEL experiments/pascal_4", 513, 16, 0.01 / 8, 10, 1e-4 * 8, 80, 8, OHEM,
                            {"ema_decay": 0.99, "threshold": 0.7, "gamma": 2.0, "momentum": 0.999,
                             "copy_paste_prob": 0.5, "copy_paste_classes": 1, "area_thresh": 0.03,
-                            "paste_exclude": [0]}),
-    ("ael", "cityscapes"): Recipe("ael", "cityscapes", "AEL experiments/cityscapes_2", 769, 16, 0.01, 1, 1e-4, 200,
-                                  8, OHEM, {"ema_decay": 0.99, "gamma": 2.0, "momentum": 0.999,
-                                            "copy_paste_prob": 0.5, "copy_paste_classes": 3, "area_thresh": 0.005,
-                                            "paste_exclude": [0, 1, 2, 8, 10]}),
+                            "paste_exclude": [0]},
+                           sources=dict(AEL_LR, threshold="0.7: experiments/pascal_4/config.yaml "
+                                                          "`criterion: threshold: 0.7`")),
+    ("ael", "cityscapes"): Recipe("ael", "cityscapes", "AEL experiments/cityscapes_2", 769, 16, 0.01 / 8, 10,
+                                  1e-4 * 8, 200, 8, OHEM,
+                                  {"ema_decay": 0.99, "threshold": 0.0, "gamma": 2.0, "momentum": 0.999,
+                                   "copy_paste_prob": 0.5, "copy_paste_classes": 3, "area_thresh": 0.005,
+                                   "paste_exclude": [0, 1, 2, 8, 10]},
+                                  sources=dict(AEL_LR, threshold="0: experiments/cityscapes_2/config.yaml sets no "
+                                                                 "`criterion: threshold`, train.py reads "
+                                                                 "`cfg['criterion'].get('threshold', 0)`")),
     # AugSeg (ZhenZHAO/AugSeg training-logs/*/config_semi.yaml; VOC: 8 x 2 GPUs, Cityscapes: 4 x 4 GPUs)
     ("augseg", "voc"): Recipe("augseg", "voc", "AugSeg training-logs (Semi-Voc-fine / -blender)", 513, 16, 0.001, 10,
                               1e-4, 80, 16, "CE", {"ema_decay": 0.999, "threshold": 0.95, "extra_weak": False,
@@ -163,7 +186,9 @@ def dataset_base(dataset: str) -> str:
     text += _section("model", {"name": "deeplabv3plus", "backbone": "resnet101s", "pretrained": "imagenet",
                                "feature_dim": 256})
     text += _section("optim", {"name": "sgd", "momentum": 0.9, "poly_power": 0.9})
-    text += _section("train", {"log_interval": 20, "device": "auto"})
+    # every release converts its networks to SyncBatchNorm (U2PL / AEL `net: sync_bn: True`, UniMatch and AugSeg
+    # `convert_sync_batchnorm` in their training scripts); hafis does so under torchrun
+    text += _section("train", {"log_interval": 20, "device": "auto", "sync_bn": True})
     text += _section("eval", evaluation)
     if dataset == "cityscapes":
         text += ("# the detector of weighting.reliable: detector, as the authors trained it: instance boxes plus\n"
@@ -180,6 +205,8 @@ def framework_base(key: str, dataset: str) -> str:
              f" labelled loss {r.loss}\n")
     if r.note:
         text += f"# note: {r.note}\n"
+    for key, why in r.sources.items():
+        text += f"# {key} = {why}\n"
     text += "base: base.yaml\n"
     data = {"crop_size": r.crop}
     text += _section("data", data)

@@ -87,3 +87,20 @@ def test_weighting_variants_differ_only_in_the_method_and_name():
         on["weighting"]["enabled"] = False
         assert on.pop("name") == off.pop("name") + "-weighting"
         assert on == off, path
+
+
+def test_released_u2pl_and_ael_recipes():
+    # U2PL VOC: plain CE (experiments/pascal/1464/ours `criterion: CELoss`); Cityscapes keeps OHEM
+    assert load_config(CONFIGS / "voc/classic/1464/u2pl.yaml").loss.labelled == "ce"
+    assert load_config(CONFIGS / "voc/blended/1_16/u2pl.yaml").loss.labelled == "ce"
+    # AEL: the release divides every loss by its 8 GPUs before DDP averages: lr / 8, weight decay x 8, head x10
+    for path, threshold in (("voc/classic/92/ael.yaml", 0.7), ("cityscapes/1_16/ael.yaml", 0.0)):
+        c = load_config(CONFIGS / path)
+        assert (c.optim.lr, c.optim.head_lr_multiplier, c.optim.weight_decay) == (0.00125, 10.0, 0.0008), path
+        assert c.ael.threshold == threshold, path
+
+
+def test_every_paper_config_synchronises_batchnorm():
+    for dataset in ("voc", "cityscapes", "coco"):
+        for path in (CONFIGS / dataset).rglob("*.yaml"):
+            assert load_config(path).train.sync_bn, path  # as every release runs

@@ -50,10 +50,10 @@ the 512-d decoder concat; hafis's decoder feature has already been through two 3
 join the optimiser through :meth:`param_groups` at the head's learning rate (×10), it is EMA'd into the teacher with
 the segmenter, and it is saved in the framework's checkpoint state (with the teacher and the queues).
 
-Deviations from the released code: the supervised term is ``loss.labelled`` (CE by default; the released configs
-use OHEM, ``loss.labelled: ohem``, plus an auxiliary head that hafis's segmenter does not have); the teacher runs in
-eval mode (see :mod:`hafis.frameworks.teacher`). The negative queues are checkpointed for an exact resume: at the
-published size (30,000 keys of 256 floats per class) that is ~30 MB per class.
+Deviations from the released code: the supervised term is ``loss.labelled`` (CE by default, as the released VOC
+config; its Cityscapes config uses OHEM, ``loss.labelled: ohem``, plus an auxiliary head that hafis's segmenter does
+not have); the teacher runs in eval mode (see :mod:`hafis.frameworks.teacher`). The negative queues are
+checkpointed for an exact resume: at the published size (30,000 keys of 256 floats per class) that is ~30 MB per class.
 With the weighting on, ``W`` is computed from the teacher's decoder features of the weak view (the view the
 pseudo-labels come from) and the bank is fed from the teacher's labelled and weak-view outputs; the contrastive
 term is unchanged.
