@@ -134,7 +134,9 @@ class TrainConfig:
     compile: bool = runtime(False)
     #: a non-finite loss skips its step; more than this many skipped steps in a run stop training (0 = stop at once)
     max_nonfinite_skips: int = nonneg(0, runtime=True)
-    #: convert BatchNorm to SyncBatchNorm under torchrun, so batch statistics cover the global batch
+    #: under torchrun, synchronise every BatchNorm of the trained networks over the processes, so batch statistics
+    #: cover the global batch (as the released codes run; the paper configs set it): torch's SyncBatchNorm on GPUs,
+    #: hafis's all-reduce one on CPU (gloo). No effect on one process
     sync_bn: bool = False
 
 

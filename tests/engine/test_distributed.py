@@ -2,7 +2,7 @@
 
 Exact where the recipe allows it: a BatchNorm-free network with a mean loss over equal per-rank shares takes the
 same SGD steps on 2 processes as on 1 (DDP averages the per-rank gradients; only the summation order differs, so
-1e-6). The tiny UniMatch run cannot be: BatchNorm statistics are per rank (SyncBatchNorm needs GPUs), each rank's
+1e-6). The tiny UniMatch run cannot be: BatchNorm statistics are per rank (train.sync_bn is off), each rank's
 loss is normalised by its own pixel count, UniMatch's CutMix partners come from each rank's share, and the bank
 subsamples each rank's pixels; there the two runs must stay within a stated distance of each other.
 """

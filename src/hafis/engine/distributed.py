@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -125,6 +125,63 @@ def wrap(owner: Any, names: Iterable[str], device: torch.device, static_graph: b
     for name, module in networks.items():
         setattr(owner, name, Route(ddp, name, module))
     return ddp
+
+
+# ----------------------------------------------------------------------------------------------- SyncBatchNorm
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced gradient: every rank's loss reaches every rank's input."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm for CPU processes (gloo), which torch's SyncBatchNorm does not run on: the global batch's
+    per-channel mean and variance come from all-reduced per-rank sums, and the gradients flow back through the same
+    sums, as through torch's GPU kernels. Eval mode or one process: plain BatchNorm."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        channels, dims = x.shape[1], [0, *range(2, x.dim())]
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        count = _SumOverRanks.apply(x.new_tensor([x.numel() / channels]))
+        mean = _SumOverRanks.apply(x.sum(dims)) / count
+        centred = x - mean.view(shape)
+        var = _SumOverRanks.apply(centred.square().sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                self.running_var.mul_(1 - m).add_(var * count / (count - 1).clamp_min(1), alpha=m)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of ``module`` (in place when ``module`` is not one itself) synchronised over the process
+    group, keeping its parameters and buffers (``train.sync_bn``, as the released codes run): torch's SyncBatchNorm
+    on GPUs, :class:`CpuSyncBatchNorm` on CPU."""
+    module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if device.type == "cpu":
+        for m in module.modules():
+            if type(m) is nn.SyncBatchNorm:
+                m.__class__ = CpuSyncBatchNorm  # the same state; only the forward differs
+    return module
 
 
 # -------------------------------------------------------------------------------------------------- collectives

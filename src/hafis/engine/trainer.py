@@ -71,8 +71,6 @@ class Trainer:
         self.num_classes = self.labelled_source.num_classes
         self.class_names = list(self.labelled_source.class_names)
         self.model = build_model(config, self.num_classes)
-        if self.dist.enabled and config.train.sync_bn:
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
         if config.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -82,6 +80,9 @@ class Trainer:
             self.framework: Framework = build_framework(config, self.model, self.num_classes).to(self.device)
         except ValueError as exc:  # a key that does not fit the dataset, e.g. a class index beyond its classes
             raise ConfigError(f"{config.train.framework}: {exc}") from None
+        if self.dist.enabled and config.train.sync_bn:  # every trained network, framework-owned heads included
+            for name in self.framework.networks:
+                distributed.convert_sync_batchnorm(getattr(self.framework, name), self.device)
         if self.dist.enabled:  # the framework's networks are called through one DDP from here on
             distributed.wrap(self.framework, self.framework.networks, self.device, self.framework.static_graph)
             for teacher in self.framework.teachers():

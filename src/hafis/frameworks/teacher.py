@@ -12,9 +12,13 @@ One helper for the three frameworks (none keeps a copy of its own):
 **Buffers (BatchNorm running statistics) are EMA'd with the same decay** (integer buffers such as
 ``num_batches_tracked`` are copied). This is AugSeg's released rule. U2PL's and AEL's released teachers average the
 parameters only and keep BatchNorm statistics of their own, collected by running the teacher in ``train()`` mode
-(batch statistics, dropout active) on every batch; hafis's teacher never runs in train mode (its DeepLabV3+ has
-dropout 0.5 after ASPP, which would corrupt the pseudo-labels), so it needs statistics from somewhere and takes
-the student's, averaged like the weights. ``buffers="copy"`` (copy the student's) is available too.
+(batch statistics, dropout active) on every batch (AEL for every teacher pass, U2PL for the pass that feeds its
+contrastive loss; its pseudo-labels come from an eval-mode pass). hafis's teacher never runs in train mode, so that
+its outputs depend on its weights alone: not on which images share its batch (batch statistics, which with one or
+two images per GPU are noisy) nor on a dropout draw (the released U2PL / AEL decoder, ``model.decoder: released``,
+has ``Dropout2d(0.1)`` layers; hafis's own DeepLabV3+ has none outside the feature perturbation). It therefore needs
+statistics from somewhere and takes the student's, averaged like the weights. ``buffers="copy"`` (copy the
+student's) is available too.
 """
 
 from __future__ import annotations
