@@ -73,12 +73,17 @@ class Recipe:
     #: where a value differs from what the released config file says at first sight: key -> the release's line
     #: that sets it (written into the framework's YAML as a comment)
     sources: dict = field(default_factory=dict)
+    #: the released network's model keys (multi-grid layer4, U2PL / AEL decoder, auxiliary head weight)
+    network: dict = field(default_factory=dict)
 
     def iterations_per_epoch(self, labelled: int) -> int:
         return (TRAIN_IMAGES[self.dataset] - labelled) // self.batch
 
 
 OHEM = "OHEM (0.7)"
+#: U2PL's and AEL's network: `multi_grid: True` in every config's encoder, their own dec_deeplabv3_plus (released
+#: decoder) and, where the config has `aux_loss: {aux_plane: 1024, loss_weight: 0.4}`, the auxiliary head
+RELEASED_NET = {"decoder": "released", "multi_grid": True}
 #: the sources of AEL's learning rates (both datasets)
 AEL_LR = {
     "optim.lr": "0.01 / 8: config `lr: 0.01`, but train.py divides the supervised and both consistency losses by "
@@ -98,13 +103,15 @@ RECIPES = {
                                  note="UniMatch used Xception-65; hafis has no Xception, so ResNet-101 (deep stem)"),
     # U2PL (Haochen-Wang409/U2PL experiments/*/config.yaml; VOC: batch 4 x 4 GPUs, Cityscapes: 2 x 8 GPUs)
     ("u2pl", "voc"): Recipe("u2pl", "voc", "U2PL experiments/pascal/1464/ours", 513, 16, 0.001, 10, 1e-4, 80, 8,
-                            "CE", {"ema_decay": 0.99},
+                            "CE", {"ema_decay": 0.99}, network={**RELEASED_NET, "aux_weight": 0.0},
                             sources={"loss.labelled": "ce: experiments/pascal/1464/ours/config.yaml `criterion: type: "
                                      "CELoss` -> nn.CrossEntropyLoss (u2pl/utils/loss_helper.py Criterion); OHEM is "
-                                     "the Cityscapes recipe"}),
+                                     "the Cityscapes recipe",
+                                     "model.aux_weight": "0: the same config has no `net: aux_loss` (no auxiliary "
+                                     "head)"}),
     ("u2pl", "cityscapes"): Recipe("u2pl", "cityscapes", "U2PL experiments/cityscapes/744/ours", 769, 16, 0.01, 1,
                                    5e-4, 200, 8, OHEM, {"ema_decay": 0.99, "sup_only_iterations": 0},
-                                   ohem_min_kept=(100000, 2)),
+                                   ohem_min_kept=(100000, 2), network={**RELEASED_NET, "aux_weight": 0.4}),
     # AEL (hzhupku/SemiSeg-AEL experiments/{pascal_4,cityscapes_2}: batch 2 x 8 GPUs)
     # AEL's configs say lr 0.01 and weight decay 1e-4, but train.py divides every loss term by the world size
     # (`loss_sup_student = criterion(...) / world_size`, `loss_consistency1/2 = ... / world_size`) and DDP averages
@@ -112,7 +119,7 @@ RECIPES = {
     ("ael", "voc"): Recipe("ael", "voc", "AEL experiments/pascal_4", 513, 16, 0.01 / 8, 10, 1e-4 * 8, 80, 8, OHEM,
                            {"ema_decay": 0.99, "threshold": 0.7, "gamma": 2.0, "momentum": 0.999,
                             "copy_paste_prob": 0.5, "copy_paste_classes": 1, "area_thresh": 0.03,
-                            "paste_exclude": [0]},
+                            "paste_exclude": [0]}, network={**RELEASED_NET, "aux_weight": 0.4},
                            sources=dict(AEL_LR, threshold="0.7: experiments/pascal_4/config.yaml "
                                                           "`criterion: threshold: 0.7`")),
     ("ael", "cityscapes"): Recipe("ael", "cityscapes", "AEL experiments/cityscapes_2", 769, 16, 0.01 / 8, 10,
@@ -120,18 +127,20 @@ RECIPES = {
                                   {"ema_decay": 0.99, "threshold": 0.0, "gamma": 2.0, "momentum": 0.999,
                                    "copy_paste_prob": 0.5, "copy_paste_classes": 3, "area_thresh": 0.005,
                                    "paste_exclude": [0, 1, 2, 8, 10]},
+                                  network={**RELEASED_NET, "aux_weight": 0.4},
                                   sources=dict(AEL_LR, threshold="0: experiments/cityscapes_2/config.yaml sets no "
                                                                  "`criterion: threshold`, train.py reads "
                                                                  "`cfg['criterion'].get('threshold', 0)`")),
     # AugSeg (ZhenZHAO/AugSeg training-logs/*/config_semi.yaml; VOC: 8 x 2 GPUs, Cityscapes: 4 x 4 GPUs)
     ("augseg", "voc"): Recipe("augseg", "voc", "AugSeg training-logs (Semi-Voc-fine / -blender)", 513, 16, 0.001, 10,
                               1e-4, 80, 16, "CE", {"ema_decay": 0.999, "threshold": 0.95, "extra_weak": False,
-                                                   "cutmix_prob": 1.0, "num_augs": 3}),
+                                                   "cutmix_prob": 1.0, "num_augs": 3},
+                              network={"multi_grid": True}),
     ("augseg", "cityscapes"): Recipe("augseg", "cityscapes", "AugSeg training-logs (Semi-citys)", 800, 16, 0.01, 1,
                                      5e-4, 240, 16, OHEM, {"ema_decay": 0.996, "threshold": 0.0, "extra_weak": False,
                                                            "cutmix_prob": 1.0, "num_augs": 3},
                                      note="released threshold -0.1 (every pixel); hafis writes 0.0, the same",
-                                     ohem_min_kept=(100000, 4)),
+                                     ohem_min_kept=(100000, 4), network={"multi_grid": True}),
     # hafis's Transformer segmenter on VOC: not a paper setting (the seed paper uses DeepLabV3+ only)
     ("segformer_unimatch", "voc"): Recipe(
         "unimatch", "voc", "SegFormer recipe (AdamW 6e-5, head x10, wd 0.01) on UniMatch's VOC schedule", 321, 8,
@@ -210,7 +219,7 @@ def framework_base(key: str, dataset: str) -> str:
     text += "base: base.yaml\n"
     data = {"crop_size": r.crop}
     text += _section("data", data)
-    model = {"output_stride": r.output_stride}
+    model = {"output_stride": r.output_stride, **r.network}
     if r.model != "deeplabv3plus":
         model = {"name": r.model, "backbone": r.backbone, "pretrained": None,
                  "pretrained_path": f"pretrained/{r.backbone}.pth"}
@@ -303,22 +312,45 @@ four codebases, so `iterations = epochs × ⌊unlabelled / unlabelled batch⌋`.
 README_NOTES = """\
 Deviations, all stated in the configs: UniMatch's COCO backbone is Xception-65 (hafis: ResNet-101, deep stem); OHEM's
 `min_kept` is counted per image (`loss.ohem_min_kept` = the released value divided by the released per-GPU batch);
-U2PL and AEL add an auxiliary head that hafis's segmenter does not have (and their decoders' Dropout2d(0.1); hafis's
-DeepLabV3+ is UniMatch's, which has no dropout besides the feature perturbation); AEL's released VOC recipe is its
-blended 1/4 one, applied here to every VOC split; `eval.window` defaults to each framework's crop.
-UniMatch is the released network and recipe (with the weighting off, loss and gradients equal the released code's
+AEL's released VOC recipe is its blended 1/4 one, applied here to every VOC split; `eval.window` defaults to each
+framework's crop. Every paper config sets `train.sync_bn: true` (SyncBatchNorm under torchrun, as every release
+runs). UniMatch is the released network and recipe (with the weighting off, loss and gradients equal the released code's
 bit for bit on the same weights, batches, boxes and seed: `tests/frameworks/test_unimatch_released.py`,
 `tests/models/test_unimatch_network.py`): `align_corners=True` resizes, no dropout after the ASPP projection, a second
 unlabelled batch for CutMix whose pseudo-labels come from an eval-mode pass, CutMix boxes whose area is drawn once.
 UniMatch-released DeepLabV3+ checkpoints (`module.`-prefixed, UniMatch's module names) evaluate with `hafis eval
 --checkpoint`, and the deep-stem `resnet50.pth` / `resnet101.pth` the four codebases distribute load strictly into
-`resnet50s` / `resnet101s` (`model.pretrained_path`). Mixing partners of the others, as released: U2PL image i+1 of
-the batch, AugSeg a random permutation of the batch (both mix an image with itself when a process holds one
-unlabelled image; their published settings hold two); AEL samples its class-guided partner within the batch (the
-released code: from a dataset-wide bank). The weighting's departures from the authors' code, each a key whose other
-value is theirs: the paper's `W = s/k` and count normaliser (`weighting.offset`, `weighting.normalize`), the bank fed
-from the weak view (`weighting.bank_view`), a prototype for a class with only unlabelled features
-(`weighting.require_labelled`), top-k ties broken by the lower channel index (theirs: an unstable `argsort`). The SegFormer rows are hafis's own choice (the seed paper uses DeepLabV3+ only).
+`resnet50s` / `resnet101s` (`model.pretrained_path`). The weighting's departures from the authors' code, each a key
+whose other value is theirs: the paper's `W = s/k` and count normaliser (`weighting.offset`, `weighting.normalize`),
+the bank fed from the weak view (`weighting.bank_view`), a prototype for a class with only unlabelled features
+(`weighting.require_labelled`), top-k ties broken by the lower channel index (theirs: an unstable `argsort`). The
+SegFormer rows are hafis's own choice (the seed paper uses DeepLabV3+ only).
+
+U2PL, AEL and AugSeg run the released networks: the multi-grid layer4 (`model.multi_grid: true`, dilations 4, 8, 16
+at output stride 8; 2, 4, 8 at 16), and for U2PL and AEL their own decoder (`model.decoder: released`:
+`hafis.models.released`, 3x3 ASPP projection, 256-channel low-level branch, `Dropout2d(0.1)`, U2PL's representation
+head on the 512-channel concatenation) with the auxiliary head on layer3 where the released config has one
+(`model.aux_weight: 0.4`: U2PL Cityscapes, AEL). With the weighting off, one step's loss terms and gradients equal
+an independent transcription of each released step on the same weights, batch and draws
+(`tests/frameworks/test_{u2pl,ael,augseg}_released.py`), and U2PL / AEL state dicts under their released names load
+strictly (`hafis.models.released.released_state_dict`, `tests/models/test_released_network.py`). What still differs,
+on purpose:
+
+| framework | item | hafis | release | to get the release |
+|---|---|---|---|---|
+| U2PL | contrastive term | the paper's, on every image | its one-hot helper fills image 0 of each GPU only; anchors of class i meet negatives of `valid_classes[i]` (U2PL issue #111) | — |
+| U2PL | contrastive weight | 0.1 (the maintainer's answer, U2PL issues #22, #52, #57) | 1 (no `loss_weight` in the configs) | `u2pl.contrastive_weight=1` |
+| U2PL | anchors × negatives | 256 × 50, the released configs (the maintainer: follow the code, U2PL issue #38) | the paper says 50 × 256 | (paper: `u2pl.num_anchors=50 u2pl.num_negatives=256`) |
+| U2PL | negative queue | `u2pl.queue_size` per class (30,000) | 30,000, class 0: 50,000 | — |
+| U2PL | α_t | stepped every iteration | stepped once per epoch | — |
+| U2PL, AEL | teacher | eval mode, BatchNorm statistics the EMA of the student's (`frameworks/teacher.py`) | train mode for the contrastive pass (U2PL) / every pass (AEL): batch statistics, dropout | — |
+| AEL | CutMix partner, copy-paste source | within the batch | a dataset-wide class bank; a separately loaded labelled image rescaled 0.1-2.0 | — |
+| AEL | learning rate | `optim.lr` 0.00125, weight decay 0.0008 | 0.01 and 1e-4 with every loss divided by the 8 GPUs before DDP's average: the same update | — |
+| AEL | excluded paste classes | `ael.paste_exclude` (VOC: background) | Cityscapes' stuff classes hard-coded, VOC too | `ael.paste_exclude=[0,1,2,8,10]` |
+| AEL | equalization sampling | one uniform per pixel | one `(h, w)` map per class, shared by a GPU's images | — |
+| AugSeg | intensity ops | torchvision, on the batch, from the framework's generator | PIL, in the dataset | — |
+| AugSeg | network | hafis's DeepLabV3+ + multi-grid: AugSeg's decoder up to the order of the ASPP branches and a bias before BatchNorm; its checkpoints do not load by name | | — |
+| all | stem max-pool | rounds down (timm), except `model.decoder: released` | rounds up (`ceil_mode`): one more row / column for even sizes (AugSeg's 800 crop: 201 vs 200) | — |
 
 ## Published numbers to compare with (mIoU %, as reported; hafis cannot measure them here)
 

@@ -83,6 +83,16 @@ class ModelConfig:
     aspp_channels: int = positive(256)
     #: UniMatch's feature perturbation: Dropout2d rate on the encoder features
     fp_dropout: float = unit(0.5)
+    #: deeplabv3plus: ``unimatch`` = hafis's DeepLabV3+, UniMatch's released network; ``released`` = the U2PL / AEL
+    #: releases' decoder (3x3 ASPP projection, 256-channel low-level branch, Dropout2d(0.1), U2PL's representation
+    #: head; hafis.models.released), whose checkpoints load into it; feature_dim and aspp_channels are then 256
+    decoder: str = choice("unimatch", "unimatch", "released")
+    #: ResNet backbones: the releases' multi-grid layer4 (dilations x2, x2, x4: 4, 8, 16 at output stride 8; U2PL,
+    #: AEL and AugSeg use it)
+    multi_grid: bool = False
+    #: ``decoder: released``: weight of an auxiliary head's loss on layer3, added to the labelled loss with the same
+    #: criterion (U2PL's Cityscapes and AEL's configs: 0.4); 0 = no auxiliary head
+    aux_weight: float = nonneg(0.0)
     #: ``align_corners`` of the segmenter's bilinear resizes (DeepLabV3+: ASPP pooling, decoder, logits): UniMatch
     #: and the seed paper's code use True, which changes the loss and gradients; null = the segmenter's release
     #: (DeepLabV3+: True, SegFormer: False)
@@ -172,9 +182,11 @@ class U2PLConfig:
     cutmix_prob: float = unit(0.5)
     contrastive_weight: float = nonneg(0.1)
     temperature: float = positive(0.5)
-    #: anchors per class and negatives per anchor: the paper's 50 / 256 (the released configs use 256 / 50)
-    num_anchors: int = positive(50)
-    num_negatives: int = positive(256)
+    #: anchors per class and negatives per anchor: the released configs' 256 / 50 (``num_queries`` /
+    #: ``num_negatives``, which the maintainer says to follow: U2PL issue #38); the paper writes 50 / 256
+    #: (``u2pl.num_anchors=50 u2pl.num_negatives=256``)
+    num_anchors: int = positive(256)
+    num_negatives: int = positive(50)
     #: negatives of class c: labelled pixels ranking c in [0, low_rank), unreliable ones ranking it in
     #: [low_rank, high_rank) (ranks from 0 = the argmax)
     low_rank: int = nonneg(3)

@@ -41,9 +41,14 @@ Per iteration:
 6. ``loss = L_x + ael.unsup_weight · (L_cons(labelled) + L_cons(unlabelled))``; after the optimiser step the
    teacher takes the EMA with ``min(1 − 1/(t + 1), ael.ema_decay)``.
 
-The teacher is what is evaluated (as released). Deviations: the supervised term is ``loss.labelled`` (CE by default;
-released: OHEM, ``loss.labelled: ohem``, plus an auxiliary head hafis's segmenter does not have); the teacher runs
-in eval mode (released: train mode; see :mod:`hafis.frameworks.teacher`).
+The teacher is what is evaluated (as released). The supervised term is
+:func:`~hafis.frameworks.losses.labelled_loss` (released: OHEM, ``loss.labelled: ohem``, plus 0.4 times OHEM on
+the auxiliary head of ``model.decoder: released``, ``model.aux_weight: 0.4``). With the weighting off, one step's
+terms and gradients equal a transcription of the released step given the same pasted batch, boxes and partners
+(``tests/frameworks/test_ael_released.py``). Deviations: the in-batch partners above; the teacher runs in eval mode
+(released: train mode; see :mod:`hafis.frameworks.teacher`); equalization sampling draws one uniform per pixel
+(released: one map per class shared by a GPU's images). The released losses are divided by the world size before
+DDP averages the gradients (an 8x smaller step on its 8 GPUs): the paper configs divide the learning rate instead.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from torch import Tensor, nn
 from hafis.config import Config
 
 from .base import StepOutput
-from .losses import supervised_loss
+from .losses import labelled_loss
 from .teacher import MeanTeacherFramework
 from .unimatch import partner_index
 
@@ -221,9 +226,10 @@ class AEL(MeanTeacherFramework):
             u_mix, logits_tu, ignore_mix = mix(u), mix(out_tu.logits), mix(ignore)
             w_mix = None if w is None else mix(w)
 
-        pred_l = self.model(x).logits
+        out_l = self.model(x)
+        pred_l = out_l.logits
         pred_u = self.model(u_mix).logits
-        loss_x = supervised_loss(pred_l, y, self.config.loss)
+        loss_x = labelled_loss(pred_l, out_l.aux, y, self.config)
         with torch.no_grad():
             batch_conf = category_confidence(pred_l, y, self.num_classes)
             self.confidence = cfg.momentum * self.confidence + (1.0 - cfg.momentum) * batch_conf

@@ -52,7 +52,7 @@ from hafis.config import Config
 from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 from .base import StepOutput
-from .losses import supervised_loss
+from .losses import labelled_loss
 from .teacher import MeanTeacherFramework, softmax_entropy
 
 #: the released pool (``get_augment_list(flag_using_wide=False)``) and each op's magnitude range
@@ -247,9 +247,9 @@ class AugSeg(MeanTeacherFramework):
             maps = label_aided_cutmix(maps, lab, take.to(dev), perm.to(dev), box_l.to(dev), box_u.to(dev))
 
         views = [x, u_w, maps["image"]] if cfg.extra_weak else [x, maps["image"]]
-        pred = self.model(torch.cat(views)).logits
-        pred_x, pred_s = pred[:n_l], pred[-n_u:]
-        loss_x = supervised_loss(pred_x, y, self.config.loss)
+        out = self.model(torch.cat(views))
+        pred_x, pred_s = out.logits[:n_l], out.logits[-n_u:]
+        loss_x = labelled_loss(pred_x, None if out.aux is None else out.aux[:n_l], y, self.config)
 
         target = maps["target"]
         valid = (maps["ignore"] != 255) & (target != 255)

@@ -9,6 +9,8 @@ image (``loss.ohem_min_kept`` = 100,000), so the recipe does not depend on how a
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,4 +48,14 @@ def supervised_loss(logits: Tensor, target: Tensor, loss_config=None) -> Tensor:
     raise ValueError(f"unknown labelled loss {loss_config.labelled!r}; valid: ce, ohem")
 
 
-__all__ = ["ohem_cross_entropy", "ohem_keep", "supervised_loss"]
+def labelled_loss(logits: Tensor, aux: Optional[Tensor], target: Tensor, config) -> Tensor:
+    """The labelled term of a framework: ``loss.labelled`` on the logits, plus ``model.aux_weight`` times the same
+    criterion on an auxiliary head's logits when the segmenter has one (the U2PL / AEL releases: main + 0.4 aux,
+    each with its own OHEM selection)."""
+    loss = supervised_loss(logits, target, config.loss)
+    if aux is not None and config.model.aux_weight > 0:
+        loss = loss + config.model.aux_weight * supervised_loss(aux, target, config.loss)
+    return loss
+
+
+__all__ = ["labelled_loss", "ohem_cross_entropy", "ohem_keep", "supervised_loss"]

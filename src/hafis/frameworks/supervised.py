@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .base import Framework, StepOutput
-from .losses import supervised_loss
+from .losses import labelled_loss
 
 
 class Supervised(Framework):
@@ -15,5 +15,5 @@ class Supervised(Framework):
 
     def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
         out = self.model(labelled["image"])
-        loss = supervised_loss(out.logits, labelled["mask"], self.config.loss)
+        loss = labelled_loss(out.logits, out.aux, labelled["mask"], self.config)
         return StepOutput(loss, {"loss_x": loss.detach()})

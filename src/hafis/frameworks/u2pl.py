@@ -27,13 +27,16 @@ Recipe, per iteration ``t`` of ``T`` (``train.iterations``):
 
    * candidate anchors: labelled pixels of class ``c`` and unlabelled pixels pseudo-labelled ``c`` among the
      ``α_t`` % lowest-entropy ones (the reliable ones); anchors are those with teacher ``p_c > δ_p`` (0.3);
-     ``u2pl.num_anchors`` of them are drawn with replacement (student representations);
+     ``u2pl.num_anchors`` of them are drawn with replacement (student representations; 256, the released
+     ``num_queries``: the paper's Sec. 4.1 says 50 anchors and 256 negatives, the released configs 256 and 50, and
+     the maintainer says to follow the code, U2PL issue #38; ``u2pl.num_anchors=50 u2pl.num_negatives=256`` gives
+     the paper's);
    * positive: the class prototype, the mean *teacher* representation of the candidate anchors;
    * negatives (the paper's Eq. 10-12, teacher representations): labelled pixels whose label is not ``c`` and whose
      teacher prediction ranks ``c`` among its top ``low_rank`` (3), and *unreliable* unlabelled pixels (the ``α_t``
      % highest-entropy ones) whose prediction ranks ``c`` in ``[low_rank, high_rank)`` = ``[3, 20)`` (ranks from
      0, as the released code slices them). They are pushed into a per-class FIFO queue (``u2pl.queue_size``) and
-     ``num_anchors × num_negatives`` keys are drawn from it with replacement;
+     ``num_anchors × num_negatives`` (256 × 50) keys are drawn from it with replacement;
    * ``ℓ_c = CE(cos(anchor, [positive, negatives]) / τ, 0)`` averaged over the anchors; the loss is
      ``Σ_c ℓ_c / (number of classes present)``, and 0 when fewer than two classes are present (so binary tasks give
      no contrastive loss from unlabelled ranks 3..19, as users of the released code found).
@@ -44,16 +47,21 @@ Recipe, per iteration ``t`` of ``T`` (``train.iterations``):
 
 6. ``loss = L_x + u2pl.unsup_weight · L_u + u2pl.contrastive_weight · L_contra``.
 
-The **representation head** lives in the framework, not in the segmenter: ``conv3x3(D → rep_dim) + BN + ReLU +
-Dropout2d(0.1) + conv1x1(rep_dim → rep_dim)`` on the decoder feature (the released head is three convolutions on
-the 512-d decoder concat; hafis's decoder feature has already been through two 3x3 convolutions). Its parameters
-join the optimiser through :meth:`param_groups` at the head's learning rate (×10), it is EMA'd into the teacher with
-the segmenter, and it is saved in the framework's checkpoint state (with the teacher and the queues).
+The **representation head**: with the released network (``model.decoder: released``, the paper configs) it is the
+released one, part of the segmenter (three convolutions on the decoder's 512-channel concatenation, trained in its
+head group); with hafis's DeepLabV3+ it lives in the framework: ``conv3x3(D → rep_dim) + BN + ReLU + Dropout2d(0.1)
++ conv1x1(rep_dim → rep_dim)`` on the decoder feature, which joins the optimiser through :meth:`param_groups` at the
+head's learning rate, is EMA'd into the teacher with the segmenter and saved in the framework's checkpoint state
+(with the teacher and the queues).
 
-Deviations from the released code: the supervised term is ``loss.labelled`` (CE by default, as the released VOC
-config; its Cityscapes config uses OHEM, ``loss.labelled: ohem``, plus an auxiliary head that hafis's segmenter does
-not have); the teacher runs in eval mode (see :mod:`hafis.frameworks.teacher`). The negative queues are
-checkpointed for an exact resume: at the published size (30,000 keys of 256 floats per class) that is ~30 MB per class.
+The supervised term is :func:`~hafis.frameworks.losses.labelled_loss`: ``loss.labelled`` (released VOC: CE;
+Cityscapes: OHEM) plus ``model.aux_weight`` (0.4 on Cityscapes) times the same on the auxiliary head. With the
+weighting off, one step's ``L_x`` and ``L_u`` and their gradients equal a transcription of the released step
+(``tests/frameworks/test_u2pl_released.py``). Deviations from the released code: the contrastive term above; the
+teacher runs in eval mode for the entropy / contrastive pass (released: train mode; see
+:mod:`hafis.frameworks.teacher`); α steps every iteration (released: every epoch); one queue size for every class
+(released: 50,000 for class 0). The negative queues are checkpointed for an exact resume: at the published size
+(30,000 keys of 256 floats per class) that is ~30 MB per class.
 With the weighting on, ``W`` is computed from the teacher's decoder features of the weak view (the view the
 pseudo-labels come from) and the bank is fed from the teacher's labelled and weak-view outputs; the contrastive
 term is unchanged.
@@ -72,7 +80,7 @@ from torch import Tensor, nn
 from hafis.config import Config
 
 from .base import StepOutput
-from .losses import supervised_loss
+from .losses import labelled_loss
 from .teacher import MeanTeacherFramework, softmax_entropy
 from .unimatch import cutmix, partner_index
 
@@ -95,16 +103,17 @@ class RepresentationHead(nn.Module):
 
 
 class SegmenterWithRepresentation(nn.Module):
-    """The student (or teacher) of U2PL: the segmenter plus its representation head; returns ``(SegOutput, rep)``."""
+    """The student (or teacher) of U2PL: the segmenter plus its representation head; returns ``(SegOutput, rep)``.
+    ``rep_head`` None: the segmenter's own (the released decoder's ``SegOutput.rep``)."""
 
-    def __init__(self, segmenter: nn.Module, rep_head: nn.Module) -> None:
+    def __init__(self, segmenter: nn.Module, rep_head: Optional[nn.Module]) -> None:
         super().__init__()
         self.segmenter = segmenter
         self.rep_head = rep_head
 
     def forward(self, x: Tensor):
         out = self.segmenter(x)
-        return out, self.rep_head(out.features)
+        return out, out.rep if self.rep_head is None else self.rep_head(out.features)
 
 
 def percentile(values: Tensor, q: float) -> Tensor:
@@ -205,7 +214,10 @@ class U2PL(MeanTeacherFramework):
 
     def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
         cfg = config.u2pl
-        self.rep_head = RepresentationHead(config.model.feature_dim, cfg.rep_dim)
+        #: hafis's head on the decoder feature, or None where the segmenter has the released one (on the decoder's
+        #: 512-channel concatenation, ``model.decoder: released``)
+        self.rep_head = None if getattr(model, "has_representation", False) else \
+            RepresentationHead(config.model.feature_dim, cfg.rep_dim)
         super().__init__(config, model, num_classes, student=SegmenterWithRepresentation(model, self.rep_head))
         #: per-class FIFO memories of negative keys (teacher representations): each grows to ``u2pl.queue_size``
         #: rows, then is a ring buffer whose oldest row ``queue_ptr[c]`` is overwritten next (no copy per iteration)
@@ -217,6 +229,8 @@ class U2PL(MeanTeacherFramework):
         return self.teacher.module.segmenter
 
     def param_groups(self, lr: float, head_lr_multiplier: float, weight_decay: float) -> list[dict]:
+        if self.rep_head is None:  # the segmenter's own, in its head group
+            return []
         head_lr = lr * head_lr_multiplier
         return [dict(params=list(self.rep_head.parameters()), lr=head_lr, initial_lr=head_lr,
                      weight_decay=weight_decay)]
@@ -227,12 +241,13 @@ class U2PL(MeanTeacherFramework):
         return self
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "rep_head": self.rep_head.state_dict(),
+        return {**super().state_dict(), "rep_head": {} if self.rep_head is None else self.rep_head.state_dict(),
                 "queues": [q.detach().cpu() for q in self.queues], "queue_ptr": list(self.queue_ptr)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.rep_head.load_state_dict(state["rep_head"])
+        if self.rep_head is not None:
+            self.rep_head.load_state_dict(state["rep_head"])
         device = self.queues[0].device if self.queues else torch.device("cpu")
         self.queues = [q.to(device) for q in state["queues"]]
         self.queue_ptr = [int(p) for p in state["queue_ptr"]]
@@ -282,7 +297,8 @@ class U2PL(MeanTeacherFramework):
         x, y = labelled["image"], labelled["mask"]
         t0 = self.sup_only_iterations()
         if iteration < t0:
-            loss_x = supervised_loss(self.model(x).logits, y, self.config.loss)
+            out_x = self.model(x)
+            loss_x = labelled_loss(out_x.logits, out_x.aux, y, self.config)
             return StepOutput(loss_x, {"loss_x": loss_x.detach()})
         if iteration == t0:
             self.teacher.copy_from(self.student)
@@ -305,7 +321,7 @@ class U2PL(MeanTeacherFramework):
 
         out, rep = self.student(torch.cat([x, u_mix]))
         pred_x, pred_u = out.logits.split([n_l, n_u])
-        loss_x = supervised_loss(pred_x, y, self.config.loss)
+        loss_x = labelled_loss(pred_x, None if out.aux is None else out.aux[:n_l], y, self.config)
 
         with torch.no_grad():
             out_t, rep_t = self.teacher(torch.cat([x, u_mix]))

