@@ -42,3 +42,20 @@ def stub_segmenter():
 def stub_config():
     """``stub_config(*overrides)``: a config for the stub segmenter, ``overrides`` applied last."""
     return lambda *overrides: load_config(None, [*STUB_OVERRIDES, *overrides])
+
+
+@pytest.fixture
+def tiny_deeplab():
+    """``tiny_deeplab(classes)``: a seeded tiny DeepLabV3+ in train mode whose BatchNorm running statistics are far
+    from a batch's, so eval-mode and train-mode passes differ (the step-level tests against the releases)."""
+    from hafis.models import DeepLabV3Plus
+
+    def build(classes: int = 3) -> nn.Module:
+        torch.manual_seed(0)
+        model = DeepLabV3Plus(classes, backbone="resnet_tiny", feature_dim=16, aspp_channels=16)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.3, 3.0)
+        return model.train()
+
+    return build
