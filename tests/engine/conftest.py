@@ -1,4 +1,9 @@
-"""What the engine tests share: an exact comparison of two checkpoints' states."""
+"""What the engine tests share: an exact comparison of two checkpoints' states, two torchrun ranks on CPU."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,3 +29,19 @@ def _assert_states_equal(a, b, path="state"):
 def assert_states_equal():
     """``assert_states_equal(a, b, name)``: two checkpoint entries are identical."""
     return _assert_states_equal
+
+
+def _two_ranks(worker: Path, out: Path, config: Path) -> list:
+    """Run ``worker OUT CONFIG`` as two torchrun ranks (gloo, one thread each); what each saved to
+    ``OUT/rank{r}.pt``."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), str(out), str(config)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="session")
+def two_ranks():
+    """``two_ranks(worker, out, config)``: what each of two torchrun ranks of ``worker`` saved."""
+    return _two_ranks

@@ -38,14 +38,9 @@ def flat(state):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory, tiny_config):
+def ranks(tmp_path_factory, tiny_config, two_ranks):
     """What each of two torchrun ranks saw in ddp_worker.py."""
-    out = tmp_path_factory.mktemp("ddp")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(HERE / "ddp_worker.py"), str(out), str(tiny_config)], env=ENV, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return two_ranks(HERE / "ddp_worker.py", tmp_path_factory.mktemp("ddp"), tiny_config)
 
 
 def test_ddp_steps_equal_one_process_on_the_global_batch(ranks):

@@ -1,8 +1,6 @@
 """``train.sync_bn`` under torchrun (two gloo processes on CPU): every BatchNorm of the trained networks becomes a
 SyncBatchNorm, and its statistics, outputs and gradients are those of one process holding the global batch."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,17 +10,11 @@ import torch
 from hafis.engine import distributed
 
 HERE = Path(__file__).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory, tiny_config):
-    out = tmp_path_factory.mktemp("syncbn")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(HERE / "syncbn_worker.py"), str(out), str(tiny_config)], env=ENV, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def ranks(tmp_path_factory, tiny_config, two_ranks):
+    return two_ranks(HERE / "syncbn_worker.py", tmp_path_factory.mktemp("syncbn"), tiny_config)
 
 
 def test_trainer_converts_every_trained_network(ranks):
