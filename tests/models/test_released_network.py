@@ -103,20 +103,6 @@ def test_forward_and_gradients_equal_the_released_network(train, ael):
     assert out.features.shape[1] == 256  # the decoder feature the weighting reads: the classifier's input
 
 
-def _official_resnet_keys(blocks):
-    """The deep-stem ResNet-101's keys as the releases name them (u2pl/models/resnet.py; no classifier)."""
-    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    keys = ["conv1.0.weight", "conv1.3.weight", "conv1.6.weight"]
-    keys += [f"{m}.{p}" for m in ("conv1.1", "conv1.4", "bn1") for p in bn]
-    for layer, n in enumerate(blocks, 1):
-        for j in range(n):
-            pre = f"layer{layer}.{j}"
-            keys += [f"{pre}.conv{i}.weight" for i in (1, 2, 3)] + [f"{pre}.bn{i}.{p}" for i in (1, 2, 3) for p in bn]
-            if j == 0:
-                keys += [f"{pre}.downsample.0.weight"] + [f"{pre}.downsample.1.{p}" for p in bn]
-    return keys
-
-
 def _released_head_shapes(nclass, rep, aux, ael=False):
     """The decoder / auxiliary keys and shapes of a released U2PL (or AEL) ResNet-101 checkpoint."""
     shapes = {"decoder.aspp.conv1.1.weight": (256, 2048, 1, 1), "decoder.aspp.conv2.0.weight": (256, 2048, 1, 1),
@@ -143,13 +129,13 @@ def _released_head_shapes(nclass, rep, aux, ael=False):
 
 
 @pytest.mark.parametrize("kind", ["u2pl_voc", "u2pl_cityscapes", "ael"])
-def test_released_checkpoints_load_strictly(kind):
+def test_released_checkpoints_load_strictly(kind, official_resnet_keys):
     nclass, rep, aux, ael = {"u2pl_voc": (21, True, False, False), "u2pl_cityscapes": (19, True, True, False),
                              "ael": (21, False, True, True)}[kind]
     model = ReleasedDeepLabV3Plus(nclass, backbone="resnet101s", output_stride=8, aux_head=aux, representation=rep)
     own = model.state_dict()
     g = torch.Generator().manual_seed(0)
-    encoder = {k: own[f"encoder.{k}"] for k in _official_resnet_keys((3, 4, 23, 3))}
+    encoder = {k: own[f"encoder.{k}"] for k in official_resnet_keys((3, 4, 23, 3))[:-2]}  # no classifier
     state = {f"module.encoder.{k}": torch.randn(v.shape, generator=g) if v.is_floating_point() else torch.tensor(7)
              for k, v in encoder.items()}
     state |= {f"module.{k}": torch.randn(s, generator=g) if s else torch.tensor(3)

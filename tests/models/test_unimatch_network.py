@@ -93,25 +93,10 @@ def test_feature_perturbation_equals_the_released_network():
     assert torch.equal(pred, out.logits) and torch.equal(pred_fp, out.logits_fp)
 
 
-def _official_resnet_keys(blocks):
-    """The deep-stem ResNet's state-dict keys as UniMatch / U2PL / AEL / AugSeg name them (model/backbone/resnet.py):
-    a three-conv stem ``conv1.{0,3,6}`` with BN ``conv1.{1,4}``, ``bn1``, bottleneck layers, ``fc``."""
-    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    keys = ["conv1.0.weight", "conv1.3.weight", "conv1.6.weight"]
-    keys += [f"{m}.{p}" for m in ("conv1.1", "conv1.4", "bn1") for p in bn]
-    for layer, n in enumerate(blocks, 1):
-        for j in range(n):
-            pre = f"layer{layer}.{j}"
-            keys += [f"{pre}.conv{i}.weight" for i in (1, 2, 3)] + [f"{pre}.bn{i}.{p}" for i in (1, 2, 3) for p in bn]
-            if j == 0:
-                keys += [f"{pre}.downsample.0.weight"] + [f"{pre}.downsample.1.{p}" for p in bn]
-    return keys + ["fc.weight", "fc.bias"]
-
-
-def test_released_checkpoints_load_strictly_into_resnet50s(tmp_path):
+def test_released_checkpoints_load_strictly_into_resnet50s(tmp_path, official_resnet_keys):
     model = DeepLabV3Plus(21, backbone="resnet50s")
     own = model.state_dict()
-    keys = _official_resnet_keys((3, 4, 6, 3))
+    keys = official_resnet_keys((3, 4, 6, 3))
     assert len(keys) - 2 == len([k for k in own if k.startswith("backbone.")])
     g = torch.Generator().manual_seed(0)
 

@@ -181,12 +181,18 @@ def unimatch_state_dict(state: Mapping) -> dict:
     The result loads with strict key matching into ``DeepLabV3Plus(backbone='resnet50s' | 'resnet101s')`` with
     UniMatch's widths (ASPP 256, decoder 256); the backbone's ``fc.*``, if any, is dropped.
     """
+    return rename_keys(state, _UNIMATCH_KEYS, drop="backbone.fc.")
+
+
+def rename_keys(state: Mapping, table: Sequence[tuple], drop: Optional[str] = None) -> dict:
+    """``state`` without ``module.`` prefixes and keys starting with ``drop``, each key renamed by the first
+    ``(pattern, replacement)`` of ``table`` that matches its start."""
     out = {}
     for key, value in state.items():
         key = key.removeprefix("module.")
-        if key.startswith("backbone.fc."):
+        if drop is not None and key.startswith(drop):
             continue
-        for pattern, repl in _UNIMATCH_KEYS:
+        for pattern, repl in table:
             key, n = re.subn("^" + pattern, repl, key)
             if n:
                 break

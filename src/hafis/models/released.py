@@ -22,7 +22,6 @@ Module names are U2PL's (``encoder``, ``decoder.aspp.conv1`` .. ``conv5``, ``dec
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Optional, Sequence
 
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hafis.models.backbones import build_backbone
-from hafis.models.deeplabv3plus import SegOutput
+from hafis.models.deeplabv3plus import SegOutput, rename_keys
 
 __all__ = ["ReleasedDeepLabV3Plus", "released_state_dict"]
 
@@ -157,12 +156,4 @@ def released_state_dict(state: Mapping) -> dict:
     """A U2PL or AEL checkpoint's ``model_state`` / ``teacher_state`` (``module.``-prefixed or not) under
     :class:`ReleasedDeepLabV3Plus`'s names; it then loads with strict key matching into the network built with the
     same heads (U2PL: ``representation``; both: ``aux_head`` where the config has ``aux_loss``)."""
-    out = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        for pattern, repl in _AEL_KEYS:
-            key, n = re.subn("^" + pattern, repl, key)
-            if n:
-                break
-        out[key] = value
-    return out
+    return rename_keys(state, _AEL_KEYS)
