@@ -177,7 +177,9 @@ def test_config_builds_the_released_network_and_refuses_what_does_not_fit():
     assert not model.has_representation and model.auxor is None
     with pytest.raises(ConfigError, match="feature_dim=32"):
         build_model(load_config(None, [*base, "train.framework=ael", "model.feature_dim=32"]), 3)
-    with pytest.raises(ConfigError, match="train.framework='unimatch'"):
+    with pytest.raises(ConfigError, match="fit train.framework='unimatch'$"):
         build_model(load_config(None, base), 3)
     with pytest.raises(ConfigError, match="aux_weight"):
         build_model(load_config(None, ["model.backbone=resnet_tiny", "model.aux_weight=0.4"]), 3)
+    with pytest.raises(ConfigError, match="multi_grid"):
+        build_model(load_config(None, ["model.name=segformer", "model.backbone=mit_tiny", "model.multi_grid=true"]), 3)

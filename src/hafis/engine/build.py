@@ -52,11 +52,11 @@ def build_model(config: Config, num_classes: int) -> torch.nn.Module:
 def _released(config: Config, num_classes: int) -> torch.nn.Module:
     """The U2PL / AEL releases' DeepLabV3+ (``model.decoder: released``); U2PL gets its representation head in it."""
     m = config.model
-    bad = [f"model.{k}={v!r}" for k, v, ok in (
-        ("name", m.name, m.name == "deeplabv3plus"), ("feature_dim", m.feature_dim, m.feature_dim == 256),
-        ("aspp_channels", m.aspp_channels, m.aspp_channels == 256), ("align_corners", m.align_corners,
-                                                                     m.align_corners in (None, True)),
-        ("freeze_encoder", m.freeze_encoder, not m.freeze_encoder),
+    bad = [f"{k}={v!r}" for k, v, ok in (
+        ("model.name", m.name, m.name == "deeplabv3plus"), ("model.feature_dim", m.feature_dim, m.feature_dim == 256),
+        ("model.aspp_channels", m.aspp_channels, m.aspp_channels == 256),
+        ("model.align_corners", m.align_corners, m.align_corners in (None, True)),
+        ("model.freeze_encoder", m.freeze_encoder, not m.freeze_encoder),
         ("train.framework", config.train.framework, config.train.framework != "unimatch")) if not ok]
     if config.train.framework == "u2pl" and config.u2pl.rep_dim != 256:
         bad.append(f"u2pl.rep_dim={config.u2pl.rep_dim}")
