@@ -136,8 +136,13 @@ class TrainConfig:
     tensorboard: bool = runtime(True)
     #: may change on resume (the same experiment continued on other hardware)
     device: str = choice("auto", "auto", "cpu", "cuda", runtime=True)
-    #: mixed precision of the training step: bf16 needs no loss scaling; fp16 uses a GradScaler
+    #: mixed precision of the training step: bf16 needs no loss scaling; fp16 uses a GradScaler. On CPU the
+    #: convolutions run bf16 / fp16 oneDNN kernels (depthwise ones stay float32 with train.fast_convs); bf16 pays
+    #: only on CPUs with native bf16 (AVX512-BF16 or AMX; elsewhere oneDNN emulates it, slower than float32)
     amp: str = choice("off", "off", "bf16", "fp16")
+    #: exact CPU fast paths for the convolutions PyTorch runs slowly (all-padding taps of dilated kernels cut off,
+    #: depthwise backward as convolutions): the same outputs and gradients up to float rounding; no effect on GPU
+    fast_convs: bool = runtime(True)
     #: channels-last memory format for the model and its inputs (faster convolutions on recent GPUs)
     channels_last: bool = runtime(False)
     #: torch.compile the segmenter (first steps are slow while it compiles)

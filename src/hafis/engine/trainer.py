@@ -23,6 +23,7 @@ from hafis.data import build_sources
 from hafis.data.base import DataError
 from hafis.data.ssl import MIX_STREAM, InfiniteSampler, LabelledDataset, UnlabelledDataset
 from hafis.frameworks import Framework, build_framework
+from hafis.models.fast_conv import use_fast_convs
 
 from . import distributed
 from .build import build_model, resolve_device
@@ -71,6 +72,8 @@ class Trainer:
         self.num_classes = self.labelled_source.num_classes
         self.class_names = list(self.labelled_source.class_names)
         self.model = build_model(config, self.num_classes)
+        if config.train.fast_convs:
+            use_fast_convs(self.model)  # in place, like the conversions below: the state-dict keys stay
         self.model.to(self.device)
         if config.train.channels_last:
             self.model.to(memory_format=torch.channels_last)

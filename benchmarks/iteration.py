@@ -1,0 +1,112 @@
+"""One training iteration of the realistic benchmark (``configs/realistic/base.yaml``), before vs after the speed work.
+
+    python benchmarks/iteration.py                       # UniMatch, 1 thread: every variant against `before`
+    python benchmarks/iteration.py --framework supervised --rounds 5
+
+Every variant is its own trainer (model, optimiser, data streams) in this one process; the variants take turns in
+blocks of ``--block`` iterations for ``--rounds`` rounds, so a change of the machine's load hits all of them alike.
+An iteration is what the trainer's loop runs: the next labelled and unlabelled batches (augmentation included), the
+framework's step under the run's autocast, backward and the optimiser step. Per variant: the median iteration of
+each block; the ratio to ``before`` is taken per round (both from the same round) and its median over the rounds
+reported, with the load average at the start of every round.
+
+Variants (overrides on the config as committed):
+- ``before``: the network as first benchmarked (decoder width 128, float32, PyTorch's own convolution kernels);
+- ``exact``: ``train.fast_convs`` (all-padding taps cut off, depthwise backward as convolutions), float32;
+- ``exact+bf16``: and bf16 autocast;
+- ``after``: the committed config (exact, bf16 autocast, decoder width 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from _common import footer, header, load, table
+from hafis.config import load_config
+from hafis.engine.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "realistic" / "base.yaml"
+BEFORE = ["train.fast_convs=false", "train.amp='off'", "model.feature_dim=128", "model.aspp_channels=128"]
+VARIANTS = {
+    "before": BEFORE,
+    "exact": [*BEFORE, "train.fast_convs=true"],
+    "exact+bf16": [*BEFORE, "train.fast_convs=true", "train.amp=bf16"],
+    "after": [],
+}
+
+
+class Iteration:
+    """A trainer of one variant, stepped exactly like :meth:`hafis.engine.trainer.Trainer.train`'s loop body."""
+
+    def __init__(self, overrides: list[str], framework: str, out: Path):
+        config = load_config(CONFIG, [f"train.framework={framework}", f"output_dir={out}", *overrides])
+        self.trainer = Trainer(config)
+        self.labelled, self.unlabelled = self.trainer._streams()
+        self.trainer.model.train()
+        self.iteration = 0
+
+    def __call__(self) -> None:
+        t = self.trainer
+        batch_l = next(self.labelled)
+        batch_u = next(self.unlabelled) if self.unlabelled else None
+        with t._autocast():
+            step = t.framework.train_step(batch_l, batch_u, self.iteration)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(step.loss).backward()
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        t.framework.after_optimizer_step(self.iteration)
+        self.iteration += 1
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--framework", default="unimatch")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--block", type=int, default=5, help="iterations per variant per round")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=ROOT / "bench_out" / "iteration")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    header(f"One {args.framework} iteration of configs/realistic, before vs after")
+    print(f"- CPU native bf16 (AVX512-BF16): {getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: '?')()}; "
+          f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}\n")
+    runs = {name: Iteration(VARIANTS[name], args.framework, args.out / name) for name in args.variants}
+    for run in runs.values():
+        for _ in range(args.warmup):
+            run()
+    blocks: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(args.rounds):
+        loads = [load()]
+        for name, run in runs.items():
+            times = []
+            for _ in range(args.block):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            blocks[name].append(statistics.median(times))
+        print(f"round {r + 1}: load {loads[0]}; " + ", ".join(f"{n} {blocks[n][-1]:.3f} s" for n in runs), flush=True)
+    base = "before" if "before" in runs else next(iter(runs))
+    rows = []
+    for name in runs:
+        ratios = [a / b for a, b in zip(blocks[name], blocks[base])]
+        rows.append([name, " ".join(VARIANTS[name]) or "(the committed config)", statistics.median(blocks[name]),
+                     statistics.median(ratios), min(ratios), max(ratios)])
+    print()
+    table(["variant", "overrides", "median s / iteration", f"ratio to {base} (median of rounds)", "min", "max"],
+          rows)
+    footer()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
