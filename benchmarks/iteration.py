@@ -5,10 +5,12 @@
 
 Every variant is its own trainer (model, optimiser, data streams) in this one process; the variants take turns in
 blocks of ``--block`` iterations for ``--rounds`` rounds, so a change of the machine's load hits all of them alike.
+Each iteration is timed twice: wall time, and the process's CPU time (``time.process_time``), which on a machine
+shared with other jobs counts only this process's own work (with one thread, waiting for a core is not counted).
 An iteration is what the trainer's loop runs: the next labelled and unlabelled batches (augmentation included), the
 framework's step under the run's autocast, backward and the optimiser step. Per variant: the median iteration of
 each block; the ratio to ``before`` is taken per round (both from the same round) and its median over the rounds
-reported, with the load average at the start of every round.
+reported (range beside it), with the load average at the start of every round.
 
 Variants (overrides on the config as committed):
 - ``before``: the network as first benchmarked (decoder width 128, float32, PyTorch's own convolution kernels);
@@ -85,26 +87,33 @@ def main() -> None:
     for run in runs.values():
         for _ in range(args.warmup):
             run()
-    blocks: dict[str, list[float]] = {name: [] for name in runs}
+    clocks = {"wall": time.perf_counter, "cpu": time.process_time}
+    blocks = {clock: {name: [] for name in runs} for clock in clocks}
     for r in range(args.rounds):
-        loads = [load()]
+        start_load = load()
         for name, run in runs.items():
-            times = []
+            times: dict[str, list[float]] = {clock: [] for clock in clocks}
             for _ in range(args.block):
-                start = time.perf_counter()
+                start = {clock: fn() for clock, fn in clocks.items()}
                 run()
-                times.append(time.perf_counter() - start)
-            blocks[name].append(statistics.median(times))
-        print(f"round {r + 1}: load {loads[0]}; " + ", ".join(f"{n} {blocks[n][-1]:.3f} s" for n in runs), flush=True)
+                for clock, fn in clocks.items():
+                    times[clock].append(fn() - start[clock])
+            for clock in clocks:
+                blocks[clock][name].append(statistics.median(times[clock]))
+        print(f"round {r + 1}: load {start_load}; " + ", ".join(
+            f"{n} {blocks['wall'][n][-1]:.3f} s wall / {blocks['cpu'][n][-1]:.3f} s CPU" for n in runs), flush=True)
     base = "before" if "before" in runs else next(iter(runs))
     rows = []
     for name in runs:
-        ratios = [a / b for a, b in zip(blocks[name], blocks[base])]
-        rows.append([name, " ".join(VARIANTS[name]) or "(the committed config)", statistics.median(blocks[name]),
-                     statistics.median(ratios), min(ratios), max(ratios)])
+        row = [name, " ".join(VARIANTS[name]) or "(the committed config)"]
+        for clock in ("cpu", "wall"):
+            ratios = [a / b for a, b in zip(blocks[clock][name], blocks[clock][base])]
+            row += [statistics.median(blocks[clock][name]), statistics.median(ratios),
+                    f"{min(ratios):.2f}-{max(ratios):.2f}"]
+        rows.append(row)
     print()
-    table(["variant", "overrides", "median s / iteration", f"ratio to {base} (median of rounds)", "min", "max"],
-          rows)
+    table(["variant", "overrides", "CPU s / it", f"CPU ratio to {base}", "range", "wall s / it",
+           f"wall ratio to {base}", "range"], rows)
     footer()
 
 

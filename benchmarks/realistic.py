@@ -1,30 +1,47 @@
 """The realistic benchmark: does semi-supervised learning work here, and does the weighting add to it?
 
 Garments (Fashion-MNIST) composited onto real photographs (``data.dataset: garments``), DeepLabV3+ on an
-ImageNet-pretrained EfficientNet-Lite0 (``configs/realistic/base.yaml``), two labelled splits of one 2,000-image
-training pool, every arm over seeds through ``hafis compare``. The benchmark's own settings (image size, split
-sizes, schedule, learning rate) were chosen on the supervised and UniMatch arms only; the weighting arms run with
-the method's published settings (k = 5, τ = 0.95, detector-verified bank, memory 256 per class).
+ImageNet-pretrained EfficientNet-Lite0 (``configs/realistic/base.yaml``), labelled splits of one 2,000-image training
+pool, every arm over seeds through ``hafis compare``. The benchmark's own settings (image size, split sizes,
+schedule, learning rate) were chosen on the supervised and UniMatch arms only; the weighting arms run with the
+method's published settings (k = 5, τ = 0.95, detector-verified bank, memory 256 per class).
 
-    python benchmarks/realistic.py --stage core     # 1/32 split: supervised, unimatch, unimatch+W; 3 seeds
-    python benchmarks/realistic.py --stage all      # + the other arms and the 1/8 split (resumes what exists)
-    python benchmarks/realistic.py --report-only    # rebuild benchmarks/results/realistic.{json,md} from the runs
+    python benchmarks/realistic.py --stage calibrate  # 1/32: supervised and unimatch, seed 0
+    python benchmarks/realistic.py --stage core       # 1/32: supervised, unimatch, unimatch+W (paper, authors); 5 seeds
+    python benchmarks/realistic.py --stage all        # + the other arms, fully supervised and the 1/8 split
+    python benchmarks/realistic.py --archive-only     # copy the finished runs' records into the repository now
+    python benchmarks/realistic.py --report-only      # rebuild benchmarks/results/realistic.{json,md} from the runs
+
+The protocol:
+- **a fixed labelled split per benchmark split**: the first ``n`` images of one permutation of the pool drawn with
+  ``data.garments.split_seed`` (:data:`SPLIT_SEED`), the same for every arm and seed; a run's seed varies the
+  initialisation, the data order and the augmentation only;
+- **a schedule counted in passes over the unlabelled set**: the unlabelled set is the next
+  :data:`UNLABELLED_PER_LABELLED` x ``n`` images of the same permutation (at most the rest of the pool), and every
+  arm of a split trains ``passes x unlabelled / unlabelled batch`` iterations (rounded up to whole evaluation
+  intervals);
+- **records**: each finished run's config, ``metrics.jsonl`` and status, and each detector's log, are copied to
+  ``benchmarks/results/realistic_runs/`` (committed; checkpoints are not), with the commit and the CPU of every
+  invocation that trained it (``provenance.jsonl`` of the split's folder).
 
 Runs go to ``--out`` (default ``bench_out/realistic``), two at a time with one thread each; every call reuses the
-finished runs and resumes unfinished ones, so the benchmark can be stopped and continued at any point. The records
-of finished runs are copied to ``benchmarks/results/realistic_runs/`` (committed) and put back into ``--out`` when
-missing, so a fresh checkout continues where the committed results stop.
+finished runs and resumes unfinished ones, so the benchmark can be stopped and continued at any point. Archived runs
+are put back into ``--out`` when missing, so a fresh checkout continues where the committed results stop.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import platform
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -34,11 +51,18 @@ from hafis.engine.compare import mean_std, paired_interval
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "realistic" / "base.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
-#: the finished runs' records (config, metrics, wall time), committed so that a fresh checkout resumes the benchmark
+#: the finished runs' records (config, metrics, status; detector logs), committed so that a fresh checkout resumes
 ARCHIVE = RESULTS / "realistic_runs"
 RECORDS = ("config.yaml", "metrics.jsonl", "compare_run.json")
+DETECTOR_RECORDS = ("detect.log",)
 POOL = 2000  # data.garments.num_train of the config
 SPLITS = {"1_32": POOL // 32, "1_8": POOL // 8}
+#: the seed of every split's labelled draw (data.garments.split_seed), fixed for all arms and seeds
+SPLIT_SEED = 0
+#: unlabelled images per labelled one (the pool is cut down to this to afford many passes)
+UNLABELLED_PER_LABELLED = 15
+UNLABELLED_BATCH = 4  # train.unlabelled_batch_size of the config
+EVALS = 20  # evaluations per run (1/4 and 1/2 of the schedule are evaluation points)
 
 PAPER = "weighting.enabled=true weighting.offset=0 weighting.normalize=count"
 AUTHORS = "weighting.enabled=true weighting.offset=1 weighting.normalize=weight"
@@ -50,20 +74,41 @@ ARMS = {
     "augseg": "train.framework=augseg",
     "augseg+W": f"train.framework=augseg {PAPER}",
 }
-CORE = ("supervised", "unimatch", "unimatch+W")
+CORE = ("supervised", "unimatch", "unimatch+W", "unimatch+W(authors)")
 #: (arm, compared with): the semi-supervised effect, the weighting's effect in each framework, the headroom
 CONTRASTS = [("unimatch", "supervised"), ("unimatch+W", "unimatch"), ("unimatch+W(authors)", "unimatch"),
              ("augseg", "supervised"), ("augseg+W", "augseg"), ("fully-supervised", "supervised")]
 
 
-def plan(stage: str) -> list[tuple[str, list[str], str]]:
-    """(folder, arms, --set overrides) of each ``hafis compare`` call, core runs first."""
-    calls = [("1_32", list(CORE), f"data.garments.num_labelled={SPLITS['1_32']}")]
-    if stage == "all":
-        calls = [("1_32", list(ARMS), f"data.garments.num_labelled={SPLITS['1_32']}"),
-                 ("full", ["fully-supervised"], f"data.garments.num_labelled={POOL}"),
-                 ("1_8", list(ARMS), f"data.garments.num_labelled={SPLITS['1_8']}")]
-    return calls
+def schedule(labelled: int, passes: float) -> dict:
+    """The unlabelled set and the iterations of a split with ``labelled`` images: ``passes`` over the unlabelled
+    set, rounded up to :data:`EVALS` whole evaluation intervals."""
+    unlabelled = min(POOL - labelled, UNLABELLED_PER_LABELLED * labelled)
+    interval = max(1, math.ceil(passes * max(unlabelled, 1) / UNLABELLED_BATCH / EVALS))
+    iterations = interval * EVALS
+    return {"labelled": labelled, "unlabelled": unlabelled, "iterations": iterations, "eval_interval": interval,
+            "passes": iterations * UNLABELLED_BATCH / unlabelled if unlabelled else 0.0}
+
+
+def split_overrides(labelled: int, sched: dict) -> str:
+    """The ``--set`` overrides of a split with ``labelled`` images trained on the schedule ``sched``."""
+    unlabelled = min(POOL - labelled, sched["unlabelled"])
+    return (f"data.garments.num_labelled={labelled} data.garments.num_unlabelled={unlabelled} "
+            f"data.garments.split_seed={SPLIT_SEED} train.iterations={sched['iterations']} "
+            f"train.eval_interval={sched['eval_interval']}")
+
+
+def plan(stage: str, passes: float) -> list[tuple[str, list[str], str]]:
+    """(folder, arms, --set overrides) of each ``hafis compare`` call, core runs first. The fully supervised arm
+    trains on the whole pool on the smallest split's schedule."""
+    small = schedule(SPLITS["1_32"], passes)
+    core = split_overrides(SPLITS["1_32"], small)
+    if stage == "calibrate":
+        return [("1_32", ["supervised", "unimatch"], core)]
+    if stage == "core":
+        return [("1_32", list(CORE), core)]
+    return [("1_32", list(ARMS), core), ("full", ["fully-supervised"], split_overrides(POOL, small)),
+            ("1_8", list(ARMS), split_overrides(SPLITS["1_8"], schedule(SPLITS["1_8"], passes)))]
 
 
 def arm_overrides(name: str) -> str:
@@ -83,9 +128,40 @@ def compare(folder: str, arms: list[str], common: str, seeds: str, jobs: int, ou
     return subprocess.run(command).returncode
 
 
+def provenance() -> dict:
+    """The code and the machine of this invocation: commit (``+dirty`` when the checkout has uncommitted changes),
+    CPU model, its AVX-512 / native bf16 flags, torch."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    cpu, flags = platform.processor() or "unknown", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"model name\s*:\s*(.+)", text).group(1).strip()
+        flags = set(re.search(r"flags\s*:\s*(.+)", text).group(1).split())
+    except (OSError, AttributeError):
+        pass
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit, "cpu": cpu,
+            "cores": os.cpu_count(), "avx512": "avx512f" in flags,
+            "bf16": bool(flags & {"avx512_bf16", "amx_bf16"}), "torch": torch_version()}
+
+
+def torch_version() -> str:
+    from importlib.metadata import version
+
+    return version("torch")
+
+
 def archive(out: Path) -> int:
-    """Copy the records of every finished run (its metrics end with an evaluation at the last iteration) into
-    :data:`ARCHIVE`; returns how many runs are archived."""
+    """Copy the records of every finished run (its metrics end with an evaluation at the last iteration), of every
+    trained detector (its log) and each split's provenance into :data:`ARCHIVE`; returns how many runs are
+    archived."""
     count = 0
     for metrics in sorted(out.glob("*/runs/*/seed_*/metrics.jsonl")):
         run = metrics.parent
@@ -93,13 +169,20 @@ def archive(out: Path) -> int:
         evals = [json.loads(line) for line in metrics.read_text().splitlines() if '"eval"' in line]
         if not evals or evals[-1]["iteration"] != config["train"]["iterations"]:
             continue
-        target = ARCHIVE / run.relative_to(out)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in RECORDS:
-            if (run / name).is_file():
-                shutil.copyfile(run / name, target / name)
+        _copy(run, ARCHIVE / run.relative_to(out), RECORDS)
         count += 1
+    for detector in sorted(out.glob("*/detectors/*/detector.pt")):
+        _copy(detector.parent, ARCHIVE / detector.parent.relative_to(out), DETECTOR_RECORDS)
+    for path in sorted(out.glob("*/provenance.jsonl")):
+        _copy(path.parent, ARCHIVE / path.parent.relative_to(out), ("provenance.jsonl",))
     return count
+
+
+def _copy(source: Path, target: Path, names) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
 
 
 def restore(out: Path) -> None:
@@ -107,10 +190,10 @@ def restore(out: Path) -> None:
     for config in ARCHIVE.glob("*/runs/*/seed_*/config.yaml"):
         run = out / config.parent.relative_to(ARCHIVE)
         if not (run / "metrics.jsonl").is_file():
-            run.mkdir(parents=True, exist_ok=True)
-            for name in RECORDS:
-                if (config.parent / name).is_file():
-                    shutil.copyfile(config.parent / name, run / name)
+            _copy(config.parent, run, RECORDS)
+    for path in ARCHIVE.glob("*/provenance.jsonl"):
+        if not (out / path.parent.relative_to(ARCHIVE) / path.name).is_file():
+            _copy(path.parent, out / path.parent.relative_to(ARCHIVE), (path.name,))
 
 
 def collect(out: Path, command: str) -> tuple[dict, list[str]]:
@@ -178,20 +261,32 @@ def headline(runs: list[dict]) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=("core", "all"), default="core")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--stage", choices=("calibrate", "core", "all"), default="core")
+    parser.add_argument("--seeds", default=None, help="comma-separated (default: 0 for calibrate, else 0,1,2,3,4)")
+    parser.add_argument("--passes", type=float, default=20.0, help="passes over the unlabelled set (default 20)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "realistic")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--archive-only", action="store_true", help="copy the finished runs' records and stop")
     args = parser.parse_args()
+    seeds = args.seeds or ("0" if args.stage == "calibrate" else "0,1,2,3,4")
+    if args.archive_only:
+        print(f"{archive(args.out)} finished runs' records in {ARCHIVE}")
+        return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     restore(args.out)
     status = 0
-    for folder, arms, common in plan(args.stage):
+    for folder, arms, common in plan(args.stage, args.passes):
         if args.report_only and not (args.out / folder / "compare.json").is_file():
             continue
-        status |= compare(folder, arms, common, args.seeds, args.jobs, args.out, args.report_only)
-    results, sections = collect(args.out, f"python benchmarks/realistic.py --stage {args.stage} --seeds {args.seeds}")
+        if not args.report_only:
+            (args.out / folder).mkdir(parents=True, exist_ok=True)
+            with open(args.out / folder / "provenance.jsonl", "a") as fh:
+                fh.write(json.dumps({**provenance(), "arms": arms, "seeds": seeds, "set": common}) + "\n")
+        status |= compare(folder, arms, common, seeds, args.jobs, args.out, args.report_only)
+        archive(args.out)  # after every call, so that a session cut short keeps what finished
+    command = f"python benchmarks/realistic.py --stage {args.stage} --seeds {seeds} --passes {args.passes:g}"
+    results, sections = collect(args.out, command)
     (RESULTS / "realistic.json").write_text(json.dumps(results, indent=1) + "\n")
     (RESULTS / "realistic.md").write_text(
         "# Realistic benchmark (garments on photographs, EfficientNet-Lite0 DeepLabV3+)\n\n"

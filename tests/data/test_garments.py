@@ -149,6 +149,35 @@ def test_labelled_is_a_seeded_subset_of_the_pool_and_nested_across_sizes(cfg):
     assert set(other.ids) != set(garment_splits(cfg, cache_dir=False)[0].ids)
 
 
+def test_num_unlabelled_takes_the_next_images_of_the_same_permutation(cfg):
+    labelled, unlabelled, _ = garment_splits(cfg, cache_dir=False)
+    previous: set = set()
+    for n in (0, 5, 10, cfg.num_train - cfg.num_labelled):
+        lab, unl, _ = garment_splits(replace(cfg, num_unlabelled=n), cache_dir=False)
+        assert lab.ids == labelled.ids  # the labelled split does not move
+        assert len(unl) == n and set(unl.ids) <= set(unlabelled.ids) and previous <= set(unl.ids)
+        previous = set(unl.ids)
+    assert previous == set(unlabelled.ids)
+    with pytest.raises(ValueError, match="num_unlabelled"):
+        replace(cfg, num_unlabelled=cfg.num_train - cfg.num_labelled + 1)
+
+
+def test_the_labelled_split_is_fixed_across_seeds_and_arms(fake_root, tmp_path):
+    """The run's seed (initialisation, order, augmentation) and the framework never move the labelled split; only
+    ``data.garments.split_seed`` draws another."""
+    def split(*overrides):
+        config = load_config(TINY / "garments.yaml", [f"data.garments.root={fake_root}", "data.garments.split_seed=3",
+                                                      f"data.cache_dir={tmp_path}", *overrides])
+        labelled, unlabelled, _ = build_sources(config.data)
+        return labelled.ids, unlabelled.ids
+
+    reference = split()
+    for overrides in (["seed=1"], ["seed=7", "train.framework=supervised"], ["seed=2", "weighting.enabled=true"],
+                      ["data.garments.seed=4"]):
+        assert split(*overrides) == reference, overrides
+    assert split("data.garments.split_seed=4")[0] != reference[0]
+
+
 def test_validation_comes_from_the_test_files_and_the_pool_from_the_train_files(cfg):
     labelled, unlabelled, val = garment_splits(cfg, cache_dir=False)
     for source, allowed in ((labelled, {1, 2}), (unlabelled, {1, 2}), (val, {9, 10})):

@@ -97,6 +97,9 @@ class GarmentsConfig:
     num_train: int = bounded(2000, 1, 10**6)
     #: labelled images, a seeded subset of the pool (1/32 of the default pool); = num_train: fully supervised
     num_labelled: int = nonneg(62, at_most="data.garments.num_train")
+    #: unlabelled images: the pool images that follow the labelled ones in the same seeded permutation (a fixed,
+    #: nested subset); null = every pool image that is not labelled
+    num_unlabelled: Optional[int] = nonneg(None)
     #: validation images (from Fashion-MNIST's test images only)
     num_val: int = bounded(500, 1, 10**6)
     #: garments per image, uniform in [min, max]; several give occlusion and context
@@ -122,6 +125,9 @@ class GarmentsConfig:
         if self.num_labelled > self.num_train:
             raise ValueError(f"num_labelled ({self.num_labelled}) must be <= num_train ({self.num_train}): the "
                              "labelled images are drawn from the training pool")
+        if self.num_unlabelled is not None and self.num_labelled + self.num_unlabelled > self.num_train:
+            raise ValueError(f"num_labelled + num_unlabelled ({self.num_labelled} + {self.num_unlabelled}) must be "
+                             f"<= num_train ({self.num_train}): both are drawn from the training pool")
         lo, hi = self.objects
         if not 1 <= lo <= hi <= 254:
             raise ValueError(f"objects must satisfy 1 <= min <= max <= 254, got {list(self.objects)}")
@@ -390,11 +396,14 @@ class _Part:
         samples = (layers_to_garment_sample(self.render(i, data)) for i in range(self.count))
         return stack_samples(samples, self.count, self.config.image_size)
 
-def labelled_indices(config: GarmentsConfig) -> np.ndarray:
-    """Pool indices of the labelled split, sorted: the first ``num_labelled`` of one seeded permutation."""
+def split_indices(config: GarmentsConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Pool indices of the labelled and unlabelled splits, each sorted: the first ``num_labelled`` of one seeded
+    permutation, then the next ``num_unlabelled`` (all the rest when null). The labelled split depends on the split
+    seed, the pool size and ``num_labelled`` only, never on the run's seed."""
     seed = config.seed if config.split_seed is None else config.split_seed
     perm = np.random.default_rng([seed, 2]).permutation(config.num_train)
-    return np.sort(perm[:config.num_labelled])
+    end = None if config.num_unlabelled is None else config.num_labelled + config.num_unlabelled
+    return np.sort(perm[:config.num_labelled]), np.sort(perm[config.num_labelled:end])
 
 
 class GarmentScenes(SegmentationSource):
@@ -415,8 +424,8 @@ class GarmentScenes(SegmentationSource):
         if split == "val":
             self.indices = np.arange(config.num_val)
         else:
-            labelled = labelled_indices(config)
-            self.indices = labelled if split == "labelled" else np.setdiff1d(np.arange(config.num_train), labelled)
+            labelled, unlabelled = split_indices(config)
+            self.indices = labelled if split == "labelled" else unlabelled
         self.class_names: Sequence[str] = config.class_names
         self.thing_classes: Sequence[int] = tuple(range(1, len(self.class_names)))
         prefix = self._part.part
