@@ -11,6 +11,7 @@ method's published settings (k = 5, τ = 0.95, detector-verified bank, memory 25
     python benchmarks/realistic.py --stage all        # + the other arms, fully supervised and the 1/8 split
     python benchmarks/realistic.py --archive-only     # copy the finished runs' records into the repository now
     python benchmarks/realistic.py --report-only      # rebuild benchmarks/results/realistic.{json,md} from the runs
+    python benchmarks/realistic.py --preset gpu       # one GPU: 128 px, 10 classes, 40 passes (results/realistic_gpu*)
 
 The protocol:
 - **a fixed labelled split per benchmark split**: the first ``n`` images of one permutation of the pool drawn with
@@ -42,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -51,7 +53,8 @@ from hafis.engine.compare import mean_std, paired_interval
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "realistic" / "base.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
-#: the finished runs' records (config, metrics, status; detector logs), committed so that a fresh checkout resumes
+#: the finished runs' records (config, metrics, status; detector logs) of the CPU preset, committed so that a fresh
+#: checkout resumes (each preset has its own: :attr:`Preset.archive`)
 ARCHIVE = RESULTS / "realistic_runs"
 RECORDS = ("config.yaml", "metrics.jsonl", "compare_run.json")
 DETECTOR_RECORDS = ("detect.log",)
@@ -61,8 +64,35 @@ SPLITS = {"1_32": POOL // 32, "1_8": POOL // 8}
 SPLIT_SEED = 0
 #: unlabelled images per labelled one (the pool is cut down to this to afford many passes)
 UNLABELLED_PER_LABELLED = 15
-UNLABELLED_BATCH = 4  # train.unlabelled_batch_size of the config
 EVALS = 20  # evaluations per run (1/4 and 1/2 of the schedule are evaluation points)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One machine's version of the benchmark: its overrides of the config, the unlabelled batch they set (the
+    schedule counts passes with it), the default passes, seeds and parallel runs, and the stem of its folders and
+    result files (``bench_out/NAME``, ``benchmarks/results/NAME.{json,md}``, ``benchmarks/results/NAME_runs``)."""
+
+    name: str
+    overrides: str
+    unlabelled_batch: int
+    passes: float
+    seeds: str
+    jobs: int
+
+    @property
+    def archive(self) -> Path:
+        return RESULTS / f"{self.name}_runs"
+
+
+PRESETS = {
+    # 2 CPU cores, one thread per run: configs/realistic/base.yaml as it is
+    "cpu": Preset("realistic", "", 4, 20.0, "0,1,2,3,4", 2),
+    # one H100-class GPU: 128 px images, the 10 garment classes, a wider decoder, batches of 16, twice the passes
+    "gpu": Preset("realistic_gpu", "train.device=cuda data.garments.image_size=128 data.crop_size=128 "
+                  "data.garments.classes=fine model.feature_dim=256 model.aspp_channels=256 train.batch_size=16 "
+                  "train.unlabelled_batch_size=16 data.num_workers=4", 16, 40.0, "0,1,2", 1),
+}
 
 PAPER = "weighting.enabled=true weighting.offset=0 weighting.normalize=count"
 AUTHORS = "weighting.enabled=true weighting.offset=1 weighting.normalize=weight"
@@ -80,14 +110,14 @@ CONTRASTS = [("unimatch", "supervised"), ("unimatch+W", "unimatch"), ("unimatch+
              ("augseg", "supervised"), ("augseg+W", "augseg"), ("fully-supervised", "supervised")]
 
 
-def schedule(labelled: int, passes: float) -> dict:
+def schedule(labelled: int, passes: float, unlabelled_batch: int = 4) -> dict:
     """The unlabelled set and the iterations of a split with ``labelled`` images: ``passes`` over the unlabelled
     set, rounded up to :data:`EVALS` whole evaluation intervals."""
     unlabelled = min(POOL - labelled, UNLABELLED_PER_LABELLED * labelled)
-    interval = max(1, math.ceil(passes * max(unlabelled, 1) / UNLABELLED_BATCH / EVALS))
+    interval = max(1, math.ceil(passes * max(unlabelled, 1) / unlabelled_batch / EVALS))
     iterations = interval * EVALS
     return {"labelled": labelled, "unlabelled": unlabelled, "iterations": iterations, "eval_interval": interval,
-            "passes": iterations * UNLABELLED_BATCH / unlabelled if unlabelled else 0.0}
+            "passes": iterations * unlabelled_batch / unlabelled if unlabelled else 0.0}
 
 
 def split_overrides(labelled: int, sched: dict) -> str:
@@ -98,17 +128,20 @@ def split_overrides(labelled: int, sched: dict) -> str:
             f"train.eval_interval={sched['eval_interval']}")
 
 
-def plan(stage: str, passes: float) -> list[tuple[str, list[str], str]]:
+def plan(stage: str, passes: float, preset: Preset = PRESETS["cpu"]) -> list[tuple[str, list[str], str]]:
     """(folder, arms, --set overrides) of each ``hafis compare`` call, core runs first. The fully supervised arm
     trains on the whole pool on the smallest split's schedule."""
-    small = schedule(SPLITS["1_32"], passes)
-    core = split_overrides(SPLITS["1_32"], small)
+    def split(labelled: int, sched: dict) -> str:
+        return " ".join(filter(None, [preset.overrides, split_overrides(labelled, sched)]))
+
+    small = schedule(SPLITS["1_32"], passes, preset.unlabelled_batch)
+    core = split(SPLITS["1_32"], small)
     if stage == "calibrate":
         return [("1_32", ["supervised", "unimatch"], core)]
     if stage == "core":
         return [("1_32", list(CORE), core)]
-    return [("1_32", list(ARMS), core), ("full", ["fully-supervised"], split_overrides(POOL, small)),
-            ("1_8", list(ARMS), split_overrides(SPLITS["1_8"], schedule(SPLITS["1_8"], passes)))]
+    return [("1_32", list(ARMS), core), ("full", ["fully-supervised"], split(POOL, small)),
+            ("1_8", list(ARMS), split(SPLITS["1_8"], schedule(SPLITS["1_8"], passes, preset.unlabelled_batch)))]
 
 
 def arm_overrides(name: str) -> str:
@@ -158,10 +191,9 @@ def torch_version() -> str:
     return version("torch")
 
 
-def archive(out: Path) -> int:
+def archive(out: Path, target: Path) -> int:
     """Copy the records of every finished run (its metrics end with an evaluation at the last iteration), of every
-    trained detector (its log) and each split's provenance into :data:`ARCHIVE`; returns how many runs are
-    archived."""
+    trained detector (its log) and each split's provenance into ``target``; returns how many runs are archived."""
     count = 0
     for metrics in sorted(out.glob("*/runs/*/seed_*/metrics.jsonl")):
         run = metrics.parent
@@ -169,12 +201,12 @@ def archive(out: Path) -> int:
         evals = [json.loads(line) for line in metrics.read_text().splitlines() if '"eval"' in line]
         if not evals or evals[-1]["iteration"] != config["train"]["iterations"]:
             continue
-        _copy(run, ARCHIVE / run.relative_to(out), RECORDS)
+        _copy(run, target / run.relative_to(out), RECORDS)
         count += 1
     for detector in sorted(out.glob("*/detectors/*/detector.pt")):
-        _copy(detector.parent, ARCHIVE / detector.parent.relative_to(out), DETECTOR_RECORDS)
+        _copy(detector.parent, target / detector.parent.relative_to(out), DETECTOR_RECORDS)
     for path in sorted(out.glob("*/provenance.jsonl")):
-        _copy(path.parent, ARCHIVE / path.parent.relative_to(out), ("provenance.jsonl",))
+        _copy(path.parent, target / path.parent.relative_to(out), ("provenance.jsonl",))
     return count
 
 
@@ -185,18 +217,18 @@ def _copy(source: Path, target: Path, names) -> None:
             shutil.copyfile(source / name, target / name)
 
 
-def restore(out: Path) -> None:
+def restore(out: Path, source: Path) -> None:
     """Put archived runs that ``out`` lacks back, so ``hafis compare`` reuses them instead of training them again."""
-    for config in ARCHIVE.glob("*/runs/*/seed_*/config.yaml"):
-        run = out / config.parent.relative_to(ARCHIVE)
+    for config in source.glob("*/runs/*/seed_*/config.yaml"):
+        run = out / config.parent.relative_to(source)
         if not (run / "metrics.jsonl").is_file():
             _copy(config.parent, run, RECORDS)
-    for path in ARCHIVE.glob("*/provenance.jsonl"):
-        if not (out / path.parent.relative_to(ARCHIVE) / path.name).is_file():
-            _copy(path.parent, out / path.parent.relative_to(ARCHIVE), (path.name,))
+    for path in source.glob("*/provenance.jsonl"):
+        if not (out / path.parent.relative_to(source) / path.name).is_file():
+            _copy(path.parent, out / path.parent.relative_to(source), (path.name,))
 
 
-def collect(out: Path, command: str) -> tuple[dict, list[str]]:
+def collect(out: Path, command: str, stem: str = "realistic") -> tuple[dict, list[str]]:
     """One results file for the whole benchmark: every finished run of every split, in the issue's schema."""
     runs, machine, sections = [], "", []
     for folder in ("1_32", "1_8", "full"):
@@ -209,8 +241,8 @@ def collect(out: Path, command: str) -> tuple[dict, list[str]]:
         report = (out / folder / "report.md").read_text()
         for plot in ("miou.png", "diagnostics.png"):
             if (out / folder / plot).is_file():
-                shutil.copyfile(out / folder / plot, RESULTS / f"realistic_{folder}_{plot}")
-            report = report.replace(f"({plot})", f"(realistic_{folder}_{plot})")
+                shutil.copyfile(out / folder / plot, RESULTS / f"{stem}_{folder}_{plot}")
+            report = report.replace(f"({plot})", f"({stem}_{folder}_{plot})")
         title = "fully supervised" if folder == "full" else f"split {folder.replace('_', '/')}"
         sections.append(f"## The runs of {title} (`hafis compare` report)\n\n" + report.split("\n", 1)[1])
     return {"command": command, "machine": machine, "runs": runs}, sections
@@ -262,39 +294,49 @@ def headline(runs: list[dict]) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=("calibrate", "core", "all"), default="core")
-    parser.add_argument("--seeds", default=None, help="comma-separated (default: 0 for calibrate, else 0,1,2,3,4)")
-    parser.add_argument("--passes", type=float, default=20.0, help="passes over the unlabelled set (default 20)")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "realistic")
+    parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    parser.add_argument("--seeds", default=None, help="comma-separated (default: 0 for calibrate, else the preset's)")
+    parser.add_argument("--passes", type=float, default=None, help="passes over the unlabelled set (cpu: 20, gpu: 40)")
+    parser.add_argument("--jobs", type=int, default=None, help="runs side by side (cpu: 2, gpu: 1)")
+    parser.add_argument("--device", default=None, help="train.device of every run (to try the gpu preset on a CPU)")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench_out/NAME of the preset")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--archive-only", action="store_true", help="copy the finished runs' records and stop")
     args = parser.parse_args()
-    seeds = args.seeds or ("0" if args.stage == "calibrate" else "0,1,2,3,4")
+    preset = PRESETS[args.preset]
+    if args.device:
+        preset = replace(preset, overrides=f"{preset.overrides} train.device={args.device}".strip())
+    seeds = args.seeds or ("0" if args.stage == "calibrate" else preset.seeds)
+    passes = preset.passes if args.passes is None else args.passes
+    out = args.out or ROOT / "bench_out" / preset.name
     if args.archive_only:
-        print(f"{archive(args.out)} finished runs' records in {ARCHIVE}")
+        print(f"{archive(out, preset.archive)} finished runs' records in {preset.archive}")
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    restore(args.out)
+    restore(out, preset.archive)
     status = 0
-    for folder, arms, common in plan(args.stage, args.passes):
-        if args.report_only and not (args.out / folder / "compare.json").is_file():
+    for folder, arms, common in plan(args.stage, passes, preset):
+        if args.report_only and not (out / folder / "compare.json").is_file():
             continue
         if not args.report_only:
-            (args.out / folder).mkdir(parents=True, exist_ok=True)
-            with open(args.out / folder / "provenance.jsonl", "a") as fh:
+            (out / folder).mkdir(parents=True, exist_ok=True)
+            with open(out / folder / "provenance.jsonl", "a") as fh:
                 fh.write(json.dumps({**provenance(), "arms": arms, "seeds": seeds, "set": common}) + "\n")
-        status |= compare(folder, arms, common, seeds, args.jobs, args.out, args.report_only)
-        archive(args.out)  # after every call, so that a session cut short keeps what finished
-    command = f"python benchmarks/realistic.py --stage {args.stage} --seeds {seeds} --passes {args.passes:g}"
-    results, sections = collect(args.out, command)
-    (RESULTS / "realistic.json").write_text(json.dumps(results, indent=1) + "\n")
-    (RESULTS / "realistic.md").write_text(
+        status |= compare(folder, arms, common, seeds, args.jobs or preset.jobs, out, args.report_only)
+        archive(out, preset.archive)  # after every call, so that a session cut short keeps what finished
+    command = (f"python benchmarks/realistic.py --preset {args.preset} --stage {args.stage} --seeds {seeds} "
+               f"--passes {passes:g}")
+    results, sections = collect(out, command, preset.name)
+    (RESULTS / f"{preset.name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (RESULTS / f"{preset.name}.md").write_text(
         "# Realistic benchmark (garments on photographs, EfficientNet-Lite0 DeepLabV3+)\n\n"
-        f"`{results['command']}` on {results['machine']}; settings: `configs/realistic/base.yaml`; load average "
-        f"{os.getloadavg()[0]:.2f} when this report was written (two runs side by side, one thread each).\n\n"
+        f"`{results['command']}` on {results['machine']}; settings: `configs/realistic/base.yaml`"
+        f"{' with ' + chr(96) + preset.overrides + chr(96) if preset.overrides else ''}; load average "
+        f"{os.getloadavg()[0]:.2f} when this report was written.\n\n"
         + "\n".join(headline(results["runs"])) + "\n" + "\n".join(sections))
-    print(f"wrote {RESULTS / 'realistic.json'} ({len(results['runs'])} runs) and {RESULTS / 'realistic.md'}; "
-          f"{archive(args.out)} finished runs' records in {ARCHIVE}")
+    print(f"wrote {RESULTS / (preset.name + '.json')} ({len(results['runs'])} runs) and "
+          f"{RESULTS / (preset.name + '.md')}; {archive(out, preset.archive)} finished runs' records in "
+          f"{preset.archive}")
     return status
 
 

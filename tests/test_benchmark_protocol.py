@@ -48,3 +48,22 @@ def test_every_arm_of_a_split_gets_the_same_schedule():
     full = dict(t.split("=") for t in calls[1][2].split())
     assert full["train.iterations"] == small["train.iterations"] and full["data.garments.num_unlabelled"] == "0"
     assert realistic.plan("calibrate", 20) == [("1_32", ["supervised", "unimatch"], calls[0][2])]
+
+
+def test_every_planned_run_of_both_presets_is_a_valid_config():
+    """What ``hafis compare`` would load for each call and arm (the GPU preset with its device set to the CPU, as
+    ``--device cpu`` does to try it here)."""
+    from dataclasses import replace
+
+    from hafis.config import load_config
+
+    gpu = replace(realistic.PRESETS["gpu"], overrides=realistic.PRESETS["gpu"].overrides + " train.device=cpu")
+    for preset in (realistic.PRESETS["cpu"], gpu):
+        for folder, arms, common in realistic.plan("all", preset.passes, preset):
+            for arm in arms:
+                config = load_config(realistic.CONFIG, [*common.split(), *realistic.arm_overrides(arm).split()])
+                assert config.train.unlabelled_batch_size == preset.unlabelled_batch
+                assert config.data.garments.split_seed == realistic.SPLIT_SEED
+    config = load_config(realistic.CONFIG, realistic.plan("core", 40, gpu)[0][2].split())
+    assert (config.data.garments.image_size, config.data.garments.classes) == (128, "fine")
+    assert config.train.iterations * 16 / config.data.garments.num_unlabelled >= 40

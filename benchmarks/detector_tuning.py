@@ -1,0 +1,133 @@
+"""Tune the realistic benchmark's detector on its own metrics: box precision and recall on held-out labelled images.
+
+    python benchmarks/detector_tuning.py                          # 1/32 split, lr 1e-3, up to 200 epochs
+    python benchmarks/detector_tuning.py --labelled 250 --epochs 40
+
+The detector of the weighting arms is trained on the labelled images only, so it is tuned on them only: the fixed
+labelled split of the benchmark (``benchmarks/realistic.py``) is cut into a training part and ``--held-out`` images
+(a seeded draw); one detector per learning rate (``--lrs``) is trained on the training part, and every ``--every``
+epochs its boxes with score >= ``tau_det`` on the held-out images are matched to their ground-truth boxes (same
+class, IoU >= 0.5, greedy by score). Reported per (lr, epoch): box precision, box recall, and the share of held-out
+images with a kept box. Never mIoU: the segmentation arms play no part in the choice. An epoch is
+``labelled / batch`` steps, so a schedule chosen in epochs scales with the labelled set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+from _common import footer, header, table
+from hafis.config import load_config
+from hafis.data import build_sources
+from hafis.data.base import SegmentationSource
+from hafis.engine.detect import component_classes, detected_classes
+from hafis.models.detector import DetectionDataset, build_detector, detect, sample_boxes, train_detector
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import realistic  # noqa: E402
+
+
+class Part(SegmentationSource):
+    """Some images of a source (the training or the held-out part of the labelled split)."""
+
+    def __init__(self, source: SegmentationSource, indices: list[int]):
+        self.source, self.indices = source, indices
+        self.class_names, self.thing_classes = source.class_names, source.thing_classes
+
+    @property
+    def ids(self):
+        return [self.source.ids[i] for i in self.indices]
+
+    def load(self, index: int):
+        return self.source.load(self.indices[index])
+
+
+def match(pred: dict, boxes: np.ndarray, labels: np.ndarray, tau: float) -> tuple[int, int, int]:
+    """(true positives, kept predictions, ground-truth boxes) of one image: greedy by score, same class, IoU >= 0.5."""
+    keep = pred["scores"] >= tau
+    p_boxes, p_labels = torch.from_numpy(pred["boxes"][keep]), pred["labels"][keep]
+    if len(p_boxes) == 0 or len(boxes) == 0:
+        return 0, int(keep.sum()), len(boxes)
+    iou = box_iou(p_boxes, torch.from_numpy(np.asarray(boxes, np.float32))).numpy()
+    iou[p_labels[:, None] != np.asarray(labels)[None, :]] = 0
+    free, tp = np.ones(len(boxes), bool), 0
+    for row in iou:  # predictions come highest score first; each ground-truth box matches once
+        j = int(np.argmax(np.where(free, row, -1)))
+        if free[j] and row[j] >= 0.5:
+            free[j] = False
+            tp += 1
+    return tp, len(p_boxes), len(boxes)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--labelled", type=int, default=realistic.SPLITS["1_32"])
+    p.add_argument("--held-out", type=int, default=12)
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3])
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--every", type=int, default=20, help="evaluate every this many epochs")
+    p.add_argument("--tau", type=float, default=0.95, help="weighting.tau_det")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    header("Detector of the realistic benchmark: box precision / recall on held-out labelled images")
+    sched = realistic.schedule(args.labelled, 20)
+    config = load_config(realistic.CONFIG, realistic.split_overrides(args.labelled, sched).split())
+    labelled, _, _ = build_sources(config.data)
+    things = detected_classes(config, labelled)
+    order = np.random.default_rng([args.seed, 11]).permutation(len(labelled))
+    held = Part(labelled, sorted(order[:args.held_out].tolist()))
+    train = Part(labelled, sorted(order[args.held_out:].tolist()))
+    truth = [sample_boxes(held.load(i), things, config.detector.boxes) for i in range(len(held))]
+    images = [held.load(i).image for i in range(len(held))]
+    d = config.detector
+    steps_per_epoch = max(1, math.ceil(len(train) / d.batch_size))
+    print(f"- {len(labelled)} labelled images (split seed {realistic.SPLIT_SEED}): {len(train)} to train, "
+          f"{len(held)} held out with {sum(len(b) for b, _ in truth)} boxes; {d.arch} detector, batch "
+          f"{d.batch_size}, Adam; an epoch = {steps_per_epoch} steps; tau_det {args.tau}\n", flush=True)
+    rows = []
+    for lr in args.lrs:
+        torch.manual_seed(args.seed)
+        h, w = images[0].shape[:2]
+        model = build_detector(d.arch, len(things), min_size=min(h, w), max_size=max(h, w),
+                               score_threshold=d.score_threshold, detections_per_image=d.detections_per_image)
+        dataset = DetectionDataset(train, things, d.boxes, d.component_min_area, seed=args.seed,
+                                   component_classes=component_classes(config, labelled))
+        start = time.perf_counter()
+        losses: list[float] = []
+
+        def on_step(step: int, loss: float) -> None:
+            losses.append(loss)
+            if (step + 1) % (args.every * steps_per_epoch):
+                return
+            preds = detect(model, images, things)
+            counts = np.array([match(pr, b, lab, args.tau) for pr, (b, lab) in zip(preds, truth)])
+            tp, kept, gt = counts.sum(0)
+            with_box = float(np.mean([(pr["scores"] >= args.tau).any() for pr in preds]))
+            epoch = (step + 1) // steps_per_epoch
+            row = [f"{lr:g}", epoch, step + 1, tp / max(kept, 1), tp / max(gt, 1), with_box, int(kept),
+                   float(np.mean(losses[-steps_per_epoch:])), time.perf_counter() - start]
+            rows.append(row)
+            print(f"lr {lr:g} epoch {epoch}: precision {row[3]:.3f} recall {row[4]:.3f} images with a box "
+                  f"{with_box:.2f} ({int(kept)} boxes kept) loss {row[7]:.3f} ({row[8]:.0f} s)", flush=True)
+
+        train_detector(model, dataset, args.epochs * steps_per_epoch, batch_size=d.batch_size, lr=lr,
+                       weight_decay=d.weight_decay, seed=args.seed, on_step=on_step)
+    print()
+    table(["lr", "epoch", "steps", "box precision", "box recall", "held-out images with a box", "boxes kept",
+           "loss (last epoch)", "s"], rows)
+    footer()
+
+
+if __name__ == "__main__":
+    main()
