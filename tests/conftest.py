@@ -19,3 +19,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def tiny_config():
     """``configs/tiny/unimatch.yaml``: the few-second CPU run the end-to-end tests start from."""
     return Path(__file__).resolve().parents[1] / "configs" / "tiny" / "unimatch.yaml"
+
+
+@pytest.fixture
+def conv_output_dtypes():
+    """The dtypes of every convolution's output in training-mode forwards while the test runs (a global hook)."""
+    dtypes: set = set()
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Conv2d) and module.training:
+            dtypes.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    yield dtypes
+    handle.remove()
