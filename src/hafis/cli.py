@@ -1,4 +1,5 @@
-"""``hafis`` command line: ``train``, ``eval``, ``detect``, ``prepare``, ``visualize``, ``demo``, ``compare``.
+"""``hafis`` command line: ``train``, ``eval``, ``predict``, ``export``, ``detect``, ``prepare``, ``visualize``,
+``demo``, ``compare``.
 
 Errors a user can fix (a bad config key or value, a missing file, an unreadable, unsafe or mismatched checkpoint, a
 resume that would change the experiment) print one line ``hafis <command>: error: ...`` naming the key or file and
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,6 +19,8 @@ from typing import Optional, Sequence
 from hafis.config import ConfigError, load_config
 
 EXIT_USAGE = 2
+#: a ``key=value`` config override among a command's other positional arguments
+_OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*=")
 #: training stopped on a NaN / inf loss (the last checkpoint is intact)
 EXIT_NONFINITE = 3
 
@@ -77,29 +81,14 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-
     from hafis.data import build_sources
-    from hafis.config import config_changes
-    from hafis.engine.checkpoint import CheckpointError, load_checkpoint, load_module_state
-    from hafis.engine.build import build_model, resolve_device
-    from hafis.models.deeplabv3plus import is_unimatch_state_dict, unimatch_state_dict
+    from hafis.engine.build import resolve_device
+    from hafis.engine.inference import load_trained_model
 
     config = load_config(args.config, args.overrides)
-    state = load_checkpoint(Path(args.checkpoint))
     device = resolve_device(config.train.device)
     _, _, val = build_sources(config.data)
-    torch.manual_seed(config.seed)
-    model = build_model(config, val.num_classes)
-    weights = state["model"]
-    if is_unimatch_state_dict(weights):  # a UniMatch-released checkpoint (``{'model': DDP state dict, ...}``)
-        weights = unimatch_state_dict(weights)
-    try:
-        load_module_state(model, weights, f"checkpoint {args.checkpoint}")
-    except CheckpointError as exc:
-        changed = {k: v for k, v in config_changes(state.get("config"), config).items() if k.startswith("model.")}
-        hint = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} here" for k, (old, new) in changed.items())
-        raise CheckpointError(f"{exc}" + (f" (config differs: {hint})" if hint else "")) from None
+    model, state = load_trained_model(config, args.checkpoint, num_classes=val.num_classes)
     model.to(device)
     from hafis.engine.evaluation import build_eval_loader, eval_settings, evaluate, iou_table
 
@@ -110,6 +99,42 @@ def _eval(args: argparse.Namespace) -> int:
           f"{len(val)} images: mIoU {100 * result.miou:.2f}")
     print(iou_table(result.iou, val.class_names, result.miou))
     print(json.dumps({"iteration": state.get("iteration"), **result.record()}))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from hafis.engine.inference import Predictor, predict_files
+
+    args.overrides = [i for i in args.inputs if _OVERRIDE.match(i) and not Path(i).exists()]
+    args.inputs = [i for i in args.inputs if i not in args.overrides]
+    predictor = Predictor.from_run(args.config, args.checkpoint, network=args.network, device=args.device,
+                                   mode=args.mode, window=args.window, overrides=args.overrides)
+    config = load_config(args.config, args.overrides)
+    summary = predict_files(predictor, args.inputs, args.out, batch_size=args.batch_size or config.eval.batch_size,
+                            overlay=args.overlay, scores=args.scores)
+    if not summary["images"]:
+        raise ConfigError(f"none of the {len(summary['skipped'])} input(s) could be read as an image"
+                          if summary["skipped"] else "no input images given")
+    print(f"{len(summary['images'])} image(s) predicted into {args.out} ({len(summary['skipped'])} skipped); "
+          f"summary: {Path(args.out) / 'predictions.json'}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from hafis.engine.export import ExportError, export_model, require_packages
+    from hafis.engine.inference import load_trained_model
+
+    config = load_config(args.config, args.overrides)
+    require_packages(args.format)
+    model, _ = load_trained_model(config, args.checkpoint, args.network)
+    try:
+        export_model(model, Path(args.out), args.format, config.data.crop_size, args.tolerance)
+    except ExportError as exc:  # not the user's mistake, but one line all the same
+        if args.debug:
+            raise
+        print(f"hafis export: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -182,6 +207,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hafis.engine.export import FORMATS
+    from hafis.engine.inference import NETWORKS
+
     parser = argparse.ArgumentParser(prog="hafis", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -206,6 +234,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--checkpoint", required=True)
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="segment new images with a trained checkpoint: palette PNGs of class ids "
+                                       "at each image's size, and predictions.json (class areas)")
+    p.add_argument("config")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders (searched recursively) or .txt files listing image paths; key=value "
+                        "items that are not files are config overrides")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="folder of the masks and predictions.json")
+    p.add_argument("--overlay", action="store_true", help="also a JPEG of the mask blended over the image")
+    p.add_argument("--scores", action="store_true", help="also the top-class probability map (8-bit PNG)")
+    p.add_argument("--mode", choices=("whole", "sliding"), default=None,
+                   help="whole-image or sliding-window inference (default: the config's eval.mode)")
+    p.add_argument("--window", type=int, default=None, help="sliding window side (default: eval.window)")
+    p.add_argument("--network", choices=NETWORKS, default=None,
+                   help="a mean-teacher checkpoint's student or teacher (default: the network its evaluation "
+                        "reports)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the config's train.device)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images of one size per forward pass (default: eval.batch_size)")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="the trained segmenter as ONNX (or a torch.export .pt2), normalisation inside, "
+                                      "dynamic batch and size, checked against torch on two image sizes")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
+    p.add_argument("--format", choices=FORMATS, default="onnx",
+                   help="onnx (checked with onnxruntime; needs pip install 'hafis[export]') or pt2 (torch.export)")
+    p.add_argument("--network", choices=NETWORKS, default=None,
+                   help="a mean-teacher checkpoint's student or teacher (default: the network its evaluation "
+                        "reports)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest logit difference allowed, times max(1, largest logit) (default 1e-4)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("detect", help="train the detector on the labelled images and cache its detections over the "
                                       "unlabelled ones (for weighting.reliable: detector); resumable")

@@ -39,4 +39,24 @@ def build_sources(data_config) -> tuple[SegmentationSource, SegmentationSource, 
     raise ValueError(f"unknown dataset {data_config.dataset!r}")
 
 
-__all__ = ["IGNORE_INDEX", "Sample", "SegmentationSource", "build_sources"]
+def class_names(data_config) -> tuple[str, ...]:
+    """The class names of ``data_config.dataset`` without reading an image; ``()`` when they live in a tree that
+    is not at hand (COCO's annotations, a folder's class list), for labelling predictions of new images."""
+    from .base import DataError
+
+    if data_config.dataset == "synthetic":
+        from .synthetic import CLASS_NAMES
+
+        return tuple(CLASS_NAMES[: data_config.synthetic.num_object_classes + 1])
+    if data_config.dataset == "garments":
+        return tuple(data_config.garments.class_names)
+    from .splits import make_layout
+
+    try:
+        return tuple(make_layout(data_config.dataset, data_config.root, voc_setting=data_config.voc_setting,
+                                 classes=data_config.classes, cache_dir=data_config.cache_dir).class_names)
+    except (OSError, ValueError, DataError):
+        return ()
+
+
+__all__ = ["IGNORE_INDEX", "Sample", "SegmentationSource", "build_sources", "class_names"]

@@ -30,6 +30,12 @@ CLASS_NAMES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )
+#: the RGB colour of each trainId (cityscapesscripts/helpers/labels.py), for predicted masks
+TRAIN_ID_COLOURS = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0),
+    (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
 #: trainIds of the classes with instances (person ... bicycle): the detector's classes.
 THING_CLASSES = tuple(range(11, 19))
 
@@ -148,5 +154,5 @@ def instance_id_boxes(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return stack_boxes(boxes, labels)
 
 
-__all__ = ["CLASS_NAMES", "Cityscapes", "LABEL_TO_TRAIN", "THING_CLASSES", "instance_id_boxes",
+__all__ = ["CLASS_NAMES", "Cityscapes", "LABEL_TO_TRAIN", "THING_CLASSES", "TRAIN_ID_COLOURS", "instance_id_boxes",
            "label_ids_to_train_ids"]

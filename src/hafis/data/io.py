@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .base import IGNORE_INDEX
 
@@ -36,6 +36,30 @@ def read_image(path: PathLike) -> np.ndarray:
     Raises ``FileNotFoundError`` / ``OSError``."""
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def photo_array(image: Union[PathLike, Image.Image]) -> np.ndarray:
+    """A photograph as it is displayed, ``(H, W, 3)`` uint8 RGB: EXIF orientation applied; grey, palette, RGBA
+    (alpha dropped), CMYK and 16-bit images converted (16-bit values scaled to 8 bits, not clipped).
+
+    Raises ``OSError`` / ``ValueError`` / ``SyntaxError`` (and ``Image.DecompressionBombError``) for a file Pillow
+    cannot decode."""
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as im:
+            return photo_array(im)
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit grey (Pillow opens it as I;16 or I)
+        grey = np.clip(np.round(np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)), 0, 255)
+        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def photo_size(path: PathLike) -> tuple[int, int]:
+    """``(H, W)`` of :func:`photo_array`'s result, from the file header (EXIF orientations 5-8 swap the sides)."""
+    with Image.open(path) as im:
+        w, h = im.size
+        turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    return (w, h) if turned else (h, w)
 
 
 def read_label(path: PathLike) -> np.ndarray:

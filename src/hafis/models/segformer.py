@@ -148,6 +148,9 @@ class SegFormer(nn.Module):
         sr = getattr(self.backbone.model.stages[0].blocks[0].attn, "sr", None)
         #: smallest input side the encoder takes (stride 4 times the first spatial-reduction kernel)
         self.min_input = 4 * (sr.kernel_size[0] if sr is not None else 1)
+        #: an exported graph (``hafis export``) is dynamic over sides that are multiples of this (its encoder's
+        #: shape arithmetic specialises on other sizes)
+        self.export_size_multiple = 32
 
     def _decode(self, feats: list[Tensor]) -> tuple[Tensor, Tensor]:
         size = feats[0].shape[-2:]

@@ -1,0 +1,339 @@
+"""Using a trained model on images nobody labelled: the :class:`Predictor` API and ``hafis predict``.
+
+The network is the one the run's evaluation reports (the checkpoint's ``model`` entry: a mean teacher's teacher once
+it has had an EMA update, the student otherwise); ``network='student'`` or ``'teacher'`` picks one. Inference is
+:func:`hafis.engine.evaluation.predict` with the config's ``eval`` settings (whole image or sliding window), on the
+same normalisation as evaluation, so a predicted mask is the one ``hafis eval`` scores.
+
+Images are taken as they are displayed: EXIF orientation applied, grey / palette / RGBA / CMYK / 16-bit converted to
+8-bit RGB (:func:`hafis.data.io.photo_array`). Masks are written at the input's own size as palette PNGs of class ids
+(:func:`palette`), so they read back as ids and look right in any viewer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import sys
+from pathlib import Path, PurePath
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from hafis.config import Config, ConfigError, config_changes, load_config
+from hafis.data.io import IMAGE_EXTENSIONS, atomic_write_bytes, photo_array, photo_size
+from hafis.data.transforms import normalize
+
+from .build import build_model, resolve_device
+from .checkpoint import CheckpointError, load_checkpoint, load_module_state
+from .evaluation import eval_settings, predict
+
+__all__ = ["NETWORKS", "Predictor", "collect_inputs", "load_trained_model", "palette", "predict_files"]
+
+#: ``--network``: which network of a mean-teacher checkpoint to use (default: the one its evaluation reports)
+NETWORKS = ("student", "teacher")
+#: exceptions Pillow raises for a file it cannot decode
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+# ------------------------------------------------------------------------------------------------- the network
+def select_weights(state: dict, network: Optional[str], path: Union[str, Path]) -> dict:
+    """The state dict of the chosen network of a checkpoint (see the module docstring)."""
+    from hafis.models.deeplabv3plus import is_unimatch_state_dict, unimatch_state_dict
+
+    if network is None:
+        weights = state["model"]
+    elif network == "student":
+        if "student" not in state:
+            raise CheckpointError(f"checkpoint {path} has no 'student' entry; leave --network out")
+        weights = state["student"]
+    elif network == "teacher":
+        teacher = (state.get("framework") or {}).get("teacher")
+        if teacher is None:
+            framework = ((state.get("config") or {}).get("train") or {}).get("framework", "?")
+            raise ConfigError(f"--network teacher: checkpoint {path} (framework {framework!r}) has no teacher; "
+                              "mean-teacher frameworks (u2pl, ael, augseg) have one")
+        prefix = "segmenter."  # U2PL's teacher carries its representation head beside the segmenter
+        if any(k.startswith(prefix) for k in teacher):
+            teacher = {k[len(prefix):]: v for k, v in teacher.items() if k.startswith(prefix)}
+        weights = teacher
+    else:
+        raise ConfigError(f"--network must be one of {', '.join(NETWORKS)}, got {network!r}")
+    if is_unimatch_state_dict(weights):  # a UniMatch-released checkpoint (``{'model': DDP state dict, ...}``)
+        weights = unimatch_state_dict(weights)
+    return weights
+
+
+def load_trained_model(config: Config, checkpoint: Union[str, Path], network: Optional[str] = None,
+                       num_classes: Optional[int] = None) -> tuple[nn.Module, dict]:
+    """``(model in eval mode, checkpoint state)``: the config's segmenter with the checkpoint's weights.
+
+    ``num_classes`` defaults to the checkpoint classifier's output count, so no dataset needs to be at hand.
+    ImageNet initialisation is skipped (every weight comes from the checkpoint, and nothing is downloaded).
+    A checkpoint of another model config is a :class:`CheckpointError` naming the keys that differ.
+    """
+    state = load_checkpoint(Path(checkpoint))
+    weights = select_weights(state, network, checkpoint)
+    if num_classes is None:
+        classifier = weights.get("classifier.weight")
+        if classifier is None:  # a segmenter without a ``classifier`` layer: the dataset says
+            from hafis.data import build_sources
+
+            num_classes = build_sources(config.data)[2].num_classes
+        else:
+            num_classes = int(classifier.shape[0])
+    bare = dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=None,
+                                                                 pretrained_path=None))
+    torch.manual_seed(config.seed)
+    model = build_model(bare, num_classes)
+    try:
+        load_module_state(model, weights, f"checkpoint {checkpoint}")
+    except CheckpointError as exc:
+        changed = {k: v for k, v in config_changes(state.get("config"), config).items() if k.startswith("model.")}
+        hint = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} here" for k, (old, new) in changed.items())
+        raise CheckpointError(f"{exc}" + (f" (config differs: {hint})" if hint else "")) from None
+    return model.eval(), state
+
+
+def palette(dataset: str) -> list[int]:
+    """Flat RGB palette of 256 colours for a mask PNG: Cityscapes' train-id colours for Cityscapes, the VOC colour
+    map for VOC and every other dataset (distinct colours for all 256 ids)."""
+    from hafis.data.voc import voc_palette
+
+    flat = voc_palette()
+    if dataset == "cityscapes":
+        from hafis.data.cityscapes import TRAIN_ID_COLOURS
+
+        head = [c for rgb in TRAIN_ID_COLOURS for c in rgb]
+        flat = head + flat[len(head):]
+    return flat
+
+
+# ------------------------------------------------------------------------------------------------ the API
+class Predictor:
+    """A trained segmenter that takes images as they come: ``mask = predictor(image)``.
+
+    ``image``: a PIL image (EXIF orientation applied, any mode converted), an ``(H, W, 3)`` (or ``(H, W)`` grey)
+    uint8 array, or an RGB tensor ``(3, H, W)`` / ``(B, 3, H, W)``, uint8 0-255 or float 0-1, not normalised.
+    Returns the ``(H, W)`` class ids: a uint8 numpy array for PIL / numpy input, an int64 tensor (``(B, H, W)`` for
+    a batch) for tensor input.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, *, mode: str = "whole", window: Optional[int] = None,
+                 stride: Optional[int] = None, device: Union[str, torch.device] = "cpu",
+                 class_names: Optional[Sequence[str]] = None, palette: Optional[list[int]] = None) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.num_classes = num_classes
+        self.mode, self.window, self.stride = mode, window, stride
+        self.class_names = list(class_names) if class_names and len(class_names) == num_classes else [
+            f"class {i}" for i in range(num_classes)]
+        self.palette = palette
+
+    @classmethod
+    def from_run(cls, config: Union[str, Path, Config], checkpoint: Union[str, Path], *,
+                 network: Optional[str] = None, device: Optional[str] = None, mode: Optional[str] = None,
+                 window: Optional[int] = None, overrides: Sequence[str] = ()) -> "Predictor":
+        """The network of a run: its YAML config (path with ``key=value`` overrides, or a loaded
+        :class:`~hafis.config.Config`) and a checkpoint. ``mode`` / ``window`` override ``eval.mode`` /
+        ``eval.window``; ``device`` overrides ``train.device``."""
+        if not isinstance(config, Config):
+            config = load_config(config, list(overrides))
+        if mode is not None or window is not None:
+            config = dataclasses.replace(config, eval=dataclasses.replace(
+                config.eval, mode=config.eval.mode if mode is None else mode,
+                window=config.eval.window if window is None else window))
+        if config.eval.mode not in ("whole", "sliding"):
+            raise ConfigError(f"--mode must be whole or sliding, got {config.eval.mode!r}")
+        if config.eval.window is not None and config.eval.window < 1:
+            raise ConfigError(f"--window must be a positive number of pixels, got {config.eval.window}")
+        model, _ = load_trained_model(config, checkpoint, network)
+        from hafis.data import class_names
+
+        return cls(model, model.num_classes, **eval_settings(config),
+                   device=resolve_device(device or config.train.device), class_names=class_names(config.data),
+                   palette=palette(config.data.dataset))
+
+    @torch.no_grad()
+    def scores(self, images: Tensor) -> Tensor:
+        """``(B, C, H, W)`` class scores (logits, or mean probabilities when sliding) of uint8 ``(B, 3, H, W)``."""
+        return predict(self.model, normalize(images).to(self.device), self.mode, self.window, self.stride)
+
+    @torch.no_grad()
+    def predict_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(masks (B, H, W) int64, top-class probability (B, H, W))`` of uint8 ``(B, 3, H, W)`` on the CPU."""
+        scores = self.scores(images)
+        probs = scores.softmax(dim=1) if self.mode == "whole" else scores
+        return scores.argmax(dim=1).cpu(), probs.amax(dim=1).cpu()
+
+    def __call__(self, image: Any) -> Union[np.ndarray, Tensor]:
+        if torch.is_tensor(image):
+            batch = image if image.dim() == 4 else image[None]
+            if batch.dim() != 4 or batch.shape[1] != 3:
+                raise ValueError(f"expected an RGB tensor (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
+            if batch.is_floating_point():  # 0-1 floats, as torchvision's to_tensor gives
+                batch = (batch * 255).round().clamp(0, 255).to(torch.uint8)
+            masks = self.predict_batch(batch.cpu())[0]
+            return masks if image.dim() == 4 else masks[0]
+        array = photo_array(image) if isinstance(image, Image.Image) else np.asarray(image)
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=2)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) uint8 array, got {array.shape} {array.dtype}")
+        batch = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
+        return self.predict_batch(batch)[0][0].numpy().astype(np.uint8 if self.num_classes <= 256 else np.int32)
+
+
+# ----------------------------------------------------------------------------------------- hafis predict
+def collect_inputs(inputs: Sequence[Union[str, Path]], exclude: Optional[Path] = None,
+                   ) -> tuple[list[tuple[Path, PurePath]], list[dict]]:
+    """``([(image path, output name), ...], [skipped {input, error}, ...])`` from files, folders (recursive; every
+    file, so that one without an image extension is named; hidden ones and ``exclude``, the output folder, left
+    out) and ``.txt`` lists of paths (one a line, relative to the list's folder; ``#`` comments). Output names keep
+    a folder's sub-folders."""
+    found: list[tuple[Path, PurePath]] = []
+    skipped: list[dict] = []
+
+    def add_file(path: Path, name: PurePath) -> None:
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            found.append((path, name))
+        else:
+            skipped.append({"input": str(path), "error": f"not an image file (extension {path.suffix or 'none'!r})"})
+
+    for item in map(Path, inputs):
+        if item.is_dir():
+            skip = exclude.resolve() if exclude is not None else None
+            for path in sorted(p for p in item.rglob("*") if p.is_file()):
+                if skip is not None and skip in path.resolve().parents:
+                    continue
+                rel = path.relative_to(item)
+                if not any(part.startswith(".") for part in rel.parts):  # hidden files and folders
+                    add_file(path, rel)
+        elif item.suffix.lower() == ".txt" and item.is_file():
+            try:
+                lines = item.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                skipped.append({"input": str(item), "error": f"cannot read the list: {exc}"})
+                continue
+            for line in (s.strip() for s in lines):
+                if line and not line.startswith("#"):
+                    path = Path(line) if Path(line).is_absolute() else item.parent / line
+                    if path.is_file():
+                        add_file(path, PurePath(path.name))
+                    else:
+                        skipped.append({"input": str(path), "error": f"listed in {item} but not a file"})
+        elif item.is_file():
+            add_file(item, PurePath(item.name))
+        else:
+            skipped.append({"input": str(item), "error": "no such file or folder"})
+    return found, skipped
+
+
+def _unique_stems(names: Iterable[PurePath]) -> list[PurePath]:
+    """Output stems (``a/b`` for ``a/b.jpg``), made unique (case-insensitively) by ``-2``, ``-3``... in input
+    order."""
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        stem = base = name.with_suffix("")
+        k = 1
+        while str(stem).lower() in seen:
+            k += 1
+            stem = base.with_name(f"{base.name}-{k}")
+        seen.add(str(stem).lower())
+        out.append(stem)
+    return out
+
+
+def _png(array: np.ndarray, palette: Optional[list[int]] = None) -> bytes:
+    image = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))
+    if palette is not None:
+        image.putpalette(palette)  # an 8-bit grey image becomes a palette image of the same indices
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray, flat_palette: list[int], alpha: float = 0.5) -> bytes:
+    colours = np.asarray(flat_palette, np.float32).reshape(-1, 3)[mask]
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
+    buf = io.BytesIO()
+    Image.fromarray(blended.round().clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def predict_files(predictor: Predictor, inputs: Sequence[Union[str, Path]], out_dir: Union[str, Path], *,
+                  batch_size: int = 1, overlay: bool = False, scores: bool = False,
+                  progress: Optional[bool] = None, log=None) -> dict:
+    """Predict every image of ``inputs`` (see :func:`collect_inputs`) into ``out_dir``: ``<name>.png`` (class ids,
+    palette PNG), with ``overlay`` ``<name>_overlay.jpg``, with ``scores`` ``<name>_scores.png`` (top-class
+    probability x 255), and ``predictions.json`` (per image its size and class areas in pixels; the skipped files
+    with the reason). Images of one size run in batches of ``batch_size``; a file that cannot be read is skipped
+    with one line on ``log``. Returns the summary written to ``predictions.json``."""
+    from tqdm import tqdm
+
+    out_dir, log = Path(out_dir), sys.stderr if log is None else log
+    found, skipped = collect_inputs(inputs, exclude=out_dir)
+    for s in skipped:
+        print(f"skipped {s['input']}: {s['error']}", file=log)
+    stems = _unique_stems(name for _, name in found)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, (path, _) in enumerate(found):
+        try:
+            by_size.setdefault(photo_size(path), []).append(i)
+        except UNREADABLE as exc:
+            skipped.append({"input": str(path), "error": _reason(exc)})
+            print(f"skipped {path}: {_reason(exc)}", file=log)
+    records: dict[int, dict] = {}
+    flat_palette = predictor.palette or palette("")
+    with tqdm(total=sum(map(len, by_size.values())), unit="image", disable=None if progress is None else not progress,
+              file=log) as bar:
+        for indices in by_size.values():
+            for start in range(0, len(indices), max(1, batch_size)):
+                images, kept = [], []
+                for i in indices[start:start + max(1, batch_size)]:
+                    try:
+                        images.append(photo_array(found[i][0]))
+                        kept.append(i)
+                    except UNREADABLE as exc:
+                        skipped.append({"input": str(found[i][0]), "error": _reason(exc)})
+                        print(f"skipped {found[i][0]}: {_reason(exc)}", file=log)
+                    bar.update(1)
+                shapes = {image.shape for image in images}  # one, unless a header misstated the size
+                for shape in shapes:
+                    part = [(i, image) for i, image in zip(kept, images) if image.shape == shape]
+                    batch = torch.from_numpy(np.stack([image for _, image in part])).permute(0, 3, 1, 2)
+                    masks, top = predictor.predict_batch(batch)
+                    for (i, image), mask, prob in zip(part, masks.numpy(), top.numpy()):
+                        records[i] = _write_outputs(out_dir, stems[i], found[i][0], image, mask, prob, predictor,
+                                                    flat_palette, overlay, scores)
+    summary = {"classes": predictor.class_names, "images": [records[i] for i in sorted(records)],
+               "skipped": skipped}
+    if records:
+        atomic_write_bytes(out_dir / "predictions.json", (json.dumps(summary, indent=1) + "\n").encode())
+    return summary
+
+
+def _reason(exc: BaseException) -> str:
+    return f"not a readable image ({' '.join(str(exc).split()) or type(exc).__name__})"
+
+
+def _write_outputs(out_dir: Path, stem: PurePath, source: Path, image: np.ndarray, mask: np.ndarray,
+                   prob: np.ndarray, predictor: Predictor, flat_palette: list[int], overlay: bool,
+                   scores: bool) -> dict:
+    mask = mask.astype(np.uint8)
+    base = out_dir / stem
+    atomic_write_bytes(base.with_name(base.name + ".png"), _png(mask, flat_palette))
+    record = {"input": str(source), "mask": f"{stem.as_posix()}.png", "height": int(mask.shape[0]),
+              "width": int(mask.shape[1])}
+    if overlay:
+        atomic_write_bytes(base.with_name(base.name + "_overlay.jpg"), _overlay(image, mask, flat_palette))
+    if scores:
+        atomic_write_bytes(base.with_name(base.name + "_scores.png"), _png(np.round(prob * 255)))
+    areas = np.bincount(mask.ravel(), minlength=predictor.num_classes)
+    record["areas"] = {predictor.class_names[c]: int(areas[c]) for c in np.flatnonzero(areas)}
+    return record
