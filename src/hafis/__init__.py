@@ -6,3 +6,14 @@ frameworks it plugs into (:mod:`hafis.frameworks`) on one shared trainer (:mod:`
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["Predictor"]
+
+
+def __getattr__(name: str):
+    """``hafis.Predictor`` (a trained model on new images), imported when first used: ``import hafis`` stays light."""
+    if name == "Predictor":
+        from hafis.engine.inference import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'hafis' has no attribute {name!r}")
