@@ -101,10 +101,11 @@ def _dynamic_shapes(step: int) -> tuple[dict, ...]:
 
 def trace(graph: InferenceGraph) -> tuple["torch.export.ExportedProgram", int]:
     """``(program, step)``: ``graph`` exported for every side >= :data:`MIN_SIDE` (``step`` 1) or, for a network
-    that declares ``export_size_multiple`` (SegFormer: 32), for sides that are multiples of it from twice it."""
+    that declares ``export_size_multiple`` (SegFormer: 32) or ``input_multiple`` (DPT: 14), for sides that are
+    multiples of it from twice it."""
     from torch._dynamo.exc import UserError
 
-    step = int(getattr(graph.model, "export_size_multiple", 1))
+    step = int(getattr(graph.model, "export_size_multiple", getattr(graph.model, "input_multiple", 1)))
     side = check_sizes(step, MIN_SIDE)[0][1][0]
     example = torch.zeros((2, 3, side + 2 * step, side + step), dtype=torch.uint8)
     try:

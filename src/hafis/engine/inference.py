@@ -79,7 +79,8 @@ def load_trained_model(config: Config, checkpoint: Union[str, Path], network: Op
     state = load_checkpoint(Path(checkpoint))
     weights = select_weights(state, network, checkpoint)
     if num_classes is None:
-        classifier = weights.get("classifier.weight")
+        found = [v for k, v in weights.items() if k == "classifier.weight" or k.endswith(".classifier.weight")]
+        classifier = found[0] if len(found) == 1 else None
         if classifier is None:  # a segmenter without a ``classifier`` layer: the dataset says
             from hafis.data import build_sources
 
