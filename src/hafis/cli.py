@@ -88,7 +88,7 @@ def _eval(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     device = resolve_device(config.train.device)
     _, _, val = build_sources(config.data)
-    model, state = load_trained_model(config, args.checkpoint, num_classes=val.num_classes)
+    model, state, _ = load_trained_model(config, args.checkpoint, num_classes=val.num_classes)
     model.to(device)
     from hafis.engine.evaluation import build_eval_loader, eval_settings, evaluate, iou_table
 
@@ -126,7 +126,7 @@ def _export(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     require_packages(args.format)
-    model, _ = load_trained_model(config, args.checkpoint, args.network)
+    model, _, _ = load_trained_model(config, args.checkpoint, args.network)
     try:
         export_model(model, Path(args.out), args.format, config.data.crop_size, args.tolerance)
     except ExportError as exc:  # not the user's mistake, but one line all the same

@@ -69,8 +69,8 @@ def select_weights(state: dict, network: Optional[str], path: Union[str, Path]) 
 
 
 def load_trained_model(config: Config, checkpoint: Union[str, Path], network: Optional[str] = None,
-                       num_classes: Optional[int] = None) -> tuple[nn.Module, dict]:
-    """``(model in eval mode, checkpoint state)``: the config's segmenter with the checkpoint's weights.
+                       num_classes: Optional[int] = None) -> tuple[nn.Module, dict, int]:
+    """``(model in eval mode, checkpoint state, classes)``: the config's segmenter with the checkpoint's weights.
 
     ``num_classes`` defaults to the checkpoint classifier's output count, so no dataset needs to be at hand.
     ImageNet initialisation is skipped (every weight comes from the checkpoint, and nothing is downloaded).
@@ -79,14 +79,15 @@ def load_trained_model(config: Config, checkpoint: Union[str, Path], network: Op
     state = load_checkpoint(Path(checkpoint))
     weights = select_weights(state, network, checkpoint)
     if num_classes is None:
-        found = [v for k, v in weights.items() if k == "classifier.weight" or k.endswith(".classifier.weight")]
-        classifier = found[0] if len(found) == 1 else None
-        if classifier is None:  # a segmenter without a ``classifier`` layer: the dataset says
+        # the last convolution of the ``classifier`` (a layer, or the released decoder's sequence) gives one map a class
+        found = [v for k, v in weights.items() if "classifier" in k.split(".") and k.endswith(".weight")
+                 and torch.is_tensor(v) and v.dim() == 4]
+        if found:
+            num_classes = int(found[-1].shape[0])
+        else:  # a segmenter without a ``classifier``: the dataset says
             from hafis.data import build_sources
 
             num_classes = build_sources(config.data)[2].num_classes
-        else:
-            num_classes = int(classifier.shape[0])
     bare = dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=None,
                                                                  pretrained_path=None))
     torch.manual_seed(config.seed)
@@ -97,7 +98,7 @@ def load_trained_model(config: Config, checkpoint: Union[str, Path], network: Op
         changed = {k: v for k, v in config_changes(state.get("config"), config).items() if k.startswith("model.")}
         hint = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} here" for k, (old, new) in changed.items())
         raise CheckpointError(f"{exc}" + (f" (config differs: {hint})" if hint else "")) from None
-    return model.eval(), state
+    return model.eval(), state, num_classes
 
 
 def palette(dataset: str) -> list[int]:
@@ -152,10 +153,10 @@ class Predictor:
             raise ConfigError(f"--mode must be whole or sliding, got {config.eval.mode!r}")
         if config.eval.window is not None and config.eval.window < 1:
             raise ConfigError(f"--window must be a positive number of pixels, got {config.eval.window}")
-        model, _ = load_trained_model(config, checkpoint, network)
+        model, _, num_classes = load_trained_model(config, checkpoint, network)
         from hafis.data import class_names
 
-        return cls(model, model.num_classes, **eval_settings(config),
+        return cls(model, num_classes, **eval_settings(config),
                    device=resolve_device(device or config.train.device), class_names=class_names(config.data),
                    palette=palette(config.data.dataset))
 
