@@ -185,6 +185,7 @@ def test_supervised_and_unsupervised_terms_equal_the_released_step(kind, cutmix,
     grads = {n: (p.grad - q.grad).abs().max().item() for (n, p), q in zip(model.named_parameters(),
                                                                         reference.parameters()) if q.grad is not None}
     assert max(grads.values()) <= 1e-6, max(grads.items(), key=lambda kv: kv[1])
+    print(f"u2pl {kind} cutmix={cutmix} ohem={ohem}: |terms - released| {diffs}, |gradients| {max(grads.values()):.2e}")
     if kind == "released":  # the auxiliary head took part, the representation head not (contrastive weight 0)
         assert model.auxor.aux[0].weight.grad.abs().sum() > 0
 
@@ -201,3 +202,22 @@ def test_released_network_feeds_the_contrastive_term_from_its_own_representation
     # the released head sits on the decoder's 512-channel concatenation and trains with the segmenter
     assert model.decoder.representation[0].weight.shape[1] == 512
     assert model.decoder.representation[0].weight.grad is not None
+
+
+def test_contrastive_term_reads_every_image(stub_segmenter, stub_config, monkeypatch):
+    """hafis's side of the first difference: labelled image 1's class counts. The released one-hot helper fills
+    image 0 only, so with class 0 in image 0 and class 1 in image 1 it sees one class and returns 0."""
+    fw = U2PL(stub_config("train.framework=u2pl", "u2pl.num_anchors=2", "u2pl.num_negatives=2", "u2pl.low_rank=2",
+                          "u2pl.high_rank=2", "u2pl.rep_dim=4"), stub_segmenter(2), 2)
+    terms = []
+    term = u2pl_module.contrastive_term
+    monkeypatch.setattr(u2pl_module, "contrastive_term", lambda *a: terms.append(a[1]) or term(*a))
+    g = torch.Generator().manual_seed(0)
+    rep, rep_t = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    logits = torch.tensor([2.0, -2.0]).view(1, 2, 1, 1).expand(3, 2, 2, 2).clone()
+    logits[1] = -logits[1]  # confident class 1 on image 1, class 0 elsewhere: both rank the other class second
+    labels = torch.stack([torch.zeros(2, 2), torch.ones(2, 2)]).long()
+    off = torch.zeros(1, 2, 2, dtype=torch.bool)
+    loss = fw.contrastive_loss(rep, rep_t, logits, labels, torch.zeros(1, 2, 2, dtype=torch.long), off, off)
+    assert len(terms) == 2 and loss > 0  # both classes, each with the other image's pixels as negatives
+    assert torch.allclose(terms[1], rep_t[1].mean(dim=(1, 2)))  # class 1's prototype: image 1's teacher features
