@@ -333,8 +333,8 @@ head on the 512-channel concatenation) with the auxiliary head on layer3 where t
 (`model.aux_weight: 0.4`: U2PL Cityscapes, AEL). With the weighting off, one step's loss terms and gradients equal
 an independent transcription of each released step on the same weights, batch and draws
 (`tests/frameworks/test_{u2pl,ael,augseg}_released.py`), and U2PL / AEL state dicts under their released names load
-strictly (`hafis.models.released.released_state_dict`, `tests/models/test_released_network.py`). What still differs,
-on purpose:
+strictly (`hafis.models.released.released_state_dict`, `tests/models/test_released_network.py`): their checkpoint
+files evaluate with `hafis eval CONFIG --checkpoint FILE` (the teacher). What still differs, on purpose:
 
 | framework | item | hafis | release | to get the release |
 |---|---|---|---|---|

@@ -91,3 +91,35 @@ def test_stray_arguments_are_a_usage_error_before_anything_runs(tmp_path, capsys
     assert exit_.value.code == 2
     assert f"unrecognized arguments: {stray}" in capsys.readouterr().err.splitlines()[-1]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("release", ["u2pl", "ael"])
+def test_eval_of_a_released_u2pl_or_ael_checkpoint(tmp_path, capsys, tiny_config, release):
+    """The releases' files: ``{'model_state', 'teacher_state', ...}`` (U2PL) or ``{'model_state', ...}`` (AEL, whose
+    model_state is the teacher), DDP-prefixed, AEL's decoder as ``tail`` / ``final``."""
+    import torch
+
+    from hafis.config import load_config
+    from hafis.data import build_sources
+    from hafis.engine.build import build_model
+    from hafis.engine.checkpoint import load_checkpoint
+
+    overrides = ["model.decoder=released", "model.feature_dim=256", f"train.framework={release}",
+                 "model.aux_weight=0.4"]
+    config = load_config(tiny_config, overrides)
+    torch.manual_seed(3)
+    model = build_model(config, build_sources(config.data)[2].num_classes)
+    state = {}
+    for k, v in model.state_dict().items():
+        if release == "ael" and k.startswith("decoder.classifier."):
+            index, rest = k.removeprefix("decoder.classifier.").split(".", 1)
+            k = "decoder.final." + rest if index == "8" else f"decoder.tail.{index}.{rest}"
+        state["module." + k] = v
+    file = {"epoch": 80, "model_state": state, "optimizer_state": {}}
+    if release == "u2pl":  # the student under model_state, the evaluated teacher under teacher_state
+        file = {**file, "model_state": {k: torch.zeros_like(v) for k, v in state.items()}, "teacher_state": state}
+    torch.save(file, tmp_path / "ckpt.pth")
+    loaded = load_checkpoint(tmp_path / "ckpt.pth")["model"]  # the teacher, whichever entry holds it
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert main(["eval", str(tiny_config), *overrides, "--checkpoint", str(tmp_path / "ckpt.pth")]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["miou"] <= 1

@@ -57,6 +57,11 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
             f"refused: loading it could run code, and hafis checkpoints never need that") from None
     except Exception as exc:  # torch raises several types for truncated zip archives
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt): {exc}") from None
+    if isinstance(state, dict) and "model" not in state:
+        # a U2PL / AEL / AugSeg release's file: the teacher is the model they evaluate (AEL saves it as model_state)
+        released = state.get("teacher_state", state.get("model_state"))
+        if isinstance(released, dict):
+            state = {"model": released}
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"checkpoint {path} is not a hafis checkpoint (no 'model' entry)")
     return state

@@ -78,6 +78,10 @@ def load_trained_model(config: Config, checkpoint: Union[str, Path], network: Op
     """
     state = load_checkpoint(Path(checkpoint))
     weights = select_weights(state, network, checkpoint)
+    if config.model.decoder == "released":  # U2PL / AEL names (a hafis checkpoint's pass through unchanged)
+        from hafis.models.released import released_state_dict
+
+        weights = released_state_dict(weights)
     if num_classes is None:
         # the last convolution of the ``classifier`` (a layer, or the released decoder's sequence) gives one map a class
         found = [v for k, v in weights.items() if "classifier" in k.split(".") and k.endswith(".weight")

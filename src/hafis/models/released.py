@@ -16,7 +16,7 @@ Every resize is bilinear with ``align_corners=True`` and the stem's max-pool rou
 Module names are U2PL's (``encoder``, ``decoder.aspp.conv1`` .. ``conv5``, ``decoder.head``, ``decoder.low_conv``,
 ``decoder.classifier``, ``decoder.representation``, ``auxor.aux``), so a U2PL checkpoint's ``model_state`` /
 ``teacher_state`` loads strictly after :func:`released_state_dict` (which strips ``module.`` and maps AEL's
-``decoder.tail`` / ``decoder.final`` onto ``decoder.classifier``).
+``decoder.tail`` / ``decoder.final`` onto ``decoder.classifier``); ``hafis eval --checkpoint`` does both.
 """
 
 from __future__ import annotations
