@@ -234,8 +234,8 @@ def test_fuzz_every_key_ends_in_exit_0_or_2_and_writes_nothing_on_2(tmp_path, ca
     for i, key in enumerate(_keys(to_dict(Config()))):
         if key in ("output_dir", "name"):
             continue
-        for value in ["", "-1", "1000000000", *rng.sample(VALUES, 2)]:  # empty, out of range, huge, random
-            run_dir = tmp_path / f"run{i}"
+        for j, value in enumerate(["", "-1", "1000000000", *rng.sample(VALUES, 2)]):  # empty, out of range, huge,
+            run_dir = tmp_path / f"run{i}_{j}"  # random; a run that starts claims its folder
             code = train(f"{key}={value}", f"output_dir={run_dir}")
             captured = capsys.readouterr()
             assert code in (0, 2), (key, value, captured.err[-2000:])

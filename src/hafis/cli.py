@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from hafis.config import ConfigError, load_config
+from hafis.errors import UserError, one_line
 
 EXIT_USAGE = 2
 #: a ``key=value`` config override among a command's other positional arguments
@@ -25,22 +26,40 @@ _OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*=")
 EXIT_NONFINITE = 3
 
 
+#: set by ``hafis train --nproc N`` for its torchrun workers: the run folder its launcher has claimed
+_CLAIMED_ENV = "HAFIS_CLAIMED_RUN_DIR"
+
+
 def _train(args: argparse.Namespace) -> int:
+    from hafis.engine import run_folder
     from hafis.engine.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
+    resume = args.resume is not None
+    # one process owns the folder: the launcher of a one-machine torchrun, else global rank 0
+    owner = os.environ.get("RANK", "0") == "0" and \
+        os.environ.get(_CLAIMED_ENV) != str(config.run_dir.resolve())
+    if owner:  # before anything is built: a taken folder is refused at once
+        run_folder.check_free(config.run_dir, resume, args.overwrite)
     if (args.nproc > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ:
-        return _launch_torchrun(args)
+        if args.nnodes > 1:  # every node runs a launcher: the global rank 0 claims the folder
+            return _launch_torchrun(args)
+        with run_folder.claim(config.run_dir, resume, args.overwrite):
+            os.environ[_CLAIMED_ENV] = str(config.run_dir.resolve())
+            return _launch_torchrun(args)
     trainer = Trainer(config)
-    if args.resume is not None:
-        path = trainer.resume(Path(args.resume) if args.resume else None, tuple(args.allow_change))
-        print(f"resumed from {path} at iteration {trainer.iteration}" if path else "no checkpoint found; starting")
+    lock = run_folder.claim(config.run_dir, resume, args.overwrite) if owner else None
     try:
+        if resume:
+            path = trainer.resume(Path(args.resume) if args.resume else None, tuple(args.allow_change))
+            print(f"resumed from {path} at iteration {trainer.iteration}" if path else "no checkpoint found; starting")
         result = trainer.train()
     finally:
         from hafis.engine import distributed
 
         distributed.teardown()
+        if lock is not None:
+            lock.release()
     if result is not None and trainer.dist.is_main:
         print(json.dumps({"run_dir": str(config.run_dir), "iteration": trainer.iteration, "miou": result.miou,
                           "best_miou": trainer.best_miou}))
@@ -68,6 +87,8 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         command += ["--resume", args.resume] if args.resume else ["--resume"]
     for key in args.allow_change:
         command += ["--allow-change", key]
+    if args.overwrite:
+        command.append("--overwrite")
     try:
         torchrun(command)
     except RendezvousError as exc:
@@ -227,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
                    help="on --resume, accept a changed key (or section) that alters the experiment; recorded in "
                         "metrics.jsonl (repeatable)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the run already in the run folder (its checkpoints, metrics.jsonl, config.yaml, "
+                        "TensorBoard logs) instead of refusing to train into it")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the config's validation set")
@@ -334,8 +358,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from hafis.data.base import DataError
-    from hafis.engine.checkpoint import CheckpointError
     from hafis.engine.distributed import DistributedSetupError
     from hafis.engine.trainer import NonFiniteLossError
 
@@ -343,29 +365,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError, DistributedSetupError, MemoryError,
-            torch.OutOfMemoryError) as exc:
+    except (UserError, FileNotFoundError, DistributedSetupError, MemoryError, torch.OutOfMemoryError) as exc:
         if args.debug:
             raise
         what = "out of memory (a smaller batch, crop or model?): " if isinstance(
             exc, (MemoryError, torch.OutOfMemoryError)) else ""
-        print(f"hafis {args.command}: error: {what}{_one_line(exc)}", file=sys.stderr)
+        print(f"hafis {args.command}: error: {what}{one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLossError as exc:
         if args.debug:
             raise
-        print(f"hafis {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"hafis {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_NONFINITE
     except RuntimeError as exc:  # torch's CPU allocator reports an impossible allocation as a RuntimeError
         if args.debug or "can't allocate memory" not in str(exc):
             raise
-        print(f"hafis {args.command}: error: out of memory (a smaller batch, crop or model?): {_one_line(exc)}",
+        print(f"hafis {args.command}: error: out of memory (a smaller batch, crop or model?): {one_line(exc)}",
               file=sys.stderr)
         return EXIT_USAGE
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

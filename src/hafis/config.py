@@ -20,13 +20,77 @@ from typing import Any, Optional, Union
 import yaml
 
 from hafis.data.garments import GarmentsConfig
+from hafis.errors import UserError, short
 from hafis.data.synthetic import SyntheticConfig
 from hafis.fields import (bounded, choice, is_runtime, nonneg, positive, range_error, registry, relation_errors,
                           runtime, unit)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad configuration key or value; the message names the key and where it came from."""
+
+
+#: a config is a few KB; a file far larger is not one (and must not be read into memory whole)
+MAX_CONFIG_BYTES = 1 << 20
+#: nodes of a YAML document with its aliases expanded; a config has a few hundred, a "billion laughs" file billions
+MAX_YAML_NODES = 20000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (the last would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                break
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {short(key)} (first at line {first.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_nodes(node, memo: dict) -> int:
+    """Nodes of ``node`` with every alias expanded, counted once per distinct node (linear in the file)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive alias counts as one until its own count is known
+    if isinstance(node, yaml.SequenceNode):
+        count = 1 + sum(_expanded_nodes(n, memo) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        count = 1 + sum(_expanded_nodes(k, memo) + _expanded_nodes(v, memo) for k, v in node.value)
+    else:
+        count = 1
+    memo[id(node)] = count
+    return count
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)`` with duplicate keys and alias expansion past :data:`MAX_YAML_NODES` refused as a
+    :class:`ConfigError` naming ``source`` (aliases are resolved to shared objects, so a tiny file could otherwise
+    stand for billions of values that the first copy or message would expand)."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_nodes(node, {})
+        if size > MAX_YAML_NODES:
+            raise ConfigError(f"{source}: its aliases (*name) expand to {size:.3g} values, more than the "
+                              f"{MAX_YAML_NODES} a config may hold")
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
 
 
 @dataclass
@@ -400,15 +464,14 @@ def load_config(path: Union[str, Path, None] = None, overrides: typing.Sequence[
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, _, text = item.partition("=")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: cannot parse the value: {exc}") from None
+        value = parse_yaml(text, f"override {short(item)}") if text.strip() else None
         _set_dotted(raw, key.strip(), value)
     config = from_dict(Config, raw, source)
     problems = relation_errors(config, lambda key: get_key(config, key)) + _input_multiple_errors(config)
     if problems:
         raise ConfigError(f"{source}: {problems[0]}")
+    for key in ("output_dir", "detector.output_dir"):
+        _check_placeholders(get_key(config, key), key, source)
     return config
 
 
@@ -422,6 +485,17 @@ def _input_multiple_errors(config: Config) -> list[str]:
             if value is not None and value % multiple]
 
 
+def _check_placeholders(template: str, key: str, source: str) -> None:
+    """``{name}`` is the one placeholder of an output folder; another (``{nme}``) or a stray brace is an error now,
+    not when the folder is first made."""
+    try:
+        template.format(name="x")
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        what = f"unknown placeholder {{{exc.args[0]}}}" if isinstance(exc, (KeyError, IndexError)) else str(exc)
+        raise ConfigError(f"{source}: '{key}' = {short(template)}: {what}; the only placeholder is {{name}} "
+                          f"(write a literal brace as {{{{ or }}}})") from None
+
+
 def get_key(config: Any, key: str) -> Any:
     """The value of a dotted key such as ``model.feature_dim``."""
     for part in key.split("."):
@@ -431,18 +505,31 @@ def get_key(config: Any, key: str) -> Any:
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     if path.resolve() in seen:
         raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        with open(path, "rb") as fh:
+            blob = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    if len(blob) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KB; is it a config?")
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {blob[exc.start]:#04x} at offset "
+                          f"{exc.start})") from None
+    data = parse_yaml(text, f"config file {path}")
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"config file {path}: 'base' must be the path of another config file, got {short(base)}")
     merged = _read_yaml((path.parent / base), seen + (path.resolve(),))
     _deep_update(merged, data)
     return merged
@@ -469,7 +556,7 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 def from_dict(cls: type, raw: dict, source: str, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``raw``, checking every key and type; errors name ``prefix.key`` and ``source``."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {short(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = [k for k in raw if k not in fields]
@@ -493,7 +580,7 @@ def from_dict(cls: type, raw: dict, source: str, prefix: str = "") -> Any:
         value = _coerce(raw[name], typ, key, source)
         choices = f.metadata.get("choices")
         if choices and value not in choices:
-            raise ConfigError(f"{source}: '{key}' must be one of {list(choices)}, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be one of {list(choices)}, got {short(value)}")
         problem = range_error(f, value)
         if problem:
             raise ConfigError(f"{source}: '{key}' {problem}")
@@ -514,11 +601,11 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
         return _coerce(value, inner[0], key, source)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{source}: '{key}' must be a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be a list of {len(args)} values, got {short(value)}")
         return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be a list, got {short(value)}")
         return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
     if typ is float and isinstance(value, str):
         # YAML 1.1 reads 1e-4 (no dot) as a string; it is the usual way to write a learning rate
@@ -535,8 +622,13 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
     if ok is None:
         return value
     if not ok:
-        raise ConfigError(f"{source}: '{key}' must be {typ.__name__}, got {value!r} ({type(value).__name__})")
-    return float(value) if typ is float else value
+        raise ConfigError(f"{source}: '{key}' must be {typ.__name__}, got {short(value)} ({type(value).__name__})")
+    if typ is float:
+        try:
+            return float(value)
+        except OverflowError:  # an int of hundreds of digits
+            raise ConfigError(f"{source}: '{key}' = {short(value)} is too large for a float") from None
+    return value
 
 
 def to_dict(config: Any) -> dict:

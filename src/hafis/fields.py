@@ -3,8 +3,8 @@ whether it may change when a run is resumed.
 
 A field written ``k: int = positive(5, at_most="model.feature_dim")`` carries its constraint in the dataclass
 metadata, so the one validator in :mod:`hafis.config` checks every key the same way and a new key gets the check by
-wrapping its default. Kept free of other hafis imports so that any config dataclass (e.g. the synthetic scenes')
-can use it.
+wrapping its default. Imports no other hafis module but :mod:`hafis.errors` (for bounded quotes of values), so that
+any config dataclass (e.g. the synthetic scenes') can use it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import importlib
 import math
 from dataclasses import field
 from typing import Any, Callable, Optional
+
+from hafis.errors import short
 
 __all__ = ["choice", "registry", "RegistryNames", "bounded", "positive", "nonneg", "unit", "runtime", "range_error",
            "relation_errors", "is_runtime"]
@@ -116,14 +118,14 @@ def range_error(f: dataclasses.Field, value: Any) -> Optional[str]:
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     for v in items:
         if isinstance(v, float) and not math.isfinite(v):
-            return f"must be finite, in {_interval(*bounds)}, got {value!r}"
+            return f"must be finite, in {_interval(*bounds)}, got {short(value)}"
         low_ok = v > lo if lo_open else v >= lo
         high_ok = v < hi if hi_open else v <= hi
         if not (low_ok and high_ok):
             what = "each value must" if isinstance(value, (list, tuple)) else "must"
-            return f"{what} be in {_interval(*bounds)}, got {value!r}"
+            return f"{what} be in {_interval(*bounds)}, got {short(value)}"
     if f.metadata.get("ordered") and any(a > b for a, b in zip(items, items[1:])):
-        return f"must be in increasing order (low <= high), got {value!r}"
+        return f"must be in increasing order (low <= high), got {short(value)}"
     return None
 
 
@@ -142,5 +144,5 @@ def relation_errors(config: Any, lookup: Callable[[str], Any], prefix: str = "")
                 continue
             bound = lookup(other)
             if bound is not None and not ok(value, bound):
-                errors.append(f"'{key}' must be {relation.replace('_', ' ')} '{other}' ({bound!r}), got {value!r}")
+                errors.append(f"'{key}' must be {relation.replace('_', ' ')} '{other}' ({bound!r}), got {short(value)}")
     return errors

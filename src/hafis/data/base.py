@@ -12,10 +12,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from hafis.errors import UserError
+
 IGNORE_INDEX = 255
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A sample cannot be used: unreadable file, wrong size, or a label value outside the class range.
 
     The message names the file (or the sample id where the reader has no file) and the offending value.

@@ -33,7 +33,9 @@ from typing import Any, Optional
 import numpy as np
 
 from .base import IGNORE_INDEX, DataError
-from .io import Problem, atomic_write_bytes, check_image, hafis_cache_dir, read_label, save_label_png, stack_boxes
+from hafis.files import atomic_write, json_dumps
+
+from .io import Problem, check_image, hafis_cache_dir, read_label, save_label_png, stack_boxes
 from .layout import DatasetLayout
 
 #: bump when the rasterisation or the index format changes, so stale caches are never read
@@ -134,11 +136,14 @@ class COCO(DatasetLayout):
         path = self.json_path(split)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing (COCO instances annotations)")
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            with open(path, "rb") as f:
+                data = json.load(f)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise DataError(f"{path} is not valid JSON ({' '.join(str(exc).split())})") from None
         for key in ("images", "annotations", "categories"):
-            if key not in data:
-                raise ValueError(f"{path} has no {key!r} list; is it a COCO instances file?")
+            if not isinstance(data, dict) or not isinstance(data.get(key), list):
+                raise DataError(f"{path} has no {key!r} list; is it a COCO instances file?")
         return data
 
     def index(self, split: str) -> dict:
@@ -155,10 +160,15 @@ class COCO(DatasetLayout):
                 index = None
         if index is None:
             data = self._read_json(split)
-            index = self._build_index(data)
+            try:
+                index = self._build_index(data)
+            except (KeyError, TypeError, ValueError) as exc:
+                what = f"an entry lacks the key {exc}" if isinstance(exc, KeyError) else \
+                    f"a value cannot be read ({' '.join(str(exc).split())})"
+                raise DataError(f"{self.json_path(split)} is not a usable COCO instances file: {what}") from None
             self._store_annotations(split, data)
             try:
-                atomic_write_bytes(cache, json.dumps(index).encode())
+                atomic_write(cache, json_dumps(index))
             except OSError:
                 pass  # a read-only cache only costs the parse next time
         self._index[split] = index
@@ -248,8 +258,14 @@ class COCO(DatasetLayout):
         record = self.index(split)["images"].get(id)
         if record is None:
             raise FileNotFoundError(f"image id {id!r} is not in {self.json_path(split)}")
-        image_id, _, h, w = record
-        mask = rasterise(self.annotations(split).get(image_id, []), h, w, self.label_of(split))
+        image_id, file_name, h, w = record
+        try:
+            mask = rasterise(self.annotations(split).get(image_id, []), h, w, self.label_of(split))
+        except (KeyError, TypeError, ValueError) as exc:
+            what = f"category id {exc} is not in 'categories'" if isinstance(exc, KeyError) else " ".join(
+                str(exc).split())
+            raise DataError(f"{self.json_path(split)}: an annotation of image {file_name} cannot be rasterised: "
+                            f"{what} (`hafis prepare coco {self.root}` lists every problem)") from None
         save_label_png(self.cached_mask(id, part), mask)
         return mask
 

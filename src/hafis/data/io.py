@@ -5,16 +5,18 @@ Everything here is plain numpy + Pillow, so readers stay free of torch (see :mod
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from .base import IGNORE_INDEX
+from hafis.files import atomic_write
+
+from .base import IGNORE_INDEX, DataError
 
 PathLike = Union[str, os.PathLike]
 
@@ -30,11 +32,26 @@ def hafis_cache_dir(cache_dir: Optional[PathLike] = None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
-def read_image(path: PathLike) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB; grey, palette and RGBA images are converted.
+@contextlib.contextmanager
+def open_image(path: PathLike) -> Iterator[Image.Image]:
+    """``Image.open(path)`` whose failures, Pillow's decompression-bomb limit included, are a :class:`DataError`
+    naming the file (a worker process passes it on as one line)."""
+    try:
+        with Image.open(path) as im:
+            yield im
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image {path} is refused: {exc}") from None
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # Pillow raises all three for broken files
+        raise DataError(f"cannot read image {path} ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
 
-    Raises ``FileNotFoundError`` / ``OSError``."""
-    with Image.open(path) as im:
+
+def read_image(path: PathLike) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB; grey, palette and RGBA images are converted. Raises :class:`DataError`."""
+    with open_image(path) as im:
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
@@ -68,30 +85,30 @@ def read_label(path: PathLike) -> np.ndarray:
     Palette PNGs (VOC) give their *indices*, not their colours; 8-bit grey PNGs their values; 16-bit PNGs are
     accepted when every value fits in 0-255. A colour (RGB) mask is an error: its colours are not class ids.
     """
-    with Image.open(path) as im:
+    with open_image(path) as im:
         if im.mode in ("P", "L"):
             return np.asarray(im, dtype=np.uint8).copy()
         if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             arr = np.asarray(im)
             if arr.size and (arr.min() < 0 or arr.max() > 255):
-                raise ValueError(f"{path}: label values {int(arr.min())}..{int(arr.max())} do not fit in 0-255")
+                raise DataError(f"{path}: label values {int(arr.min())}..{int(arr.max())} do not fit in 0-255")
             return arr.astype(np.uint8)
         if im.mode == "1":
             return np.asarray(im, dtype=np.uint8).copy()
-        raise ValueError(
+        raise DataError(
             f"{path}: label image has mode {im.mode!r}; expected a single-channel PNG of class ids "
             "(8-bit grey 'L' or palette 'P'), not a colour rendering")
 
 
 def read_instance_ids(path: PathLike) -> np.ndarray:
     """A 16/32-bit instance-id PNG (Cityscapes ``*_instanceIds.png``, VOC ``SegmentationObject``) as int32."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         return np.asarray(im).astype(np.int32)
 
 
 def image_size(path: PathLike) -> tuple[int, int]:
     """``(H, W)`` from the file header (no decoding)."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         w, h = im.size
     return h, w
 
@@ -245,24 +262,11 @@ def check_label_values(path: str, mask: np.ndarray, num_classes: int, size: Opti
     return problems
 
 
-# ------------------------------------------------------------------------------------------------ atomic write
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder + rename, so concurrent readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
+# ------------------------------------------------------------------------------------------------------- write
 def save_label_png(path: Path, mask: np.ndarray) -> None:
     """Atomically write a ``(H, W)`` uint8 mask as an 8-bit grey PNG."""
     import io
 
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8)).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())

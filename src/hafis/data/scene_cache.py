@@ -7,14 +7,14 @@ is regenerated instead of failing or training on junk, and a read-only or full c
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
+
+from hafis.files import atomic_write
 
 from .base import Sample
 
@@ -72,16 +72,7 @@ def read_cache(path: Path, n: int, size: int, what: str) -> Optional[dict[str, n
 
 def write_cache(path: Path, arrays: dict[str, np.ndarray], what: str) -> None:
     """Write atomically, so readers never see a partial file; a failure only warns (the data stays in memory)."""
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
     except OSError as err:
-        warnings.warn(f"could not write {what} cache file {path} ({err}); continuing without cache")
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        warnings.warn(f"could not write {what} cache file ({err}); continuing without cache")

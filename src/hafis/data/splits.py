@@ -18,17 +18,20 @@ label value outside the class range is reported, all at once, with its path.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, Optional, Sequence, TextIO
 
 import numpy as np
 
+from hafis.errors import short
+from hafis.files import atomic_write, write_json
+
+from .base import DataError
 from .io import Problem
 from .layout import DatasetLayout
 
@@ -61,16 +64,29 @@ def make_layout(name: str, root, voc_setting: str = "classic", classes: Optional
 # ------------------------------------------------------------------------------------------------ split files
 def read_split(path, normalize: Callable[[str], str] = lambda t: t) -> list[str]:
     """Ids of a split file (first token of each non-blank, non-``#`` line, through ``normalize``), in file order,
-    duplicates dropped."""
+    duplicates dropped. An id must stay inside the dataset root (no absolute path, no ``..``); a line the dataset
+    cannot read as an id is a :class:`DataError` naming the file and the line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"split file {path} is not UTF-8 text (byte offset {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"split file {path} cannot be read: {exc.strerror or exc}") from None
     ids, seen = [], set()
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        id = normalize(line.split()[0])
+        try:
+            id = normalize(line.split()[0])
+        except ValueError as exc:
+            raise DataError(f"split file {path} line {number}: {exc}") from None
+        if PurePosixPath(id).is_absolute() or PureWindowsPath(id).is_absolute() or ".." in PurePosixPath(
+                id.replace("\\", "/")).parts:
+            raise DataError(f"split file {path} line {number}: id {short(id)} leaves the dataset root")
         if id not in seen:
             seen.add(id)
             ids.append(id)
@@ -78,9 +94,7 @@ def read_split(path, normalize: Callable[[str], str] = lambda t: t) -> list[str]
 
 
 def write_split(path, ids: Sequence[str]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{i}\n" for i in ids))
+    atomic_write(path, "".join(f"{i}\n" for i in ids))
 
 
 @dataclass(frozen=True)
@@ -225,7 +239,7 @@ def prepare(layout: DatasetLayout, labelled: Optional[str] = None, seed: int = 0
             "setting": layout.split_subdir() or None, "counts": {"labelled": len(chosen),
                                                                  "unlabelled": len(unlabelled), "val": len(val)},
             "labelled_pool": len(pool)}
-    (folder / "prepare.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json(folder / "prepare.json", info, indent=2)
     return [], folder
 
 

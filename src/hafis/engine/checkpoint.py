@@ -8,7 +8,6 @@ would build arbitrary objects (and so could run code) is refused, never loaded.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import warnings
@@ -17,8 +16,11 @@ from typing import Any, Optional
 
 import torch
 
+from hafis.errors import UserError
+from hafis.files import atomic_write
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file cannot be read (truncated, corrupt, or not a hafis checkpoint) or does not fit the model."""
 
 
@@ -27,18 +29,8 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 def save_atomic(state: Any, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``torch.save`` through :func:`hafis.files.atomic_write` (a full disk is a one-line ``WriteError``)."""
+    atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:

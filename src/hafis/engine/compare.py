@@ -38,6 +38,7 @@ from typing import Callable, Optional, Sequence
 import yaml
 
 from hafis.config import Config, ConfigError, config_changes, load_config, to_dict
+from hafis.files import atomic_write, write_json
 
 from .run_log import read_metrics
 
@@ -205,12 +206,6 @@ def _read_status(spec: RunSpec) -> dict:
         return json.loads(spec.status_path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------- the report (pure)
@@ -476,7 +471,7 @@ def plot_miou(runs: Sequence[RunData], arms: Sequence[str], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
     return True
 
 
@@ -513,7 +508,7 @@ def plot_diagnostics(runs: Sequence[RunData], arms: Sequence[str], path: Path) -
         if ax.lines:
             ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
     return True
 
 
@@ -568,9 +563,9 @@ class Comparison:
 
     def save_plan(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(self.out / PLAN_FILE, {
+        write_json(self.out / PLAN_FILE, {
             "config": str(self.config_path), "arms": [[a.name, a.overrides] for a in self.arms], "seeds": self.seeds,
-            "common": self.common, "baseline": self.baseline, "command": self.command})
+            "common": self.common, "baseline": self.baseline, "command": self.command}, indent=1)
 
     # ----------------------------------------------------------------------------------------- outputs
     def collect(self) -> list[RunData]:
@@ -585,12 +580,12 @@ class Comparison:
             results = {"command": self.command, "machine": self.machine, "runs": result_rows(runs),
                        "summary": summary}
             self.out.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(self.out / "results.json", results)
+            write_json(self.out / "results.json", results, indent=1)
             header = {"config": str(self.config_path), "command": self.command, "machine": self.machine,
                       "seeds": self.seeds}
             plot_miou(runs, arms, self.out / "miou.png")
             plot_diagnostics(runs, arms, self.out / "diagnostics.png")
-            (self.out / "report.md").write_text(report_markdown(summary, runs, header, arms))
+            atomic_write(self.out / "report.md", report_markdown(summary, runs, header, arms))
             return results
 
     # ------------------------------------------------------------------------------------------ running
@@ -663,8 +658,8 @@ class Comparison:
         if rc != 0 or not finished:
             problem = f"failed (exit {rc}); log: {spec.log_path}"
             self.problems[key] = problem
-        _write_json_atomic(spec.status_path, {"wall_s": wall, "returncode": rc, "problem": problem,
-                                              "log": str(spec.log_path)})
+        write_json(spec.status_path, {"wall_s": wall, "returncode": rc, "problem": problem,
+                                              "log": str(spec.log_path)}, indent=1)
         self.log(f"[compare] {spec.label}: " + (problem or f"finished in {wall:.0f} s"))
         self.write_outputs()
 

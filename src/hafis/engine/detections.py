@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from hafis.errors import UserError
+from hafis.files import atomic_write, json_dumps
 from hafis.weighting.reliable import box_mask_from_detections
 
 __all__ = [
@@ -57,7 +58,7 @@ class DetectionCacheError(RuntimeError):
     """A detection cache file that exists but must not be used; the message says why."""
 
 
-class DetectionsMissingError(FileNotFoundError):
+class DetectionsMissingError(UserError, FileNotFoundError):
     """Training needs detections that are not there (or are stale); the message says which command makes them."""
 
 
@@ -144,17 +145,7 @@ def _check_arrays(arrays: dict, n: Optional[int] = None) -> None:
 
 def _write_npz_atomic(path: Path, arrays: dict, meta: dict) -> None:
     """Temp file in the same folder, fsync, rename: a reader never sees a half-written file under ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, meta=np.asarray(json.dumps(meta, sort_keys=True)), **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda fh: np.savez(fh, meta=np.asarray(json_dumps(meta, sort_keys=True)), **arrays))
 
 
 def _read_npz(path: Path) -> tuple[dict, dict]:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from hafis.config import Config, ConfigError, config_changes, to_dict
 from hafis.data import build_sources
 from hafis.data.base import DataError
+from hafis.files import atomic_write
 from hafis.data.ssl import MIX_STREAM, InfiniteSampler, LabelledDataset, UnlabelledDataset
 from hafis.frameworks import Framework, build_framework
 from hafis.models.fast_conv import use_fast_convs
@@ -104,6 +105,8 @@ class Trainer:
         self.run_dir = config.run_dir
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", config.train.keep_checkpoints)
         self.iteration = 0
+        #: set by :meth:`resume`, found a checkpoint or not: the folder's records past ``iteration`` are dropped
+        self.resumed = False
         #: keys changed on resume with --allow-change, old -> new; logged once training starts
         self.resume_changes: dict = {}
         self.best_miou = float("-inf")
@@ -206,6 +209,7 @@ class Trainer:
 
         A checkpoint of another experiment (a changed key that is not declared ``runtime``) is refused with every
         changed key listed, unless each is named in ``allow_change`` (a key or a whole section)."""
+        self.resumed = True
         if path is not None:
             state = load_checkpoint(Path(path))
         else:
@@ -229,8 +233,8 @@ class Trainer:
         main = self.dist.is_main  # only rank 0 writes logs and checkpoints
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(c), sort_keys=False))
-            if self.iteration > 0:  # resumed: records past the checkpoint will be written again by replayed steps
+            atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(c), sort_keys=False))
+            if self.resumed:  # records past the checkpoint (all, without one) are written again by replayed steps
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
         log = RunLog(self.run_dir, tensorboard=c.train.tensorboard, enabled=main)
         if self.resume_changes:
