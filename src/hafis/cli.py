@@ -153,7 +153,7 @@ def _export(args: argparse.Namespace) -> int:
     except ExportError as exc:  # not the user's mistake, but one line all the same
         if args.debug:
             raise
-        print(f"hafis export: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"hafis export: error: {one_line(exc)}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}")
     return 0

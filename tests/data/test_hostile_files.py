@@ -1,5 +1,5 @@
 """Broken or hostile dataset files met by `hafis train`: one line naming the file and what is wrong, exit 2 (also
-from a data-loader worker process)."""
+from a data-loader worker process); a resumed run checks its split files' content like its config."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from hafis.cli import main
+from hafis.engine.run_log import read_metrics
 
 TINY_CONFIG = Path(__file__).parents[2] / "configs" / "tiny" / "unimatch.yaml"
 TINY = ["data.crop_size=32", "data.scale_range=[0.75,1.25]", "model.backbone=resnet_tiny", "model.pretrained=null",
@@ -92,3 +93,24 @@ def test_a_broken_coco_json_is_one_line(coco_tree, tmp_path, capsys, case, messa
     path.write_text(text if case == "malformed" else json.dumps(data))
     assert train("coco", coco_tree, tmp_path, f"data.cache_dir={tmp_path / 'cache'}") == 2
     assert error_line(capsys) == message.format(json=path, root=coco_tree)
+
+
+def test_a_changed_split_file_is_refused_on_resume_unless_allowed(folder_tree, tmp_path, capsys):
+    root = folder_tree
+    (root / "labelled.txt").write_text("train/a\ntrain/b\n")
+    run_dir = tmp_path / "run"
+    args = ["train", str(TINY_CONFIG), "data.dataset=folder", f"data.root={root}", "data.labelled_split=labelled.txt",
+            "data.crop_size=16", f"output_dir={run_dir}", "train.tensorboard=false"]
+    assert main(args) == 0
+    (root / "labelled.txt").write_text("train/a\ntrain/sub/c\n")
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    assert main([*args, "train.iterations=4", "--resume", "--allow-change", "train.iterations"]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"cannot resume from {run_dir / 'checkpoints' / 'ckpt_00000003.pt'}: the config changed "
+                           f"the experiment (data.labelled_split: 'file content ")
+    assert line.endswith("'); start a new run (another name or output_dir), or accept with --allow-change KEY")
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+    assert main([*args, "train.iterations=4", "--resume", "--allow-change", "train.iterations", "--allow-change",
+                 "data.labelled_split"]) == 0
+    change = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "resume_with_changes"]
+    assert sorted(change[0]["changed"]) == ["data.labelled_split", "train.iterations"]

@@ -18,6 +18,7 @@ label value outside the class range is reported, all at once, with its path.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import sys
@@ -149,6 +150,24 @@ def resolve_split_path(path, root) -> Path:
     """A split path from the config: absolute, or relative to ``data.root``."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else Path(root).expanduser() / p
+
+
+#: the config keys of a run's split files (in ``data``)
+SPLIT_KEYS = ("labelled_split", "unlabelled_split", "val_split")
+
+
+def split_digests(data_config) -> dict[str, str]:
+    """SHA-256 of each split file a real-dataset config names, as ``{'data.labelled_split': hex, ...}``: the images a
+    run trains on are part of its experiment, so a resumed run compares them like the config."""
+    if data_config.dataset not in DATASETS or data_config.root is None:
+        return {}
+    digests = {}
+    for key in SPLIT_KEYS:
+        name = getattr(data_config, key)
+        path = resolve_split_path(name, data_config.root) if name else None
+        if path is not None and path.is_file():
+            digests[f"data.{key}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
 
 
 def split_ids(layout: DatasetLayout, labelled_split=None, unlabelled_split=None,
@@ -294,5 +313,6 @@ def prepare_command(args, out: Optional[TextIO] = None, err: Optional[TextIO] = 
     return 0
 
 
-__all__ = ["DATASETS", "LabelledCount", "choose_labelled", "default_out", "make_layout", "prepare", "read_split",
-           "resolve_split_path", "split_ids", "validate", "write_split", "add_prepare_arguments", "prepare_command"]
+__all__ = ["DATASETS", "SPLIT_KEYS", "LabelledCount", "choose_labelled", "default_out", "make_layout", "prepare",
+           "read_split", "resolve_split_path", "split_digests", "split_ids", "validate", "write_split",
+           "add_prepare_arguments", "prepare_command"]

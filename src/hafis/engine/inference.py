@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import sys
 from pathlib import Path, PurePath
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -25,8 +24,10 @@ from PIL import Image
 from torch import Tensor, nn
 
 from hafis.config import Config, ConfigError, config_changes, load_config
-from hafis.data.io import IMAGE_EXTENSIONS, atomic_write_bytes, photo_array, photo_size
+from hafis.data.io import IMAGE_EXTENSIONS, photo_array, photo_size
 from hafis.data.transforms import normalize
+from hafis.errors import short
+from hafis.files import atomic_write, write_json
 
 from .build import build_model, resolve_device
 from .checkpoint import CheckpointError, load_checkpoint, load_module_state
@@ -100,7 +101,7 @@ def load_trained_model(config: Config, checkpoint: Union[str, Path], network: Op
         load_module_state(model, weights, f"checkpoint {checkpoint}")
     except CheckpointError as exc:
         changed = {k: v for k, v in config_changes(state.get("config"), config).items() if k.startswith("model.")}
-        hint = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} here" for k, (old, new) in changed.items())
+        hint = "; ".join(f"{k}: {short(old)} in the checkpoint, {short(new)} here" for k, (old, new) in changed.items())
         raise CheckpointError(f"{exc}" + (f" (config differs: {hint})" if hint else "")) from None
     return model.eval(), state, num_classes
 
@@ -320,7 +321,7 @@ def predict_files(predictor: Predictor, inputs: Sequence[Union[str, Path]], out_
     summary = {"classes": predictor.class_names, "images": [records[i] for i in sorted(records)],
                "skipped": skipped}
     if records:
-        atomic_write_bytes(out_dir / "predictions.json", (json.dumps(summary, indent=1) + "\n").encode())
+        write_json(out_dir / "predictions.json", summary, indent=1)
     return summary
 
 
@@ -333,13 +334,13 @@ def _write_outputs(out_dir: Path, stem: PurePath, source: Path, image: np.ndarra
                    scores: bool) -> dict:
     mask = mask.astype(np.uint8)
     base = out_dir / stem
-    atomic_write_bytes(base.with_name(base.name + ".png"), _png(mask, flat_palette))
+    atomic_write(base.with_name(base.name + ".png"), _png(mask, flat_palette))
     record = {"input": str(source), "mask": f"{stem.as_posix()}.png", "height": int(mask.shape[0]),
               "width": int(mask.shape[1])}
     if overlay:
-        atomic_write_bytes(base.with_name(base.name + "_overlay.jpg"), _overlay(image, mask, flat_palette))
+        atomic_write(base.with_name(base.name + "_overlay.jpg"), _overlay(image, mask, flat_palette))
     if scores:
-        atomic_write_bytes(base.with_name(base.name + "_scores.png"), _png(np.round(prob * 255)))
+        atomic_write(base.with_name(base.name + "_scores.png"), _png(np.round(prob * 255)))
     areas = np.bincount(mask.ravel(), minlength=predictor.num_classes)
     record["areas"] = {predictor.class_names[c]: int(areas[c]) for c in np.flatnonzero(areas)}
     return record

@@ -21,6 +21,8 @@ from tqdm import tqdm
 from hafis.config import Config, ConfigError, config_changes, to_dict
 from hafis.data import build_sources
 from hafis.data.base import DataError
+from hafis.data.splits import split_digests
+from hafis.errors import short
 from hafis.files import atomic_write
 from hafis.data.ssl import MIX_STREAM, InfiniteSampler, LabelledDataset, UnlabelledDataset
 from hafis.frameworks import Framework, build_framework
@@ -28,7 +30,8 @@ from hafis.models.fast_conv import use_fast_convs
 
 from . import distributed
 from .build import build_model, resolve_device
-from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_module_state
+from .checkpoint import (CheckpointError, CheckpointManager, load_checkpoint, load_module_state,
+                         require_training_state)
 from .detect import box_mask_provider, detected_classes
 from .evaluation import EvalResult, build_eval_loader, eval_settings, evaluate
 from .optim import build_optimizer
@@ -47,6 +50,10 @@ def _with_mix(batches: Iterator[dict], mix: Iterator[dict]) -> Iterator[dict]:
 def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -> float:
     """The published schedule ``lr · (1 - it / max_it) ^ power``."""
     return base_lr * (1.0 - iteration / max_iterations) ** power
+
+
+def _content(digest: Optional[str]) -> str:
+    return f"file content {digest[:12]}" if isinstance(digest, str) else "<absent>"
 
 
 def _allowed(key: str, allow_change: tuple) -> bool:
@@ -70,6 +77,8 @@ class Trainer:
         self.unlabelled_batch_size = self._per_rank(config.train.unlabelled_batch_size, "train.unlabelled_batch_size")
         torch.manual_seed(config.seed)
         self.labelled_source, self.unlabelled_source, self.val_source = build_sources(config.data)
+        #: the split files' content hashes, checked on resume like the config
+        self.split_digests = split_digests(config.data)
         self.num_classes = self.labelled_source.num_classes
         self.class_names = list(self.labelled_source.class_names)
         self.model = build_model(config, self.num_classes)
@@ -179,30 +188,32 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "config": to_dict(self.config),
+            "split_digests": self.split_digests,
             # every rank's bank generator (ranks draw from their own seeds); filled in at checkpoints under torchrun
             "bank_generators": None,
         }
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        require_training_state(state, source.removeprefix("checkpoint "))
         load_module_state(self.model, state["student"], source)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.framework.load_state_dict(state["framework"])
-        except (KeyError, RuntimeError, ValueError) as exc:
+            generators, weighter = state.get("bank_generators"), self.framework.weighting.weighter
+            if generators and weighter is not None:  # this rank's own draws (a rank the run lacked starts afresh)
+                weighter.bank.set_extra_state(generators[self.dist.rank] if self.dist.rank < len(generators) else {})
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{source}: the optimiser or framework state does not fit this run: {first}") \
                 from None
-        generators, weighter = state.get("bank_generators"), self.framework.weighting.weighter
-        if generators and weighter is not None:  # this rank's own draws (a rank the run did not have starts afresh)
-            weighter.bank.set_extra_state(generators[self.dist.rank] if self.dist.rank < len(generators) else {})
         self.iteration = state["iteration"]
         self.best_miou = state["best_miou"]
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def resume(self, path: Optional[Path] = None, allow_change: tuple = ()) -> Optional[Path]:
         """Continue from ``path`` or from the newest readable checkpoint of the run; ``None`` if there is none.
@@ -218,9 +229,14 @@ class Trainer:
                 return None
             path, state = found
         changes = config_changes(state.get("config"), self.config)
+        old_digests = state.get("split_digests")
+        if isinstance(old_digests, dict):  # a checkpoint from before split hashes has none to compare
+            for key in sorted(set(old_digests) | set(self.split_digests)):
+                if key not in changes and old_digests.get(key) != self.split_digests.get(key):
+                    changes[key] = (_content(old_digests.get(key)), _content(self.split_digests.get(key)))
         refused = {k: v for k, v in changes.items() if not _allowed(k, allow_change)}
         if refused:
-            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+            listed = "; ".join(f"{k}: {short(old)} -> {short(new)}" for k, (old, new) in refused.items())
             raise ConfigError(f"cannot resume from {path}: the config changed the experiment ({listed}); start a "
                               f"new run (another name or output_dir), or accept with --allow-change KEY")
         self.resume_changes = changes

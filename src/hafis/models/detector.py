@@ -131,7 +131,9 @@ def build_detector(arch: str, num_thing_classes: int, *, min_size: int = 512, ma
 
 
 def _load_resnet_weights(body: nn.Module, path: str) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from hafis.models.backbones import read_weights
+
+    state = read_weights(path)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}

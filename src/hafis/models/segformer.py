@@ -80,9 +80,10 @@ def build_encoder(name: str, pretrained: Optional[str] = None, pretrained_path=N
         try:
             model = timm.create_model(timm_name, pretrained=True, **kwargs)
         except Exception as e:  # network, hub, cache or file errors all mean the same to the user
-            raise RuntimeError(
+            raise ValueError(
                 f"could not fetch ImageNet weights for encoder {name!r} (timm {timm_name!r}): {type(e).__name__}: "
-                f"{e}\nSupply a local file instead with model.pretrained_path=/path/to/file.pth") from e
+                f"{' '.join(str(e).split())[:200]}; supply a local file instead with "
+                "model.pretrained_path=/path/to/file.pth") from None
     else:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
     encoder = Encoder(model)
@@ -95,10 +96,10 @@ def load_encoder_weights(encoder: Encoder, path) -> None:
     """Load a timm PVTv2 or an original PVTv2 / SegFormer MiT checkpoint, strictly; ValueError names file and keys."""
     from timm.models.pvt_v2 import checkpoint_filter_fn
 
-    from hafis.models.backbones import _clean_state_dict, check_keys
+    from hafis.models.backbones import _clean_state_dict, check_keys, read_weights
 
     path = os.fspath(path)
-    state = _clean_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    state = _clean_state_dict(read_weights(path), path)
     for prefix in ("encoder.", "model."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
