@@ -165,7 +165,8 @@ def test_detect_then_train_end_to_end(tmp_path, capsys, tiny_config):
     assert main(["detect", str(tiny_config), *overrides]) == 0
     assert "reusing the trained detector" in capsys.readouterr().out and file_digest(checkpoint) == old_hash
     changed = [*overrides, "detector.iterations=4"]
-    assert main(["train", str(tiny_config), *changed]) == 2  # the detector on disk no longer matches the config
+    # the detector on disk no longer matches the config (--overwrite: the finished run's folder is not the point)
+    assert main(["train", str(tiny_config), *changed, "--overwrite"]) == 2
     assert "another recipe" in capsys.readouterr().err
     assert main(["detect", str(tiny_config), *changed]) == 0
     printed = capsys.readouterr().out
