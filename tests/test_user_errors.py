@@ -127,3 +127,14 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["train", str(TINY), f"output_dir={tmp_path / 'run'}"])
+
+
+def test_ctrl_c_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    from hafis.engine.trainer import Trainer
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    assert main(["train", str(TINY), f"output_dir={tmp_path / 'run'}"]) == 130
+    assert capsys.readouterr().err == "hafis train: interrupted; continue with --resume (from the last checkpoint)\n"

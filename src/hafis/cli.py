@@ -9,7 +9,6 @@ exit with status 2; nothing is written before the config is valid. ``--debug`` s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -18,12 +17,15 @@ from typing import Optional, Sequence
 
 from hafis.config import ConfigError, load_config
 from hafis.errors import UserError, one_line
+from hafis.files import json_dumps
 
 EXIT_USAGE = 2
 #: a ``key=value`` config override among a command's other positional arguments
 _OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*=")
 #: training stopped on a NaN / inf loss (the last checkpoint is intact)
 EXIT_NONFINITE = 3
+#: Ctrl-C (128 + SIGINT, as a shell reports it)
+EXIT_INTERRUPTED = 130
 
 
 #: set by ``hafis train --nproc N`` for its torchrun workers: the run folder its launcher has claimed
@@ -61,7 +63,7 @@ def _train(args: argparse.Namespace) -> int:
         if lock is not None:
             lock.release()
     if result is not None and trainer.dist.is_main:
-        print(json.dumps({"run_dir": str(config.run_dir), "iteration": trainer.iteration, "miou": result.miou,
+        print(json_dumps({"run_dir": str(config.run_dir), "iteration": trainer.iteration, "miou": result.miou,
                           "best_miou": trainer.best_miou}))
     return 0
 
@@ -119,7 +121,7 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"checkpoint {args.checkpoint} (iteration {state.get('iteration')}), {settings['mode']} evaluation on "
           f"{len(val)} images: mIoU {100 * result.miou:.2f}")
     print(iou_table(result.iou, val.class_names, result.miou))
-    print(json.dumps({"iteration": state.get("iteration"), **result.record()}))
+    print(json_dumps({"iteration": state.get("iteration"), **result.record()}))
     return 0
 
 
@@ -164,7 +166,7 @@ def _detect(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     detections, cache = run_detect(config, retrain=args.retrain)
-    print(json.dumps({"cache": str(cache.path), **detections.summary(config.weighting.tau_det)}))
+    print(json_dumps({"cache": str(cache.path), **detections.summary(config.weighting.tau_det)}))
     return 0
 
 
@@ -377,6 +379,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"hafis {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_NONFINITE
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        hint = "; continue with --resume (from the last checkpoint)" if args.command == "train" else ""
+        print(f"hafis {args.command}: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except RuntimeError as exc:  # torch's CPU allocator reports an impossible allocation as a RuntimeError
         if args.debug or "can't allocate memory" not in str(exc):
             raise

@@ -114,3 +114,9 @@ def test_a_changed_split_file_is_refused_on_resume_unless_allowed(folder_tree, t
                  "data.labelled_split"]) == 0
     change = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "resume_with_changes"]
     assert sorted(change[0]["changed"]) == ["data.labelled_split", "train.iterations"]
+
+
+def test_a_class_list_that_is_not_text(folder_tree, tmp_path, capsys):
+    (folder_tree / "classes.txt").write_bytes(b"background\n\xff\xfeleaf\n")
+    assert train("folder", folder_tree, tmp_path) == 2
+    assert error_line(capsys) == f"class list {folder_tree / 'classes.txt'} is not UTF-8 text (byte offset 11)"

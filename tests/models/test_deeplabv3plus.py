@@ -123,7 +123,11 @@ def test_pretrained_path_key_mismatch_names_file_and_key(tmp_path):
     assert str(path) in msg and "layer2.0.conv1.weight" in msg and "extra.weight" in msg
 
 
-def test_pretrained_imagenet_offline_raises_runtime_error(monkeypatch):
+def test_pretrained_imagenet_offline_is_a_value_error_naming_the_way_out(monkeypatch):
+    import socket
+
+    from hafis.models import backbones
+
     real = timm.create_model
 
     def offline(*args, pretrained=False, **kw):
@@ -132,8 +136,24 @@ def test_pretrained_imagenet_offline_raises_runtime_error(monkeypatch):
         return real(*args, pretrained=pretrained, **kw)
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(RuntimeError, match="pretrained_path"):
+    monkeypatch.setattr(backbones, "check_fetchable", lambda *a: None)
+    with pytest.raises(ValueError, match="OSError: no network; supply a local file instead with model.pretrained_path"):
         build_backbone("resnet18", pretrained="imagenet")
+    monkeypatch.undo()
+
+    def unreachable(*args, **kwargs):  # no network: refused at once, before timm's minute of retries
+        raise OSError(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(timm, "create_model", offline)
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: None)  # nothing cached
+    with pytest.raises(ValueError) as err:
+        build_backbone("resnet18", pretrained="imagenet")
+    assert str(err.value) == ("could not fetch ImageNet weights for backbone 'resnet18' (timm 'resnet18.tv_in1k'): "
+                              "not in the Hugging Face cache and huggingface.co is unreachable (Name or service not "
+                              "known); supply a local file with model.pretrained_path=/path/to/file.pth")
 
 
 def test_unknown_names_list_valid_ones():

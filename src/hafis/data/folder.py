@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from .base import IGNORE_INDEX
+from .base import IGNORE_INDEX, DataError
 from .io import IMAGE_EXTENSIONS, Problem, boxes_from_connected_components, find_image
 from .layout import DatasetLayout
 
@@ -36,8 +36,11 @@ BACKGROUND_NAMES = ("background", "_background_", "bg")
 def read_class_list(path: Path) -> tuple[str, ...]:
     if not path.is_file():
         raise FileNotFoundError(f"class list {path} is missing (one class name a line, line i = class id i)")
-    names = tuple(line.strip() for line in path.read_text().splitlines()
-                  if line.strip() and not line.strip().startswith("#"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"class list {path} is not UTF-8 text (byte offset {exc.start})") from None
+    names = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#"))
     if len(names) < 2:
         raise ValueError(f"class list {path} names {len(names)} class(es); a segmentation task needs at least 2")
     if len(names) > IGNORE_INDEX:

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from hafis.config import Config
 from hafis.data import build_sources
 from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from hafis.files import atomic_write
 from hafis.engine.detect import run_detect
 from hafis.engine.detections import box_quality
 from hafis.engine.diagnostics import load_images
@@ -133,5 +134,5 @@ def plot_detections(trainer, path: Path, count: int = 4) -> Optional[Path]:
     handles = [patches.Patch(color=palette[c], label=name) for c, name in enumerate(trainer.class_names)]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     return Path(path)

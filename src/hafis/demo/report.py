@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 
 from matplotlib.figure import Figure
 
+from hafis.files import atomic_write
+
 from .detector import DETECTOR_RUN, DetectorInfo
 
 #: unlabelled images whose pseudo-labels are checked against their hidden ground truth at every evaluation
@@ -79,7 +81,7 @@ def write_report(path: Path, records: list[RunRecord], class_names: list[str], q
               "share and mean W of right / wrong pixels over training), `pseudo_labels.png` (image, hidden ground "
               "truth, pseudo-label, reliable mask, weight map of unlabelled images, from the first weighting run).", ""]
     text = "\n".join(lines)
-    path.write_text(text)
+    atomic_write(path, text)
     return text
 
 
@@ -139,7 +141,7 @@ def plot_curves(records: list[RunRecord], miou_path: Path, quality_path: Path) -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(miou_path, dpi=120)
+    atomic_write(miou_path, lambda fh: fig.savefig(fh, format="png", dpi=120))
 
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2)
@@ -157,4 +159,4 @@ def plot_curves(records: list[RunRecord], miou_path: Path, quality_path: Path) -
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(quality_path, dpi=120)
+    atomic_write(quality_path, lambda fh: fig.savefig(fh, format="png", dpi=120))

@@ -17,6 +17,7 @@ from hafis.config import load_config
 from hafis.engine.diagnostics import load_images, pseudo_label_quality
 from hafis.engine.trainer import Trainer
 from hafis.engine.visualize import inspect, save_grid
+from hafis.files import atomic_write
 
 from .detector import DETECTOR_RUN, needs_detector, plot_detections, prepare_detector, probe_box_masks
 from .report import NUM_PROBE_IMAGES, RunRecord, detector_report_lines, plot_curves, write_report
@@ -124,7 +125,7 @@ def run_demo(out: Path, quick: bool = False, overrides: Sequence[str] = (), log=
                           frameworks)
     if detector_info is not None:
         report += "\n".join(detector_report_lines(detector_info, records))
-        (out / "report.md").write_text(report)
+        atomic_write(out / "report.md", report)
     log(report)
     return records
 

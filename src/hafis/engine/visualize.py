@@ -16,6 +16,7 @@ import torch
 from matplotlib.figure import Figure
 
 from hafis.data.base import DataError, SegmentationSource, load_checked
+from hafis.files import atomic_write
 from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_tensor_image
 
 
@@ -82,7 +83,7 @@ def save_grid(rows: list[dict], path: Path, weight_range: tuple[float, float] = 
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     return path
 
 

@@ -205,6 +205,7 @@ def build_backbone(
             raise ValueError(f"backbone {name!r} has no pretrained weights; use pretrained=None")
         model = _tiny_resnet(output_stride)
     elif download:
+        check_fetchable(spec.timm_name, f"backbone {name!r}")
         try:
             model = timm.create_model(spec.timm_name, pretrained=True, output_stride=output_stride)
         except Exception as e:  # network, hub, cache or file errors all mean the same to the user
@@ -276,6 +277,30 @@ def check_keys(path: str, state: dict, expected, what: str, optional=lambda k: F
         raise ValueError("\n  ".join([f"checkpoint {path} does not match the {what}'s keys",
                                         *_key_lines(missing, unexpected)]))
     return missing, unexpected
+
+
+def check_fetchable(timm_name: str, what: str) -> None:
+    """Fail at once, not after a minute of retries, when timm's ImageNet weights are neither in the Hugging Face
+    cache nor reachable (no network); behind a proxy the download itself decides."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(timm_name)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if not hub_id or any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    if any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
+        return
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=10).close()
+    except OSError as exc:
+        raise ValueError(f"could not fetch ImageNet weights for {what} (timm {timm_name!r}): not in the Hugging Face "
+                         f"cache and {host} is unreachable ({exc.strerror or exc}); supply a local file with "
+                         f"model.pretrained_path=/path/to/file.pth") from None
 
 
 def read_weights(path: str | os.PathLike) -> object:

@@ -77,6 +77,9 @@ def build_encoder(name: str, pretrained: Optional[str] = None, pretrained_path=N
             "and set model.pretrained_path to it, or use a pvt_v2_bN encoder with pretrained: imagenet")
     kwargs = dict(overrides or {}, num_classes=0, drop_path_rate=drop_path_rate)
     if download:
+        from hafis.models.backbones import check_fetchable
+
+        check_fetchable(timm_name, f"encoder {name!r}")
         try:
             model = timm.create_model(timm_name, pretrained=True, **kwargs)
         except Exception as e:  # network, hub, cache or file errors all mean the same to the user
