@@ -120,3 +120,10 @@ def test_a_class_list_that_is_not_text(folder_tree, tmp_path, capsys):
     (folder_tree / "classes.txt").write_bytes(b"background\n\xff\xfeleaf\n")
     assert train("folder", folder_tree, tmp_path) == 2
     assert error_line(capsys) == f"class list {folder_tree / 'classes.txt'} is not UTF-8 text (byte offset 11)"
+
+
+def test_a_split_file_saved_with_a_byte_order_mark_reads_its_first_id(folder_tree):
+    from hafis.data.splits import read_split
+
+    (folder_tree / "split.txt").write_bytes("\ufefftrain/a\r\ntrain/b\r\n".encode())
+    assert read_split(folder_tree / "split.txt") == ["train/a", "train/b"]

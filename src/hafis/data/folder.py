@@ -37,7 +37,7 @@ def read_class_list(path: Path) -> tuple[str, ...]:
     if not path.is_file():
         raise FileNotFoundError(f"class list {path} is missing (one class name a line, line i = class id i)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"class list {path} is not UTF-8 text (byte offset {exc.start})") from None
     names = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#"))

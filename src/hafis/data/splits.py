@@ -71,7 +71,7 @@ def read_split(path, normalize: Callable[[str], str] = lambda t: t) -> list[str]
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"split file {path} is not UTF-8 text (byte offset {exc.start})") from None
     except OSError as exc:
