@@ -280,7 +280,7 @@ def check_keys(path: str, state: dict, expected, what: str, optional=lambda k: F
 
 
 def check_fetchable(timm_name: str, what: str) -> None:
-    """Fail at once, not after a minute of retries, when timm's ImageNet weights are neither in the Hugging Face
+    """Fail at once, not after a minute of retries, when timm's pretrained weights are neither in the Hugging Face
     cache nor reachable (no network); behind a proxy the download itself decides."""
     import socket
     from urllib.parse import urlparse
@@ -292,7 +292,8 @@ def check_fetchable(timm_name: str, what: str) -> None:
     hub_id = getattr(cfg, "hf_hub_id", None)
     if not hub_id or any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return
-    if any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
+    names = ("model.safetensors", "pytorch_model.bin", getattr(cfg, "hf_hub_filename", None))
+    if any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in names if f):
         return
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:

@@ -126,7 +126,10 @@ def build_dinov2(name: str, pretrained: Optional[str] = None, pretrained_path=No
             raise ValueError(f"model.pretrained_path {path} does not exist: place Meta's {spec.meta_file}_pretrain.pth "
                              f"there ({meta_url(spec.meta_file)})")
     if pretrained == "dinov2" and pretrained_path is None:
+        from hafis.models.backbones import check_fetchable
+
         try:
+            check_fetchable(spec.timm_name, f"encoder {name!r}")  # no network: at once, not after retries
             model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
         except Exception as e:  # network, hub or cache errors all mean the same to the user
             raise ValueError(
@@ -144,10 +147,10 @@ def load_dinov2_weights(encoder: DinoV2Encoder, path) -> None:
     """Load Meta's ``dinov2_vit*14_pretrain.pth`` (or a checkpoint whose ``backbone.*`` keys have that layout, e.g.
     a UniMatch V2 release) strictly: every tensor is used (``mask_token`` is known and dropped), none is missing,
     a shape mismatch names the key; ValueError otherwise."""
-    from hafis.models.backbones import _clean_state_dict, check_keys
+    from hafis.models.backbones import _clean_state_dict, check_keys, read_weights
 
     path = os.fspath(path)
-    state = _clean_state_dict(torch.load(path, map_location="cpu", weights_only=True), path, ())
+    state = _clean_state_dict(read_weights(path), path, ())
     state = {k: v for k, v in state.items() if k not in UNUSED_META_KEYS}
     target = encoder.model.state_dict()
     check_keys(path, state, target.keys(), "DINOv2 encoder (Meta's dinov2_vit*14_pretrain.pth layout)")
