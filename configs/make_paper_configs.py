@@ -75,6 +75,8 @@ class Recipe:
     sources: dict = field(default_factory=dict)
     #: the released network's model keys (multi-grid layer4, U2PL / AEL decoder, auxiliary head weight)
     network: dict = field(default_factory=dict)
+    #: evaluation keys that differ from the dataset's base (UniMatch V2 evaluates COCO whole-image)
+    evaluation: dict = field(default_factory=dict)
 
     def iterations_per_epoch(self, labelled: int) -> int:
         return (TRAIN_IMAGES[self.dataset] - labelled) // self.batch
@@ -148,9 +150,23 @@ RECIPES = {
         optim={"name": "adamw", "poly_power": 1.0},
         note="not a published semi-supervised setting; MiT-B5 weights from a local mit_b5.pth"),
 }
+# UniMatch V2 (LiheYoung/UniMatch-V2 configs/*.yaml: DINOv2-S + DPT, AdamW 5e-6 with the head x40, wd 0.01, 4 GPUs)
+_V2 = dict(model="dpt", backbone="dinov2_small", optim={"name": "adamw", "betas": [0.9, 0.999], "poly_power": 0.9})
+RECIPES.update({
+    ("unimatch_v2", "voc"): Recipe("unimatch_v2", "voc", "UniMatch V2 configs/pascal.yaml", 518, 16, 5e-6, 40, 0.01,
+                                   60, 16, "CE", {"threshold": 0.95, "ema_decay": 0.996}, **_V2),
+    ("unimatch_v2", "cityscapes"): Recipe("unimatch_v2", "cityscapes", "UniMatch V2 configs/cityscapes.yaml", 798, 8,
+                                          5e-6, 40, 0.01, 180, 16, OHEM, {"threshold": 0.95, "ema_decay": 0.996},
+                                          ohem_min_kept=(200000, 2), **_V2),
+    ("unimatch_v2", "coco"): Recipe("unimatch_v2", "coco", "UniMatch V2 configs/coco.yaml", 518, 16, 5e-6, 40, 0.01,
+                                    20, 16, "CE", {"threshold": 0.95, "ema_decay": 0.996},
+                                    evaluation={"mode": "whole"}, **_V2),
+})
+#: recipes written for VOC's classic setting only (and the datasets without settings)
+CLASSIC_ONLY = ("segformer_unimatch", "unimatch_v2")
 
-FRAMEWORKS = {"voc": ["unimatch", "u2pl", "ael", "augseg", "segformer_unimatch"],
-              "cityscapes": ["unimatch", "u2pl", "ael", "augseg"], "coco": ["unimatch"]}
+FRAMEWORKS = {"voc": ["unimatch", "u2pl", "ael", "augseg", "segformer_unimatch", "unimatch_v2"],
+              "cityscapes": ["unimatch", "u2pl", "ael", "augseg", "unimatch_v2"], "coco": ["unimatch", "unimatch_v2"]}
 ROOTS = {"voc": "data/VOC2012", "cityscapes": "data/cityscapes", "coco": "data/coco"}
 
 
@@ -210,8 +226,8 @@ def framework_base(key: str, dataset: str) -> str:
     r = RECIPES[(key, dataset)]
     text = HEADER + f"# {r.framework} on {dataset}: {r.source}.\n"
     text += (f"# crop {r.crop}, global batch {r.batch} labelled + {r.batch} unlabelled, lr {r.lr} (head x{r.head:g}),"
-             f" weight decay {r.weight_decay}, {r.epochs} epochs, poly schedule, output stride {r.output_stride},"
-             f" labelled loss {r.loss}\n")
+             f" weight decay {r.weight_decay}, {r.epochs} epochs, poly schedule,"
+             + ("" if r.model == "dpt" else f" output stride {r.output_stride},") + f" labelled loss {r.loss}\n")
     if r.note:
         text += f"# note: {r.note}\n"
     for key, why in r.sources.items():
@@ -220,7 +236,12 @@ def framework_base(key: str, dataset: str) -> str:
     data = {"crop_size": r.crop}
     text += _section("data", data)
     model = {"output_stride": r.output_stride, **r.network}
-    if r.model != "deeplabv3plus":
+    if r.model == "dpt":
+        text += ("# DINOv2 weights through timm, or model.pretrained_path=/path/to/dinov2_vits14_pretrain.pth (Meta's\n"
+                 "# file, https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth) offline\n")
+        model = {"name": "dpt", "backbone": r.backbone, "pretrained": "dinov2", "pretrained_path": None,
+                 "feature_dim": 64}
+    elif r.model != "deeplabv3plus":
         model = {"name": r.model, "backbone": r.backbone, "pretrained": None,
                  "pretrained_path": f"pretrained/{r.backbone}.pth"}
     text += _section("model", model)
@@ -232,6 +253,8 @@ def framework_base(key: str, dataset: str) -> str:
         text += f"# OHEM: released min_kept {kept} per GPU batch of {per_gpu} images; hafis counts it per image\n"
         text += _section("loss", {"labelled": "ohem", "ohem_threshold": 0.7, "ohem_min_kept": kept // per_gpu})
     text += _section(r.framework, r.extra)
+    if r.evaluation:
+        text += _section("eval", r.evaluation)
     return text
 
 
@@ -268,7 +291,7 @@ def files() -> dict[Path, str]:
             if ds != dataset:
                 continue
             for key in keys:
-                if key.startswith("segformer") and setting != "classic":
+                if key in CLASSIC_ONLY and setting not in (None, "classic"):
                     continue
                 for folder, labelled, _ in splits:
                     where = HERE / dataset / (setting or "") / folder
@@ -284,11 +307,12 @@ def table() -> str:
             "epochs -> iterations | eval | source |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (dataset, setting), splits in SPLITS.items():
         for key in FRAMEWORKS[dataset]:
-            if key.startswith("segformer") and setting != "classic":
+            if key in CLASSIC_ONLY and setting not in (None, "classic"):
                 continue
             r = RECIPES[(key, dataset)]
             its = ", ".join(f"{r.epochs * r.iterations_per_epoch(n):,}" for _, n, _ in splits)
-            ev = "whole" if dataset == "voc" else f"sliding {r.crop}/{int(r.crop * 2 / 3)}"
+            whole = dataset == "voc" or r.evaluation.get("mode") == "whole"
+            ev = "whole" if whole else f"sliding {r.crop}/{int(r.crop * 2 / 3)}"
             rows.append(f"| {dataset}{' ' + setting if setting else ''} | {', '.join(d for _, _, d in splits)} | "
                         f"{key} | {r.crop} | {r.batch}+{r.batch} | {_yaml_value(r.lr)} (x{r.head:g}) | {r.loss} | "
                         f"{r.epochs} -> {its} | "
@@ -352,6 +376,14 @@ files evaluate with `hafis eval CONFIG --checkpoint FILE` (the teacher). What st
 | AugSeg | network | hafis's DeepLabV3+ + multi-grid: AugSeg's decoder up to the order of the ASPP branches and a bias before BatchNorm; its checkpoints do not load by name | | — |
 | all | stem max-pool | rounds down (timm), except `model.decoder: released` | rounds up (`ceil_mode`): one more row / column for even sizes (AugSeg's 800 crop: 201 vs 200) | — |
 
+UniMatch V2 rows are its released recipe (`configs/*.yaml` of LiheYoung/UniMatch-V2): DINOv2-S + DPT (features 64),
+AdamW 5e-6 with the decoder ×40, EMA teacher 0.996, confidence 0.95, 4 GPUs; DINOv2 weights through timm or Meta's
+`dinov2_vits14_pretrain.pth` (`model.pretrained_path`). Its README's numbers below are DINOv2-B (`model.backbone:
+dinov2_base`, `model.feature_dim: 128`, Meta's `dinov2_vitb14_pretrain.pth`); its DINOv2-S runs are in its
+`training-logs/`. COCO is evaluated whole-image as released (resized to a multiple of 14), Cityscapes with 798 px
+windows. With one unlabelled image per process CutMix pastes an image into itself (the release mixes each GPU's
+batch with its reverse; its settings hold two or four per GPU).
+
 ## Published numbers to compare with (mIoU %, as reported; hafis cannot measure them here)
 
 | Pascal VOC classic | 92 | 183 | 366 | 732 | 1464 |
@@ -360,6 +392,7 @@ files evaluate with `hafis eval CONFIG --checkpoint FILE` (the teacher). What st
 | U2PL, ResNet-101 (its paper) | 67.98 | 69.15 | 73.66 | 76.16 | 79.49 |
 | AugSeg, ResNet-101 (its paper) | 71.09 | 75.45 | 78.80 | 80.33 | 81.36 |
 | AllSpark, MiT-B5 (UniMatch V2 README) | 76.1 | 78.4 | 79.8 | 80.8 | 82.1 |
+| UniMatch V2, DINOv2-B (its README) | 86.3 | 87.9 | 88.9 | 90.0 | 90.8 |
 | each framework + the weighting | see the paper, Tables 1–3 | | | | |
 
 | Pascal VOC blended (U2PL's lists) | 1/16 (662) | 1/8 (1323) | 1/4 (2646) |
@@ -373,10 +406,12 @@ files evaluate with `hafis eval CONFIG --checkpoint FILE` (the teacher). What st
 | AEL, ResNet-101 (as reported beside U2PL) | 74.90 | 76.48 | 78.51 | 79.12 |
 | AugSeg, ResNet-101 (its paper) | 75.22 | 77.82 | 79.56 | 80.43 |
 | AllSpark, MiT-B5 (UniMatch V2 README) | 78.3 | 79.2 | 80.6 | 81.4 |
+| UniMatch V2, DINOv2-B (its README) | 83.6 | 84.3 | 84.5 | 85.1 |
 
 | MS COCO | 1/512 (232) | 1/256 (463) | 1/128 (925) | 1/64 (1849) | 1/32 (3697) |
 |---|---|---|---|---|---|
 | UniMatch, Xception-65 (UniMatch V2 README) | 31.9 | 38.9 | 44.4 | 48.2 | 49.8 |
+| UniMatch V2, DINOv2-B (its README) | 47.9 | 55.8 | 58.7 | 60.4 | 63.3 |
 
 Reported numbers are the best validation epoch; identical runs differ by 0.3–1.4 points (hafis logs the last and
 the best mIoU and the seed).

@@ -236,6 +236,18 @@ class UniMatchConfig:
 
 
 @dataclass
+class UniMatchV2Config:
+    """UniMatch V2 (frameworks/unimatch_v2.py); defaults are the released ones. CutMix: ``unimatch.cutmix_prob``."""
+
+    #: τ: teacher pseudo-labels with confidence below it do not count (released: 0.95 on every dataset)
+    threshold: float = unit(0.95)
+    #: the EMA teacher's decay, reached after the warm-up min(1 - 1/(t + 1), ema_decay) (released: 0.996)
+    ema_decay: float = unit(0.996)
+    #: complementary channel dropout on the two strong views (needs model.name=dpt); false = plain strong views
+    complementary_dropout: bool = True
+
+
+@dataclass
 class U2PLConfig:
     """U2PL (frameworks/u2pl.py); defaults are the released Pascal VOC ones."""
 
@@ -439,6 +451,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     unimatch: UniMatchConfig = field(default_factory=UniMatchConfig)
+    unimatch_v2: UniMatchV2Config = field(default_factory=UniMatchV2Config)
     u2pl: U2PLConfig = field(default_factory=U2PLConfig)
     ael: AELConfig = field(default_factory=AELConfig)
     augseg: AugSegConfig = field(default_factory=AugSegConfig)

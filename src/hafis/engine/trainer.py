@@ -363,9 +363,17 @@ class Trainer:
         result = evaluate(distributed.unwrap(self.framework.eval_model()), self.val_loader, self.num_classes,
                           self.device, **eval_settings(self.config))
         self.best_miou = max(self.best_miou, result.miou)
+        main_model = self.framework.eval_model()
+        others = {name: result.miou if model is main_model else
+                  evaluate(distributed.unwrap(model), self.val_loader, self.num_classes, self.device,
+                           **eval_settings(self.config)).miou
+                  for name, model in self.framework.eval_models().items()}
         record = {"iteration": self.iteration, "event": "eval", **result.record(), "best_miou": self.best_miou,
                   "seed": self.config.seed, "iou_by_class": dict(zip(self.class_names, result.iou)),
                   "labelled": len(self.labelled_source)}
+        if others:  # every evaluated network's mIoU (miou: the run's model); best_network names the highest
+            record.update({f"miou_{name}": miou for name, miou in others.items()})
+            record["best_network"] = max(others.items(), key=lambda kv: kv[1])[0]
         # a fully supervised run has no unlabelled image to measure pseudo-labels on
         if self.config.eval.diagnostics_images > 0 and len(self.unlabelled_source) > 0 and self.dist.is_main:
             record["diagnostics"] = self._diagnostics()

@@ -13,8 +13,10 @@ from .supervised import Supervised
 from .teacher import EMATeacher, MeanTeacherFramework
 from .u2pl import U2PL
 from .unimatch import UniMatch
+from .unimatch_v2 import UniMatchV2
 
-FRAMEWORKS: dict[str, type[Framework]] = {cls.name: cls for cls in (Supervised, UniMatch, U2PL, AEL, AugSeg)}
+FRAMEWORKS: dict[str, type[Framework]] = {cls.name: cls for cls in (Supervised, UniMatch, U2PL, AEL, AugSeg,
+                                                                    UniMatchV2)}
 
 
 def build_framework(config: Config, model: nn.Module, num_classes: int) -> Framework:

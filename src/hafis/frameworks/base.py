@@ -166,6 +166,11 @@ class Framework:
         """The network that is evaluated and checkpointed as 'the model' (the student, or a teacher)."""
         return self.model
 
+    def eval_models(self) -> dict[str, nn.Module]:
+        """Networks evaluated at every evaluation, by name, when there are several (UniMatch V2: its teacher, which
+        is :meth:`eval_model`, and its student); the log names the best."""
+        return {}
+
     @torch.no_grad()
     def pseudo_labels(self, images: Tensor, box_mask: Optional[Tensor] = None) -> dict[str, Tensor]:
         """Pseudo-labels, confidence, reliable mask and weights of unlabelled images, for reports and pictures

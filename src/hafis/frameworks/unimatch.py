@@ -59,6 +59,16 @@ def paste(base: Tensor, inside: Tensor, box: Tensor) -> Tensor:
     return torch.where(box[:, None] if base.dim() == 4 else box, inside, base)
 
 
+def confidence_terms(conf: Tensor, ignore: Tensor, threshold: float, w: Optional[Tensor]) -> dict[str, Tensor]:
+    """The logged share of confident non-ignored pixels and, with the weighting on, the mean ``W`` over them."""
+    valid = ignore != 255
+    confident = (conf >= threshold) & valid
+    terms = {"mask_ratio": confident.sum() / valid.sum().clamp_min(1)}
+    if w is not None:
+        terms["weight_mean"] = (w * confident).sum() / confident.sum().clamp_min(1)
+    return terms
+
+
 class UniMatch(Framework):
     name = "unimatch"
     strong_bank_view = True
@@ -150,9 +160,4 @@ class UniMatch(Framework):
         # summed in the released order (floating-point addition is not associative)
         loss = (loss_x + loss_s1 * cfg.strong_weight + loss_s2 * cfg.strong_weight + loss_fp * cfg.fp_weight) / 2.0
 
-        valid = ignore != 255
-        confident = (conf_w >= cfg.threshold) & valid
-        terms["mask_ratio"] = confident.sum() / valid.sum().clamp_min(1)
-        if w is not None:
-            terms["weight_mean"] = (w * confident).sum() / confident.sum().clamp_min(1)
-        return StepOutput(loss, terms)
+        return StepOutput(loss, {**terms, **confidence_terms(conf_w, ignore, cfg.threshold, w)})

@@ -174,11 +174,12 @@ class _ResidualUnit(nn.Module):
 
 
 class _Fusion(nn.Module):
-    """Adds the residual-refined skip to the coarser path, refines, upsamples (to ``size`` or x2), 1x1 conv."""
+    """Adds the residual-refined skip to the coarser path, refines, upsamples (to ``size`` or x2), 1x1 conv.
+    The coarsest block has no skip input, hence no skip unit (the release builds one and never calls it)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, skip: bool = True) -> None:
         super().__init__()
-        self.skip = _ResidualUnit(channels)
+        self.skip = _ResidualUnit(channels) if skip else None
         self.refine = _ResidualUnit(channels)
         self.out = nn.Conv2d(channels, channels, 1)
 
@@ -202,7 +203,7 @@ class DPTHead(nn.Module):
                                      stride=2), nn.Identity(), nn.Conv2d(c[3], c[3], 3, stride=2, padding=1)])
         self.reduce = nn.ModuleList(nn.Conv2d(ci, features, 3, padding=1, bias=False) for ci in c)
         #: fusion[i] ends at level i (0 = the finest, stride 14/4)
-        self.fusion = nn.ModuleList(_Fusion(features) for _ in c)
+        self.fusion = nn.ModuleList(_Fusion(features, skip=i < len(c) - 1) for i in range(len(c)))
         self.output = nn.Sequential(nn.Conv2d(features, features, 3, padding=1), nn.ReLU(inplace=True))
         self.classifier = nn.Conv2d(features, num_classes, 1)
 
