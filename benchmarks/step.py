@@ -3,6 +3,8 @@
     python benchmarks/step.py --preset tiny                 # the tiny CPU config (configs/tiny/unimatch.yaml)
     python benchmarks/step.py --preset r50                  # DeepLabV3+ ResNet-50, 321 crop, batch 2+2, CPU
     python benchmarks/step.py --preset r101 --device cuda --variants fp32 bf16 fp32+cl bf16+cl   # GPU (issue 8.4)
+    python benchmarks/step.py --preset dpt --crop 126 --threads 1   # UniMatch V2 step, DINOv2-S + DPT, batch 4+4, CPU
+    python benchmarks/step.py --preset dpt --device cuda --variants fp32 bf16     # the same at crop 518 on a GPU
 
 Both frameworks share one model and one optimiser, and the on and off steps alternate (on/off, then off/on, ...)
 on the same preloaded batch, so load drift on a shared machine hits both alike. A step is the framework's
@@ -43,6 +45,10 @@ PRESETS = {
                    "train.unlabelled_batch_size=2"], 21),
     "r101": (None, ["model.backbone=resnet101", "data.crop_size=513", "train.batch_size=8",
                     "train.unlabelled_batch_size=8"], 21),
+    # UniMatch V2 as released on VOC: DINOv2-S + DPT (features 64), crop 518 (--crop for a smaller one on CPU)
+    "dpt": (None, ["train.framework=unimatch_v2", "model.name=dpt", "model.backbone=dinov2_small",
+                   "model.feature_dim=64", "data.crop_size=518", "train.batch_size=4",
+                   "train.unlabelled_batch_size=4"], 21),
 }
 
 
@@ -50,7 +56,7 @@ def make_config(preset: str, enabled: bool, args):
     path, overrides, _ = PRESETS[preset]
     extra = [f"weighting.enabled={str(enabled).lower()}", f"weighting.reliable={args.reliable}",
              f"weighting.align={args.align}", "model.pretrained=null", "model.pretrained_path=null",
-             f"train.device={args.device}"]
+             f"train.device={args.device}"] + ([f"data.crop_size={args.crop}"] if args.crop else [])
     return load_config(path, list(overrides) + extra)
 
 
@@ -217,12 +223,13 @@ def main() -> None:
     p.add_argument("--reliable", default="detector", choices=["detector", "confidence"])
     p.add_argument("--align", default="bilinear", choices=["bilinear", "nearest"])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--crop", type=int, default=None, help="crop side instead of the preset's (dpt: a multiple of 14)")
     p.add_argument("--no-compare-previous", dest="compare_previous", action="store_false",
                    help="skip timing the pre-issue-8 top-k + gather on the same features")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    header("UniMatch step, weighting on vs off")
+    header("framework step (UniMatch; dpt: UniMatch V2), weighting on vs off")
     print(f"{args.steps} timed steps each way after {args.warmup} warm-up; weighting.reliable={args.reliable}, "
           f"align={args.align}, k=5, bank 256 x 2 per class; device {args.device}\n", flush=True)
     rows, part_rows = [], []

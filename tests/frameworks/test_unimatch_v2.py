@@ -280,3 +280,24 @@ def test_paper_configs_hold_the_released_recipe():
     c = load_config(configs / "coco/1_512/unimatch_v2.yaml")
     assert (c.data.crop_size, c.train.iterations, c.eval.mode) == (518, 20 * ((118287 - 232) // 16), "whole")
     assert not (configs / "voc/blended/1_16/unimatch_v2.yaml").exists()
+
+
+def test_two_processes_with_the_teacher_outside_ddp(tmp_path):
+    """``--nproc 2`` (gloo): the student under DDP, the EMA teacher outside it; the trainer checks at every
+    checkpoint that both are equal on the two ranks (it stops otherwise), and both are evaluated."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    args = ["train.batch_size=4", "train.unlabelled_batch_size=4", "train.iterations=2", "train.eval_interval=2",
+            "weighting.enabled=true", "weighting.labelled_threshold=0", f"output_dir={run_dir}", "--nproc", "2"]
+    proc = subprocess.run([sys.executable, "-m", "hafis", "train", str(TINY), *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "eval"]
+    assert len(evals) == 1 and "miou_student" in evals[0]
+    state = torch.load(run_dir / "checkpoints" / "ckpt_00000002.pt", map_location="cpu", weights_only=False)
+    assert state["framework"]["ema_updates"] == 2
+    assert not any(k.startswith("module.") for k in state["framework"]["teacher"])
+    assert not all(torch.equal(state["student"][k], v) for k, v in state["framework"]["teacher"].items())
