@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hafis.cli import main
-from hafis.engine.checkpoint import MAX_DEPTH, CheckpointError, CheckpointManager, load_checkpoint
+from hafis.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from hafis.torch_files import MAX_DEPTH
 
 
 def error_line(capsys, command):
@@ -111,3 +112,14 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(run, tmp_path, c
         path, state = CheckpointManager(tmp_path / "ckpts").load_latest()
     assert path == previous and state["iteration"] == 2
     assert f"checkpoint {newest} " in str(caught[0].message) and newest.exists()
+
+
+@pytest.mark.parametrize("case", ["zip_bomb", "nested", "text"])
+def test_a_hostile_pretrained_weights_file_is_one_line(run, tmp_path, capsys, tiny_config, case):
+    path = crafted(run, tmp_path, case)
+    assert main(["train", str(tiny_config), f"model.pretrained_path={path}", f"output_dir={tmp_path / 'r'}"]) == 2
+    line = error_line(capsys, "train")
+    assert line.startswith(f"model (name='deeplabv3plus', backbone='resnet_tiny'): weights file {path} ")
+    assert line.endswith({"zip_bomb": "refused (a torch checkpoint is stored uncompressed)",
+                          "nested": f"nests containers deeper than {MAX_DEPTH} levels; refused",
+                          "text": "neither a torch archive nor a pickle"}[case])

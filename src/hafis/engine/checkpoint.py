@@ -3,85 +3,27 @@
 A checkpoint is first written to a temporary file in the same folder and then renamed over its final name, so a
 crash mid-write never leaves a half-written file under a real name and never destroys the previous checkpoint.
 Checkpoints hold only tensors and plain containers and are read with ``weights_only=True``: a file whose unpickling
-would build arbitrary objects (and so could run code) is refused, never loaded. Reads are bounded: an archive whose
-members expand far past the file's size (a zip bomb; torch stores them uncompressed), or containers nested deeper
-than :data:`MAX_DEPTH` or holding more than :data:`MAX_ITEMS` values (a few shared dicts can stand for billions), is
-refused before anything walks it; entries of the wrong type are named.
+would build arbitrary objects (and so could run code) is refused, never loaded; reads are bounded
+(:func:`hafis.torch_files.read_torch_file`), and entries of the wrong type are named.
 """
 
 from __future__ import annotations
 
-import pickle
 import re
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from hafis.errors import UserError, short
+from hafis.errors import short
 from hafis.files import atomic_write
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint file cannot be read (truncated, corrupt, or not a hafis checkpoint) or does not fit the model."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A file that needs arbitrary pickled objects: refused, and never skipped in favour of an older checkpoint."""
+from hafis.torch_files import CheckpointError, UnsafeCheckpointError, read_torch_file
 
 
 def save_atomic(state: Any, path: Path) -> None:
     """``torch.save`` through :func:`hafis.files.atomic_write` (a full disk is a one-line ``WriteError``)."""
     atomic_write(path, lambda fh: torch.save(state, fh))
-
-
-#: containers nested deeper than this are refused (a hafis checkpoint is about 6 levels deep)
-MAX_DEPTH = 32
-#: values held by all containers of a checkpoint, counted with shared containers repeated
-MAX_ITEMS = 2_000_000
-#: an archive's members may expand to this multiple of the file's size (+ 1 MB); torch stores them uncompressed
-MAX_EXPANSION = 2
-
-
-def _check_file(path: Path) -> None:
-    """Refuse what is no torch file (so a corrupt one is not mistaken for an unsafe pickle) and zip bombs."""
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if head.startswith(b"PK"):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                total = sum(info.file_size for info in archive.infolist())
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt): {exc}") from None
-        size = path.stat().st_size
-        if total > MAX_EXPANSION * size + (1 << 20):
-            raise CheckpointError(f"checkpoint {path} expands to {total} bytes from {size} on disk; refused (a "
-                                  f"torch checkpoint is stored uncompressed)")
-    elif not head.startswith(b"\x80"):  # a legacy torch file is a pickle, which starts with its protocol
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt): neither a torch archive "
-                              f"nor a pickle")
-
-
-def _check_nesting(state: Any, path: Path) -> None:
-    """Walk the containers iteratively (shared ones as often as they occur) within :data:`MAX_DEPTH` levels and
-    :data:`MAX_ITEMS` values."""
-    stack, count = [(state, 0)], 0
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            children = list(value.values())
-        elif isinstance(value, (list, tuple, set)):
-            children = list(value)
-        else:
-            continue
-        if depth >= MAX_DEPTH:
-            raise CheckpointError(f"checkpoint {path} nests containers deeper than {MAX_DEPTH} levels; refused")
-        count += len(children)
-        if count > MAX_ITEMS:
-            raise CheckpointError(f"checkpoint {path} holds more than {MAX_ITEMS} values; refused")
-        stack.extend((child, depth + 1) for child in children)
 
 
 def _check_entries(state: dict, path: Path) -> None:
@@ -113,24 +55,7 @@ def require_training_state(state: dict, path: Any) -> None:
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        _check_file(path)
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" not in str(exc).lower() or "global" not in str(exc).lower():
-            raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt): {exc}") from None
-        lines = [line.strip().rstrip(".") for line in str(exc).splitlines()]
-        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "")
-        raise UnsafeCheckpointError(
-            f"checkpoint {path} needs arbitrary pickled objects ({detail or 'not tensors and plain containers'}); "
-            f"refused: loading it could run code, and hafis checkpoints never need that") from None
-    except Exception as exc:  # torch raises several types for truncated zip archives
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt): {exc}") from None
+    state = read_torch_file(path, map_location)
     if isinstance(state, dict) and "model" not in state:
         # a U2PL / AEL / AugSeg release's file: the teacher is the model they evaluate (AEL saves it as model_state)
         released = state.get("teacher_state", state.get("model_state"))
@@ -138,7 +63,6 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
             state = {"model": released}
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"checkpoint {path} is not a hafis checkpoint (no 'model' entry)")
-    _check_nesting(state, path)
     _check_entries(state, path)
     return state
 

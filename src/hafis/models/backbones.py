@@ -22,12 +22,12 @@ timm's/torchvision's own minus the classifier head, so a local checkpoint loads 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
 
 import timm
-import torch
 from timm.models import FeatureListNet
 from timm.models.resnet import BasicBlock, ResNet
 from torch import Tensor, nn
@@ -305,13 +305,15 @@ def check_fetchable(timm_name: str, what: str) -> None:
 
 
 def read_weights(path: str | os.PathLike) -> object:
-    """``torch.load(path, weights_only=True)`` whose failures (missing, truncated, not a torch file, arbitrary
-    pickled objects) are a ``ValueError`` naming the file: a user's weights file is data."""
+    """A weights file read as data within the bounds of :func:`hafis.torch_files.read_torch_file`; a file that is
+    missing, corrupt, a zip bomb or needs arbitrary pickled objects is a ``ValueError`` naming it."""
+    from hafis.torch_files import CheckpointError, read_torch_file
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for files that are not (whole) torch files
+        return read_torch_file(Path(path), what="weights file")
+    except CheckpointError as exc:
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise ValueError(f"cannot read weights file {os.fspath(path)}: {first[:200]}") from None
+        raise ValueError(first[:300]) from None
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
