@@ -301,3 +301,10 @@ def test_two_processes_with_the_teacher_outside_ddp(tmp_path):
     assert state["framework"]["ema_updates"] == 2
     assert not any(k.startswith("module.") for k in state["framework"]["teacher"])
     assert not all(torch.equal(state["student"][k], v) for k, v in state["framework"]["teacher"].items())
+
+
+def test_bf16_autocast_run_on_cpu(tmp_path, conv_output_dtypes):
+    records = train(tmp_path / "run", "train.amp=bf16")
+    assert conv_output_dtypes == {torch.bfloat16}  # the DPT's convolutions (patch embedding included) ran in bf16
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 3 and all(r["loss"] == r["loss"] and r["loss_s1"] > 0 for r in steps)
