@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/step.py
 	$(PY) benchmarks/loading.py
 	$(PY) benchmarks/distributed.py
+	$(PY) benchmarks/predict.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

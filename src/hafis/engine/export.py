@@ -3,9 +3,9 @@
 The exported graph takes an image as it is stored, ``images``: uint8 RGB ``(B, 3, H, W)``, and returns ``logits``:
 float32 ``(B, C, H, W)`` at the input size (argmax over C = the mask). The ImageNet normalisation is inside the
 graph (:func:`hafis.data.transforms.normalize`, the one training and evaluation use). Batch, height and width are
-dynamic: DeepLabV3+ takes any side of at least :data:`MIN_SIDE` pixels; SegFormer sides that are multiples of 32, from
-64 (its encoder's shape arithmetic specialises on other sizes); the command prints which. For other sizes pad the
-image, or use ``hafis predict``.
+dynamic: DeepLabV3+ on a ResNet takes any side of at least :data:`MIN_SIDE` pixels; SegFormer and DeepLabV3+ on
+EfficientNet-Lite0 sides that are multiples of 32, from 64 (their shape arithmetic specialises on other sizes); the
+command prints which. For other sizes pad the image, or use ``hafis predict``.
 
 Formats: ``onnx`` (the torch.export-based exporter, opset :data:`OPSET`, weights inside the one file), checked with
 onnxruntime; ``pt2`` (a ``torch.export`` program, ``torch.export.load(path).module()``), checked with torch. The check
@@ -100,19 +100,22 @@ def _dynamic_shapes(step: int) -> tuple[dict, ...]:
 
 
 def trace(graph: InferenceGraph) -> tuple["torch.export.ExportedProgram", int]:
-    """``(program, step)``: ``graph`` exported for every side >= :data:`MIN_SIDE` (``step`` 1) or, for a network
-    that declares ``export_size_multiple`` (SegFormer: 32) or ``input_multiple`` (DPT: 14), for sides that are
-    multiples of it from twice it."""
+    """``(program, step)``: ``graph`` exported for every side >= :data:`MIN_SIDE` (``step`` 1), else for sides
+    that are multiples of 32 from 64 (networks whose shape arithmetic specialises on other sizes: TF-style "same"
+    padding, as EfficientNet-Lite0's). A network that declares ``export_size_multiple`` (SegFormer: 32) or
+    ``input_multiple`` (DPT: 14) is exported for multiples of it from twice it, directly."""
     from torch._dynamo.exc import UserError
 
-    step = int(getattr(graph.model, "export_size_multiple", getattr(graph.model, "input_multiple", 1)))
-    side = check_sizes(step, MIN_SIDE)[0][1][0]
-    example = torch.zeros((2, 3, side + 2 * step, side + step), dtype=torch.uint8)
-    try:
-        return torch.export.export(graph, (example,), dynamic_shapes=_dynamic_shapes(step)), step
-    except UserError as exc:
-        raise ExportError(f"the network cannot be exported for dynamic image sizes: "
-                          f"{str(exc).strip().splitlines()[0]}") from None
+    declared = int(getattr(graph.model, "export_size_multiple", getattr(graph.model, "input_multiple", 1)))
+    problems = []
+    for step in [declared] + ([32] if declared == 1 else []):
+        side = check_sizes(step, MIN_SIDE)[0][1][0]
+        example = torch.zeros((2, 3, side + 2 * step, side + step), dtype=torch.uint8)
+        try:
+            return torch.export.export(graph, (example,), dynamic_shapes=_dynamic_shapes(step)), step
+        except UserError as exc:
+            problems.append(f"sides multiples of {step}: {str(exc).strip().splitlines()[0]}")
+    raise ExportError(f"the network cannot be exported for dynamic image sizes ({'; '.join(problems)})")
 
 
 def _write_onnx(program: "torch.export.ExportedProgram", path: Path) -> None:
