@@ -123,3 +123,21 @@ def test_a_hostile_pretrained_weights_file_is_one_line(run, tmp_path, capsys, ti
     assert line.endswith({"zip_bomb": "refused (a torch checkpoint is stored uncompressed)",
                           "nested": f"nests containers deeper than {MAX_DEPTH} levels; refused",
                           "text": "neither a torch archive nor a pickle"}[case])
+
+
+@pytest.mark.parametrize("entry,network,message", [
+    ({"student": [1]}, "student", "checkpoint {p}: the student entry is not a mapping of parameter names to tensors"),
+    ({"framework": [1], "config": {"train": 3}}, "teacher",
+     "--network teacher: checkpoint {p} (framework '?') has no teacher; mean-teacher frameworks (u2pl, ael, "
+     "augseg) have one"),
+])
+def test_predict_names_a_hostile_network_entry(run, tmp_path, capsys, tiny_config, entry, network, message):
+    from PIL import Image
+
+    state = torch.load(run / "checkpoints" / "ckpt_00000004.pt", weights_only=True)
+    path = tmp_path / "hostile.pt"
+    torch.save({**state, **entry}, path)
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    assert main(["predict", str(tiny_config), str(tmp_path / "a.png"), "--checkpoint", str(path), "--out",
+                 str(tmp_path / "out"), "--network", network]) == 2
+    assert error_line(capsys, "predict") == message.format(p=path)

@@ -53,9 +53,11 @@ def select_weights(state: dict, network: Optional[str], path: Union[str, Path]) 
             raise CheckpointError(f"checkpoint {path} has no 'student' entry; leave --network out")
         weights = state["student"]
     elif network == "teacher":
-        teacher = (state.get("framework") or {}).get("teacher")
-        if teacher is None:
-            framework = ((state.get("config") or {}).get("train") or {}).get("framework", "?")
+        framework_state = state.get("framework")
+        teacher = framework_state.get("teacher") if isinstance(framework_state, dict) else None
+        if not isinstance(teacher, dict):
+            train = (state.get("config") or {}).get("train")
+            framework = train.get("framework", "?") if isinstance(train, dict) else "?"
             raise ConfigError(f"--network teacher: checkpoint {path} (framework {framework!r}) has no teacher; "
                               "mean-teacher frameworks (u2pl, ael, augseg) have one")
         prefix = "segmenter."  # U2PL's teacher carries its representation head beside the segmenter
@@ -64,6 +66,9 @@ def select_weights(state: dict, network: Optional[str], path: Union[str, Path]) 
         weights = teacher
     else:
         raise ConfigError(f"--network must be one of {', '.join(NETWORKS)}, got {network!r}")
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
+        raise CheckpointError(f"checkpoint {path}: the {network or 'model'} entry is not a mapping of parameter names "
+                              f"to tensors")
     if is_unimatch_state_dict(weights):  # a UniMatch-released checkpoint (``{'model': DDP state dict, ...}``)
         weights = unimatch_state_dict(weights)
     return weights
