@@ -48,7 +48,7 @@ from pathlib import Path
 
 import yaml
 
-from hafis.engine.compare import mean_std, paired_interval
+from hafis.engine.compare.report import mean_std, paired_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "realistic" / "base.yaml"

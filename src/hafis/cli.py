@@ -209,7 +209,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     import shlex
 
-    from hafis.engine.compare import Comparison, parse_arm, parse_seeds
+    from hafis.engine.compare.plan import parse_arm, parse_seeds
+    from hafis.engine.compare.pool import Comparison
 
     command = shlex.join(["hafis", *args.argv])
     out = Path(args.out)

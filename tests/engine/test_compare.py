@@ -9,8 +9,9 @@ import pytest
 
 from hafis.cli import main
 from hafis.config import ConfigError
-from hafis.engine.compare import (RunData, last_quarter_change, parse_arm, parse_seeds, plan_runs, report_markdown,
-                                  summarise)
+from hafis.engine.compare.plan import parse_arm, parse_seeds, plan_runs
+from hafis.engine.compare.report import last_quarter_change, report_markdown, summarise
+from hafis.engine.compare.runs import RunData
 from hafis.engine.run_log import read_metrics, truncate_metrics
 
 #: two-sided 95 % Student t quantiles (tables), df = 1 and 2
@@ -182,7 +183,7 @@ def test_a_run_folder_of_another_experiment_is_reported_a_moved_one_is_not(tmp_p
     import yaml
 
     from hafis.config import to_dict
-    from hafis.engine.compare import _config_conflict
+    from hafis.engine.compare.runs import config_conflict
 
     spec = plan_runs(tiny_config, [parse_arm("a: weighting.enabled=true")], [0], [], tmp_path)[0]
     spec.run_dir.mkdir(parents=True)
@@ -191,10 +192,10 @@ def test_a_run_folder_of_another_experiment_is_reported_a_moved_one_is_not(tmp_p
     saved["output_dir"], saved["name"] = "/elsewhere/runs/a", "copied"
     saved["detector"]["output_dir"], saved["train"]["log_interval"] = "/elsewhere/detector", 7
     (spec.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert _config_conflict(spec) is None
+    assert config_conflict(spec) is None
     saved["weighting"]["k"], saved["optim"]["lr"] = 3, 0.5
     (spec.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
-    message = _config_conflict(spec)
+    message = config_conflict(spec)
     assert "optim.lr" in message and "weighting.k" in message and "output_dir" not in message
 
 

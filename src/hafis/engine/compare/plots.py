@@ -1,0 +1,78 @@
+"""The comparison's pictures: ``miou.png`` (mIoU over training per arm) and ``diagnostics.png``."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Sequence
+
+from .report import diagnostic_curves
+from .runs import RunData
+
+
+def plot_miou(runs: Sequence[RunData], arms: Sequence[str], path: Path) -> bool:
+    """Validation mIoU over iterations per arm: mean over seeds and a min..max band; False (nothing written)
+    before the first evaluation."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for arm in arms:
+        by_it: dict[int, list[float]] = {}
+        for r in runs:
+            if r.arm == arm:
+                for e in r.evals:
+                    by_it.setdefault(e["iteration"], []).append(100 * e["miou"])
+        if not by_it:
+            continue
+        its = sorted(by_it)
+        mean = [statistics.fmean(by_it[i]) for i in its]
+        (line,) = ax.plot(its, mean, marker="o", ms=3, label=arm)
+        ax.fill_between(its, [min(by_it[i]) for i in its], [max(by_it[i]) for i in its], color=line.get_color(),
+                        alpha=0.2, linewidth=0)
+    if not ax.lines:
+        return False
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("val mIoU (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def plot_diagnostics(runs: Sequence[RunData], arms: Sequence[str], path: Path) -> bool:
+    """Wrong share (unweighted solid, W-weighted dashed), AUROC (W solid, confidence dashed) and bank precision
+    (detector solid, confidence dashed) over training; False (nothing written) without diagnostics."""
+    from matplotlib.figure import Figure
+
+    panels = [("wrong pseudo-labels (%)", "pseudo_error_weighted", "pseudo_error", 100),
+              ("AUROC for a right pseudo-label", "auroc_weight", "auroc_confidence", 1),
+              ("bank precision (%)", "bank_detector_precision", "bank_confidence_precision", 100)]
+    fig = Figure(figsize=(14, 4))
+    axes = fig.subplots(1, 3)
+    drawn = False
+    for arm in arms:
+        curves = diagnostic_curves([r for r in runs if r.arm == arm])
+        its = sorted(curves)
+        if not its:
+            continue
+        colour = None
+        for ax, (title, solid, dashed, scale) in zip(axes, panels):
+            for key, style in ((solid, "-"), (dashed, "--")):
+                pts = [(i, scale * curves[i][key]) for i in its if curves[i].get(key) is not None]
+                if pts:
+                    (line,) = ax.plot(*zip(*pts), ls=style, color=colour, label=f"{arm}: {key}")
+                    colour = line.get_color()
+                    drawn = True
+            ax.set_title(title, fontsize=9)
+    if not drawn:
+        return False
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True

@@ -1,0 +1,180 @@
+"""The process pool of a comparison: ``hafis detect`` once per shared detector, ``hafis train`` per arm x seed,
+``jobs`` at a time, and the outputs rewritten as runs finish."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from hafis.config import ConfigError
+
+from .plan import PLAN_FILE, Arm, RunSpec, plan_runs
+from .plots import plot_diagnostics, plot_miou
+from .report import report_markdown, results, summarise
+from .runs import RunData, config_conflict, final_eval, read_records, read_status, run_data, write_json
+
+
+def machine_description() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}")
+
+
+def _child_env(threads: int) -> dict:
+    """The environment of a run: its share of the threads, and this hafis first on the path."""
+    import hafis
+
+    env = dict(os.environ)
+    src = str(Path(hafis.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([src, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[key] = str(threads)
+    return env
+
+
+class Comparison:
+    """The state of one ``hafis compare`` call: the plan, and the outputs rewritten as runs finish."""
+
+    def __init__(self, config_path: Path, arms: Sequence[Arm], seeds: Sequence[int], common: Sequence[str],
+                 out: Path, baseline: Optional[str], command: str, log: Callable[[str], None] = print) -> None:
+        self.config_path, self.arms, self.seeds, self.out = Path(config_path), list(arms), list(seeds), Path(out)
+        self.common = list(common)
+        self.specs = plan_runs(self.config_path, self.arms, self.seeds, self.common, self.out)
+        names = [a.name for a in self.arms]
+        if baseline is not None and baseline not in names:
+            raise ConfigError(f"--baseline {baseline!r} is not an arm; arms: {', '.join(names)}")
+        self.baseline = baseline or names[0]
+        self.command, self.log = command, log
+        self.machine = machine_description()
+        self.problems: dict[tuple[str, int], str] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_plan(cls, out: Path, log: Callable[[str], None] = print) -> "Comparison":
+        """The comparison an earlier ``hafis compare`` call wrote to ``out/compare.json`` (for ``--report-only``)."""
+        path = Path(out) / PLAN_FILE
+        try:
+            plan = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--report-only: cannot read {path} ({exc}); give CONFIG and the --arm options") from None
+        return cls(Path(plan["config"]), [Arm(n, o) for n, o in plan["arms"]], plan["seeds"], plan["common"], out,
+                   plan["baseline"], plan["command"], log)
+
+    def save_plan(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / PLAN_FILE, {
+            "config": str(self.config_path), "arms": [[a.name, a.overrides] for a in self.arms], "seeds": self.seeds,
+            "common": self.common, "baseline": self.baseline, "command": self.command})
+
+    # ----------------------------------------------------------------------------------------- outputs
+    def collect(self) -> list[RunData]:
+        return [run_data(s, self.problems.get((s.arm.name, s.seed))) for s in self.specs]
+
+    def write_outputs(self) -> dict:
+        """results.json, report.md and the plots from what is on disk now."""
+        with self._lock:
+            runs = self.collect()
+            arms = [a.name for a in self.arms]
+            summary = summarise(runs, arms, self.seeds, self.baseline)
+            content = results(self.command, self.machine, runs, summary)
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "results.json", content)
+            header = {"config": str(self.config_path), "command": self.command, "machine": self.machine,
+                      "seeds": self.seeds}
+            plot_miou(runs, arms, self.out / "miou.png")
+            plot_diagnostics(runs, arms, self.out / "diagnostics.png")
+            (self.out / "report.md").write_text(report_markdown(summary, runs, header, arms))
+            return content
+
+    # ------------------------------------------------------------------------------------------ running
+    def run(self, jobs: int = 1) -> int:
+        """Train what is missing, ``jobs`` processes at a time; 0 when every run finished, 1 when some failed."""
+        jobs = max(1, jobs)
+        self.save_plan()
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        env = _child_env(threads)
+        todo = []
+        for spec in self.specs:
+            conflict = config_conflict(spec)
+            if conflict:
+                self.problems[spec.arm.name, spec.seed] = conflict
+                self.log(f"[compare] {spec.label}: {conflict}")
+            elif final_eval(read_records(spec.run_dir), spec.config.train.iterations) is not None:
+                self.log(f"[compare] {spec.label}: finished before, reused ({spec.run_dir})")
+            else:
+                todo.append(spec)
+        self.write_outputs()
+        self.log(f"[compare] {len(todo)} of {len(self.specs)} runs to train, {jobs} at a time with {threads} "
+                 f"thread(s) each; report: {self.out / 'report.md'}")
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            detect_failed = self._detect_all(todo, pool, env)
+            for _ in pool.map(lambda s: self._train_one(s, env, detect_failed.get(s.detector_dir)), todo):
+                pass
+        self.write_outputs()
+        failed = [k for k in self.problems]
+        self.log(f"[compare] done: {len(self.specs) - len(failed)} of {len(self.specs)} runs finished; "
+                 f"{self.out / 'report.md'}")
+        return 1 if failed else 0
+
+    def _detect_all(self, todo: Sequence[RunSpec], pool: ThreadPoolExecutor, env: dict) -> dict:
+        """``hafis detect`` once per distinct detector folder of the runs to train; returns folder -> problem."""
+        first: dict[Path, RunSpec] = {}
+        for spec in todo:
+            if spec.detector_dir is not None:
+                first.setdefault(spec.detector_dir, spec)
+
+        def detect(spec: RunSpec) -> tuple[Path, Optional[str]]:
+            spec.detector_dir.mkdir(parents=True, exist_ok=True)
+            log_path = spec.detector_dir / "detect.log"
+            self.log(f"[compare] detector for {spec.label} (shared by the arms of seed {spec.seed} with the same "
+                     f"detector inputs): {spec.detector_dir}")
+            rc = self._subprocess(["detect", str(self.config_path), *spec.overrides], log_path, env)
+            return spec.detector_dir, None if rc == 0 else f"hafis detect failed (exit {rc}); log: {log_path}"
+
+        return {d: p for d, p in pool.map(detect, first.values()) if p}
+
+    def _train_one(self, spec: RunSpec, env: dict, detect_problem: Optional[str]) -> None:
+        key = (spec.arm.name, spec.seed)
+        if detect_problem:
+            self.problems[key] = detect_problem
+            self.log(f"[compare] {spec.label}: not trained, {detect_problem}")
+            self.write_outputs()
+            return
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        status = read_status(spec)
+        ckpts = spec.run_dir / "checkpoints"
+        resume = ckpts.is_dir() and any(ckpts.glob("*.pt"))
+        if not resume and (spec.run_dir / "metrics.jsonl").is_file():
+            (spec.run_dir / "metrics.jsonl").unlink()  # no checkpoint: the run starts over and logs from iteration 0
+        self.log(f"[compare] {spec.label}: {'resuming' if resume else 'training'} -> {spec.run_dir}")
+        t0 = time.perf_counter()
+        rc = self._subprocess(["train", str(self.config_path), *spec.overrides, *(["--resume"] if resume else [])],
+                              spec.log_path, env)
+        wall = (status.get("wall_s") or 0.0) + time.perf_counter() - t0
+        finished = final_eval(read_records(spec.run_dir), spec.config.train.iterations) is not None
+        problem = None
+        if rc != 0 or not finished:
+            problem = f"failed (exit {rc}); log: {spec.log_path}"
+            self.problems[key] = problem
+        write_json(spec.status_path, {"wall_s": wall, "returncode": rc, "problem": problem,
+                                              "log": str(spec.log_path)})
+        self.log(f"[compare] {spec.label}: " + (problem or f"finished in {wall:.0f} s"))
+        self.write_outputs()
+
+    def _subprocess(self, args: list[str], log_path: Path, env: dict) -> int:
+        command = [sys.executable, "-m", "hafis", *args]
+        with open(log_path, "a") as fh:
+            fh.write(f"$ {shlex.join(command)}\n")
+            fh.flush()
+            return subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
