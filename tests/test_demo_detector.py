@@ -21,10 +21,11 @@ def test_full_demo_runs_the_detector_verified_run(tmp_path):
     assert "## Detector-verified prototypes" in report and "confidence + detector" in report
 
 
-def test_quick_demo_is_the_three_runs_of_the_issue(tmp_path):
+def test_quick_demo_is_three_runs(tmp_path):
     records = run_demo(tmp_path, quick=True, overrides=TINY, log=lambda m: None, data="synthetic")
     assert [r.label.split(" (")[0] for r in records] == ["supervised", "unimatch", "unimatch + W"]
     assert not (tmp_path / "detector").exists()
     report = (tmp_path / "report.md").read_text()
     assert "| supervised |" in report
     assert (tmp_path / "miou.png").is_file() and (tmp_path / "pseudo_labels.png").is_file()
+    assert (tmp_path / "diagnostics.png").is_file() and (tmp_path / "results.json").is_file()

@@ -15,7 +15,9 @@ def test_demo_frameworks_table(tmp_path, capsys):
     table = report[report.index("| framework | mIoU off | mIoU on |"):].splitlines()
     assert [row.split("|")[1].strip() for row in table[2:5]] == ["u2pl", "augseg", "(supervised only)"]
     assert "| u2pl + W (paper: s/k, count) |" in report and "against plain UniMatch" not in report
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [f"run{i}" for i in range(5)]
+    arms = ["supervised", "u2pl", "u2pl_+_W__paper__s_k__count_", "augseg", "augseg_+_W__paper__s_k__count_"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(arms)
+    assert all((tmp_path / "runs" / arm / "seed_0" / "metrics.jsonl").is_file() for arm in arms)
     capsys.readouterr()
     assert main(["demo", "--frameworks", "u2pl,nope", "--out", str(tmp_path / "x")]) == 2
     assert "nope" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -202,8 +202,9 @@ def _demo(args: argparse.Namespace) -> int:
         if bad or not frameworks:
             raise ConfigError(f"--frameworks: unknown or unusable framework(s) {bad}; valid: "
                               f"{', '.join(f for f in FRAMEWORKS if f != 'supervised')}")
-    run_demo(Path(args.out), quick=args.quick, overrides=args.overrides, frameworks=frameworks, data=args.data)
-    return 0
+    records = run_demo(Path(args.out), quick=args.quick, overrides=args.overrides, frameworks=frameworks,
+                       data=args.data)
+    return 0 if all(r.miou for r in records) else 1
 
 
 def _compare(args: argparse.Namespace) -> int:

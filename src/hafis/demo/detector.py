@@ -34,10 +34,6 @@ DETECTOR_RUN = ("unimatch + W, detector-verified prototypes",
 NUM_BOX_CHECK = 200
 
 
-def needs_detector(config: Config) -> bool:
-    return config.weighting.enabled and config.weighting.reliable == "detector"
-
-
 @dataclass
 class DetectorInfo:
     seconds: float
@@ -60,13 +56,6 @@ def prepare_detector(config: Config, log: Callable[[str], None] = print) -> Dete
     unlabelled = build_sources(config.data)[1]
     info.boxes = box_quality(detections, unlabelled, range(min(NUM_BOX_CHECK, len(unlabelled))), info.tau_det)
     return info
-
-
-def probe_box_masks(trainer, count: int) -> Optional[torch.Tensor]:
-    """Box masks of the first ``count`` unlabelled images for the quality probe (``None`` without a detector)."""
-    if getattr(trainer, "box_masks", None) is None:
-        return None
-    return trainer.box_masks.batch(range(count))
 
 
 def _palette(num_classes: int) -> np.ndarray:

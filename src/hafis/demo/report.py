@@ -1,18 +1,19 @@
-"""The demo's report: ``report.md`` (tables of mIoU and pseudo-label quality) and its curves."""
+"""The demo's part of ``report.md``, after the comparison's tables: per-class IoU, pseudo-label quality over
+training, each framework without / with the weighting, the detector, the pictures."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from matplotlib.figure import Figure
-
-from hafis.files import atomic_write
+from hafis.engine.compare.runs import RunData
 
 from .detector import DETECTOR_RUN, DetectorInfo
 
 #: unlabelled images whose pseudo-labels are checked against their hidden ground truth at every evaluation
+#: (``eval.diagnostics_images``)
 NUM_PROBE_IMAGES = 64
 
 
@@ -24,14 +25,30 @@ class RunRecord:
     iterations: list[int] = field(default_factory=list)
     miou: list[float] = field(default_factory=list)
     quality: list[dict] = field(default_factory=list)
-    final_iou: list[Optional[float]] = field(default_factory=list)
+    #: class name -> final IoU
+    final_iou: dict = field(default_factory=dict)
     best_miou: float = float("nan")
     seconds: float = 0.0
+
+
+def run_record(run: RunData) -> RunRecord:
+    """A run's record from its metrics.jsonl (the trainer logs the diagnostics with every evaluation)."""
+    final = run.final
+    if final is None:
+        return RunRecord(run.arm)
+    evals = run.evals
+    return RunRecord(run.arm, [e["iteration"] for e in evals], [e["miou"] for e in evals],
+                     [e.get("diagnostics") or {} for e in evals], dict(final.get("iou_by_class") or {}),
+                     final["best_miou"], run.wall_s or 0.0)
 
 
 def pct(v: Optional[float]) -> str:
     """A share as a percentage with one decimal; ``-`` for a missing or NaN value."""
     return "-" if v is None or v != v else f"{100 * v:.1f}"
+
+
+def num(v: Optional[float]) -> str:
+    return "-" if v is None or math.isnan(v) else f"{v:.3f}"
 
 
 #: what a one-seed difference is worth, said wherever the demo shows one
@@ -42,19 +59,17 @@ ONE_SEED = ("one seed: a run's final mIoU moves by several points with the seed 
 DATA_NAMES = {"garments": "Fashion-MNIST garments on real photographs, ImageNet-pretrained EfficientNet-Lite0"}
 
 
-def write_report(path: Path, records: list[RunRecord], class_names: list[str], quick: bool, seconds: float,
-                 config_path: Path, frameworks: Optional[Sequence[str]] = None) -> str:
+def demo_report(records: list[RunRecord], config_path: Path, frameworks: Optional[Sequence[str]] = None,
+                detector: Optional[DetectorInfo] = None) -> str:
+    """The demo's sections of ``report.md`` (markdown, to follow the comparison's)."""
     data = DATA_NAMES.get(config_path.stem.split("_")[0], "built-in synthetic scenes")
-    lines = [f"# hafis demo ({'quick' if quick else 'full'})", "",
-             f"Config: `{config_path.name}` ({data}), one seed, same labelled subset for every run. "
-             f"Total wall time {seconds:.0f} s.", "",
-             "| method | final mIoU | best mIoU | wall time (s) |", "|---|---|---|---|"]
+    class_names = list(records[0].final_iou)
+    lines = ["", "## Demo", "",
+             f"Config: `{config_path.name}` ({data}), one seed, same labelled subset for every run; {ONE_SEED}.", "",
+             "Per-class IoU (final):", "", "| method | " + " | ".join(class_names) + " |",
+             "|---|" + "---|" * len(class_names)]
     for r in records:
-        lines.append(f"| {r.label} | {pct(r.miou[-1])} | {pct(r.best_miou)} | {r.seconds:.0f} |")
-    lines += ["", "Per-class IoU (final):", "", "| method | " + " | ".join(class_names) + " |",
-              "|---|" + "---|" * len(class_names)]
-    for r in records:
-        lines.append(f"| {r.label} | " + " | ".join(pct(v) for v in r.final_iou) + " |")
+        lines.append(f"| {r.label} | " + " | ".join(pct(r.final_iou.get(c)) for c in class_names) + " |")
     lines += ["", f"Pseudo-labels on {NUM_PROBE_IMAGES} unlabelled images against their hidden ground truth "
               "(first evaluation → last):", "",
               "| method | wrong pixels % | confident share % | wrong among confident % | mean W right | mean W wrong "
@@ -62,27 +77,19 @@ def write_report(path: Path, records: list[RunRecord], class_names: list[str], q
               "|---|---|---|---|---|---|---|"]
     for r in records[1:]:
         first, last = r.quality[0], r.quality[-1]
-        w_r = f"{first['weight_right']:.3f} → {last['weight_right']:.3f}" if "weight_right" in last else "-"
-        w_w = f"{first['weight_wrong']:.3f} → {last['weight_wrong']:.3f}" if "weight_wrong" in last else "-"
-        w_c = (f"{last['weight_right_within_class']:.3f} / {last['weight_wrong_within_class']:.3f}"
+        w_r = f"{num(first['weight_right'])} → {num(last['weight_right'])}" if "weight_right" in last else "-"
+        w_w = f"{num(first['weight_wrong'])} → {num(last['weight_wrong'])}" if "weight_wrong" in last else "-"
+        w_c = (f"{num(last['weight_right_within_class'])} / {num(last['weight_wrong_within_class'])}"
                if "weight_right_within_class" in last else "-")
         lines.append(f"| {r.label} | {pct(first['pseudo_error'])} → {pct(last['pseudo_error'])} | "
                      f"{pct(first['confident_share'])} → {pct(last['confident_share'])} | "
                      f"{pct(first['confident_error'])} → {pct(last['confident_error'])} | {w_r} | {w_w} | {w_c} |")
     if frameworks:
         lines += frameworks_table(records, frameworks)
-    base = records[1].miou[-1] if len(records) > 1 else None
-    if base is not None and not frameworks:
-        lines += ["", f"Effect of the weighting on final mIoU, against plain UniMatch ({ONE_SEED}):", ""]
-        for r in records[2:]:
-            lines.append(f"- {r.label}: {100 * (r.miou[-1] - base):+.2f} points "
-                         f"(best epoch: {100 * (r.best_miou - records[1].best_miou):+.2f})")
-    lines += ["", "Pictures: `miou.png` (val mIoU over iterations), `pseudo_labels_quality.png` (wrong pseudo-label "
-              "share and mean W of right / wrong pixels over training), `pseudo_labels.png` (image, hidden ground "
-              "truth, pseudo-label, reliable mask, weight map of unlabelled images, from the first weighting run).", ""]
-    text = "\n".join(lines)
-    atomic_write(path, text)
-    return text
+    lines += ["", "Pictures: `pseudo_labels.png` (image, hidden ground truth, pseudo-label, confidence, reliable mask, "
+              "weight map of unlabelled images, from the first weighting run).", ""]
+    lines += detector_report_lines(detector, records)
+    return "\n".join(lines)
 
 
 def frameworks_table(records: list[RunRecord], frameworks: Sequence[str]) -> list[str]:
@@ -128,35 +135,3 @@ def detector_report_lines(info: Optional[DetectorInfo], records) -> list[str]:
               "confidence + a same-class box (background is never reliable under the detector rule: "
               "`weighting.stuff: exclude`, as the authors' code).", ""]
     return lines
-
-
-def plot_curves(records: list[RunRecord], miou_path: Path, quality_path: Path) -> None:
-    """Val mIoU of every run, and wrong pseudo-labels / mean W of right and wrong pixels, over iterations."""
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
-    for r in records:
-        ax.plot(r.iterations, [100 * v for v in r.miou], marker="o", ms=3, label=r.label)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("val mIoU (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write(miou_path, lambda fh: fig.savefig(fh, format="png", dpi=120))
-
-    fig = Figure(figsize=(10, 4))
-    axes = fig.subplots(1, 2)
-    for r in records[1:]:
-        axes[0].plot(r.iterations, [100 * q["pseudo_error"] for q in r.quality], label=f"{r.label}: all")
-        axes[0].plot(r.iterations, [100 * q["reliable_error"] for q in r.quality], ls="--",
-                     label=f"{r.label}: reliable")
-        if "weight_right" in r.quality[0]:
-            axes[1].plot(r.iterations, [q["weight_right"] for q in r.quality], label=f"{r.label}: right")
-            axes[1].plot(r.iterations, [q["weight_wrong"] for q in r.quality], ls="--", label=f"{r.label}: wrong")
-    axes[0].set_title("wrong pseudo-label pixels (%)")
-    axes[1].set_title("mean weight W on right / wrong pseudo-labels")
-    for ax in axes:
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    atomic_write(quality_path, lambda fh: fig.savefig(fh, format="png", dpi=120))

@@ -1,26 +1,27 @@
-"""The demo's runs: supervised vs UniMatch vs UniMatch + the weighting, on the garments (Fashion-MNIST on real
-photographs, with an ImageNet-pretrained encoder) or, where Fashion-MNIST is not installed, the built-in synthetic
-scenes.
+"""The demo's comparison: supervised vs UniMatch vs UniMatch + the weighting, one seed, on the garments
+(Fashion-MNIST on real photographs, with an ImageNet-pretrained encoder) or, where Fashion-MNIST is not installed,
+the built-in synthetic scenes.
 
-Every run uses the same labelled subset, seed and schedule; only the framework and the weighting keys change. The
-report gives the final and best mIoU of each run, per-class IoU, pseudo-label quality against the (hidden) ground
-truth of unlabelled images over training, and pictures of pseudo-labels, reliable masks and weight maps.
+It is a ``hafis compare`` run (:mod:`hafis.engine.compare`) with fixed arms: every run uses the same labelled
+subset, seed and schedule; only the framework and the weighting keys change; the trainer logs the pseudo-label
+diagnostics of a fixed set of unlabelled images at every evaluation. On top of the comparison's report the demo
+adds per-class IoU, pseudo-label quality over training, its pictures (pseudo-labels, reliable masks, weight maps,
+detections) and the detector's section.
 """
 
 from __future__ import annotations
 
-import time
+import shlex
 from pathlib import Path
 from typing import Optional, Sequence
 
 from hafis.config import load_config
-from hafis.engine.diagnostics import load_images, pseudo_label_quality
-from hafis.engine.trainer import Trainer
+from hafis.engine.compare.plan import Arm, needs_detector
+from hafis.engine.compare.pool import Comparison
 from hafis.engine.visualize import inspect, save_grid
-from hafis.files import atomic_write
 
-from .detector import DETECTOR_RUN, needs_detector, plot_detections, prepare_detector, probe_box_masks
-from .report import NUM_PROBE_IMAGES, RunRecord, detector_report_lines, plot_curves, write_report
+from .detector import DETECTOR_RUN, plot_detections, prepare_detector
+from .report import NUM_PROBE_IMAGES, RunRecord, demo_report, run_record
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -68,70 +69,60 @@ def demo_config_path(quick: bool, data: str = "synthetic") -> Path:
     return CONFIG_DIR / (f"{name}_quick.yaml" if quick else f"{name}.yaml")
 
 
+def demo_runs(quick: bool, data: str, frameworks: Optional[Sequence[str]]) -> list[tuple[str, list[str]]]:
+    if frameworks:
+        return framework_runs(frameworks)
+    if quick or data == "garments":
+        return list(RUNS)  # the garments' full demo keeps to these three to stay near 10 minutes on 2 cores
+    return RUNS + [AUTHORS_RUN, DETECTOR_RUN]  # the synthetic scenes are cheap enough for both extra forms
+
+
 def run_demo(out: Path, quick: bool = False, overrides: Sequence[str] = (), log=print,
              frameworks: Optional[Sequence[str]] = None, data: str = "auto") -> list[RunRecord]:
     """The default demo, or with ``frameworks`` supervised plus each framework with and without the weighting;
-    ``data``: garments, synthetic or auto (:func:`demo_data`)."""
+    ``data``: garments, synthetic or auto (:func:`demo_data`). Returns one record per run (a failed run has no
+    evaluation; the report names it and its log)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     data = demo_data(data, log)
-    if frameworks:
-        runs = framework_runs(frameworks)
-    elif quick or data == "garments":
-        runs = list(RUNS)  # the garments' full demo keeps to these three to stay near 10 minutes on 2 cores
-    else:
-        runs = RUNS + [AUTHORS_RUN, DETECTOR_RUN]  # the synthetic scenes are cheap enough for both extra forms
     config_path = demo_config_path(quick, data)
-    records, last_trainer = [], None
-    detector_info, detector_trainer = None, None
-    t_all = time.perf_counter()
-    for i, (label, run_overrides) in enumerate(runs):
-        config = load_config(config_path, [*run_overrides, f"name=run{i}", f"output_dir={out / 'runs'}/{{name}}",
-                                           f"detector.output_dir={out / 'detector'}", *overrides])
-        record = RunRecord(label)
-        probe: dict = {}
-
-        def on_eval(trainer, iteration, result, record=record, probe=probe):
-            if not probe:
-                n = min(NUM_PROBE_IMAGES, len(trainer.unlabelled_source))
-                probe["images"], probe["gt"] = load_images(trainer.unlabelled_source, range(n))
-                probe["boxes"] = probe_box_masks(trainer, n)
-            record.iterations.append(iteration)
-            record.miou.append(result.miou)
-            record.quality.append(pseudo_label_quality(trainer.framework, probe["images"], probe["gt"],
-                                                       box_masks=probe["boxes"]))
-
-        log(f"[demo] run {i + 1}/{len(runs)}: {label}")
-        if needs_detector(config):
-            detector_info = prepare_detector(config, log)
-        t0 = time.perf_counter()
-        trainer = Trainer(config, on_eval=on_eval)
-        if needs_detector(config):
-            detector_trainer = trainer
-        result = trainer.train()
-        record.seconds = time.perf_counter() - t0
-        record.final_iou, record.best_miou = result.iou, trainer.best_miou
-        records.append(record)
-        if config.weighting.enabled and last_trainer is None:
-            last_trainer = trainer  # the paper-form weighting run gives the pictures
-        log(f"[demo]   mIoU {100 * result.miou:.2f} (best {100 * trainer.best_miou:.2f}) in {record.seconds:.0f} s")
-    class_names = list(trainer.class_names)
-    plot_curves(records, out / "miou.png", out / "pseudo_labels_quality.png")
-    if last_trainer is not None:
-        plot_pseudo_labels(last_trainer, out / "pseudo_labels.png")
-    if detector_trainer is not None:
-        plot_detections(detector_trainer, out / "detections.png")
-    report = write_report(out / "report.md", records, class_names, quick, time.perf_counter() - t_all, config_path,
-                          frameworks)
-    if detector_info is not None:
-        report += "\n".join(detector_report_lines(detector_info, records))
-        atomic_write(out / "report.md", report)
+    arms = [Arm(label, list(run_overrides)) for label, run_overrides in demo_runs(quick, data, frameworks)]
+    seed = load_config(config_path, list(overrides)).seed
+    common = [f"eval.diagnostics_images={NUM_PROBE_IMAGES}", f"detector.output_dir={out / 'detector'}", *overrides]
+    command = shlex.join(["hafis", "demo", *(["--quick"] if quick else []), "--data", data,
+                          *(["--frameworks", ",".join(frameworks)] if frameworks else []), "--out", str(out),
+                          *overrides])
+    comparison = Comparison(config_path, arms, [seed], common, out, None if frameworks else "unimatch", command, log,
+                            title=f"hafis demo ({'quick' if quick else 'full'})")
+    detector_spec = next((s for s in comparison.specs if needs_detector(s.config)), None)
+    # trained here, timed for the report; the comparison's `hafis detect` then reuses it
+    detector_info = prepare_detector(detector_spec.config, log) if detector_spec is not None else None
+    comparison.run()
+    records = [run_record(r) for r in comparison.collect()]
+    if all(r.miou for r in records):
+        pictures(comparison, out)
+        extra = demo_report(records, config_path, frameworks, detector_info)
+    else:
+        extra = ""
+    report = comparison.write_outputs(extra)
     log(report)
     return records
 
 
-def plot_pseudo_labels(trainer: Trainer, path: Path, count: int = 4) -> None:
-    """Image, hidden ground truth, pseudo-label, confidence, reliable mask and weight map of unlabelled images."""
-    rows = inspect(trainer, trainer.unlabelled_source, range(count), use_boxes=True)
-    offset = trainer.config.weighting.offset
-    save_grid(rows, path, (offset, offset + 1), gt_title="ground truth (hidden)")
+def pictures(comparison: Comparison, out: Path) -> None:
+    """The demo's pictures from the trained runs' last checkpoints: pseudo-labels, reliable masks and weight maps of
+    the first weighting run (``pseudo_labels.png``), and the detector run's detections (``detections.png``)."""
+    from hafis.engine.trainer import Trainer
+
+    weighted = next((s for s in comparison.specs if s.config.weighting.enabled), None)
+    if weighted is not None:
+        trainer = Trainer(weighted.config)
+        trainer.resume()
+        rows = inspect(trainer, trainer.unlabelled_source, range(min(4, len(trainer.unlabelled_source))),
+                       use_boxes=True)
+        offset = weighted.config.weighting.offset
+        save_grid(rows, out / "pseudo_labels.png", (offset, offset + 1), gt_title="ground truth (hidden)")
+    detector = next((s for s in comparison.specs if needs_detector(s.config)), None)
+    if detector is not None:
+        trainer = Trainer(detector.config)
+        trainer.resume()
+        plot_detections(trainer, out / "detections.png")

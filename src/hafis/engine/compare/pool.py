@@ -47,7 +47,10 @@ class Comparison:
     """The state of one ``hafis compare`` call: the plan, and the outputs rewritten as runs finish."""
 
     def __init__(self, config_path: Path, arms: Sequence[Arm], seeds: Sequence[int], common: Sequence[str],
-                 out: Path, baseline: Optional[str], command: str, log: Callable[[str], None] = print) -> None:
+                 out: Path, baseline: Optional[str], command: str, log: Callable[[str], None] = print,
+                 title: Optional[str] = None) -> None:
+        #: the report's heading (``hafis demo`` names itself); None = "hafis compare"
+        self.title = title
         self.config_path, self.arms, self.seeds, self.out = Path(config_path), list(arms), list(seeds), Path(out)
         self.common = list(common)
         self.specs = plan_runs(self.config_path, self.arms, self.seeds, self.common, self.out)
@@ -69,33 +72,35 @@ class Comparison:
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"--report-only: cannot read {path} ({exc}); give CONFIG and the --arm options") from None
         return cls(Path(plan["config"]), [Arm(n, o) for n, o in plan["arms"]], plan["seeds"], plan["common"], out,
-                   plan["baseline"], plan["command"], log)
+                   plan["baseline"], plan["command"], log, plan.get("title"))
 
     def save_plan(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / PLAN_FILE, {
             "config": str(self.config_path), "arms": [[a.name, a.overrides] for a in self.arms], "seeds": self.seeds,
-            "common": self.common, "baseline": self.baseline, "command": self.command})
+            "common": self.common, "baseline": self.baseline, "command": self.command,
+            **({"title": self.title} if self.title else {})})
 
     # ----------------------------------------------------------------------------------------- outputs
     def collect(self) -> list[RunData]:
         return [run_data(s, self.problems.get((s.arm.name, s.seed))) for s in self.specs]
 
-    def write_outputs(self) -> dict:
-        """results.json, report.md and the plots from what is on disk now."""
+    def write_outputs(self, extra: str = "") -> str:
+        """results.json, report.md (followed by ``extra``, markdown) and the plots from what is on disk now; returns
+        the report."""
         with self._lock:
             runs = self.collect()
             arms = [a.name for a in self.arms]
             summary = summarise(runs, arms, self.seeds, self.baseline)
-            content = results(self.command, self.machine, runs, summary)
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "results.json", content)
+            write_json(self.out / "results.json", results(self.command, self.machine, runs, summary))
             header = {"config": str(self.config_path), "command": self.command, "machine": self.machine,
-                      "seeds": self.seeds}
+                      "seeds": self.seeds, **({"title": self.title} if self.title else {})}
             plot_miou(runs, arms, self.out / "miou.png")
             plot_diagnostics(runs, arms, self.out / "diagnostics.png")
-            (self.out / "report.md").write_text(report_markdown(summary, runs, header, arms))
-            return content
+            report = report_markdown(summary, runs, header, arms) + extra
+            (self.out / "report.md").write_text(report)
+            return report
 
     # ------------------------------------------------------------------------------------------ running
     def run(self, jobs: int = 1) -> int:

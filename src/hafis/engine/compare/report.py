@@ -176,9 +176,9 @@ def _diff(stat: Optional[dict]) -> tuple[str, str]:
 
 def report_markdown(summary: dict, runs: Sequence[RunData], header: dict, arms: Sequence[str]) -> str:
     """The report: tables of ``summary`` and of the diagnostics, links to the plots. ``header``: command, machine,
-    config, seeds."""
+    config, seeds, and optionally the title (default "hafis compare")."""
     base = summary["baseline"]
-    lines = [f"# hafis compare: `{header['config']}`", "",
+    lines = [f"# {header.get('title', 'hafis compare')}: `{header['config']}`", "",
              f"Command: `{header['command']}`  ", f"Machine: {header['machine']}  ",
              f"Seeds: {', '.join(map(str, header['seeds']))}; baseline arm: **{base}**. mIoU in %, mean ± sample "
              "std over the finished seeds (n); last quarter = final mIoU minus the mIoU at 3/4 of the schedule "
