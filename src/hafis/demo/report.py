@@ -65,7 +65,7 @@ def demo_report(records: list[RunRecord], config_path: Path, frameworks: Optiona
     data = DATA_NAMES.get(config_path.stem.split("_")[0], "built-in synthetic scenes")
     class_names = list(records[0].final_iou)
     lines = ["", "## Demo", "",
-             f"Config: `{config_path.name}` ({data}), one seed, same labelled subset for every run; {ONE_SEED}.", "",
+             f"Config: `{config_path.name}` ({data}), same labelled subset for every run; {ONE_SEED}.", "",
              "Per-class IoU (final):", "", "| method | " + " | ".join(class_names) + " |",
              "|---|" + "---|" * len(class_names)]
     for r in records:

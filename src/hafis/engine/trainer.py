@@ -63,7 +63,7 @@ def _allowed(key: str, allow_change: tuple) -> bool:
 class Trainer:
     """Builds everything a run needs from a :class:`~hafis.config.Config` and trains it.
 
-    ``on_eval(trainer, iteration, result)`` is called after every evaluation (the demo uses it for pictures).
+    ``on_eval(trainer, iteration, result)`` is called after every evaluation (a benchmark measures the model there).
     """
 
     def __init__(self, config: Config, on_eval: Optional[Callable] = None) -> None:
