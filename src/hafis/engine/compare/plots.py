@@ -6,6 +6,8 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
+from hafis.files import atomic_write
+
 from .report import diagnostic_curves
 from .runs import RunData
 
@@ -37,7 +39,7 @@ def plot_miou(runs: Sequence[RunData], arms: Sequence[str], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
     return True
 
 
@@ -74,5 +76,5 @@ def plot_diagnostics(runs: Sequence[RunData], arms: Sequence[str], path: Path) -
         if ax.lines:
             ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
     return True

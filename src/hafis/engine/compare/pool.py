@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from hafis.config import ConfigError
+from hafis.files import atomic_write, write_json
 
 from .plan import PLAN_FILE, Arm, RunSpec, plan_runs
 from .plots import plot_diagnostics, plot_miou
 from .report import report_markdown, results, summarise
-from .runs import RunData, config_conflict, final_eval, read_records, read_status, run_data, write_json
+from .runs import RunData, config_conflict, final_eval, read_records, read_status, run_data
 
 
 def machine_description() -> str:
@@ -79,7 +80,7 @@ class Comparison:
         write_json(self.out / PLAN_FILE, {
             "config": str(self.config_path), "arms": [[a.name, a.overrides] for a in self.arms], "seeds": self.seeds,
             "common": self.common, "baseline": self.baseline, "command": self.command,
-            **({"title": self.title} if self.title else {})})
+            **({"title": self.title} if self.title else {})}, indent=1)
 
     # ----------------------------------------------------------------------------------------- outputs
     def collect(self) -> list[RunData]:
@@ -93,13 +94,13 @@ class Comparison:
             arms = [a.name for a in self.arms]
             summary = summarise(runs, arms, self.seeds, self.baseline)
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "results.json", results(self.command, self.machine, runs, summary))
+            write_json(self.out / "results.json", results(self.command, self.machine, runs, summary), indent=1)
             header = {"config": str(self.config_path), "command": self.command, "machine": self.machine,
                       "seeds": self.seeds, **({"title": self.title} if self.title else {})}
             plot_miou(runs, arms, self.out / "miou.png")
             plot_diagnostics(runs, arms, self.out / "diagnostics.png")
             report = report_markdown(summary, runs, header, arms) + extra
-            (self.out / "report.md").write_text(report)
+            atomic_write(self.out / "report.md", report)
             return report
 
     # ------------------------------------------------------------------------------------------ running
@@ -173,7 +174,7 @@ class Comparison:
             problem = f"failed (exit {rc}); log: {spec.log_path}"
             self.problems[key] = problem
         write_json(spec.status_path, {"wall_s": wall, "returncode": rc, "problem": problem,
-                                              "log": str(spec.log_path)})
+                                      "log": str(spec.log_path)}, indent=1)
         self.log(f"[compare] {spec.label}: " + (problem or f"finished in {wall:.0f} s"))
         self.write_outputs()
 

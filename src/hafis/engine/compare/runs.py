@@ -51,12 +51,6 @@ def read_status(spec: RunSpec) -> dict:
         return {}
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-
-
 # ---------------------------------------------------------------------------------------- the report (pure)
 @dataclass
 class RunData:
