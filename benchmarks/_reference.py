@@ -1,12 +1,12 @@
 """What the fast weighting is measured against.
 
-- ``reference_*``: the straightforward implementation of method.md's definition: ``torch.topk`` indices of every pixel
+- ``reference_*``: the definition in docs/method.md, written plainly: ``torch.topk`` indices of every pixel
   and prototype, then a per-row set intersection (``torch.isin`` in a Python loop over rows); a bank of per-class
   Python lists filled by a loop over classes. Too slow to run on every row at paper scale, so the per-row loop is
   timed on a subsample of rows and its time extrapolated linearly (the loop's cost per row does not depend on N).
 - ``topk_broadcast_*``: the vectorised version a careful user writes first: ``torch.topk`` indices and one broadcast
   ``==`` of the ``k x k`` index pairs per row (no index tie rule).
-- ``previous_*``: hafis before issue 8 (commit 264aa4d): exact top-k mask from ``torch.topk`` values + a cumulative
+- ``mask_*``: an exact vectorised form: top-k mask from ``torch.topk`` values + a cumulative
   sum for ties, the whole-batch bilinear upsampling, an ``(hw x D) @ (D x C)`` product, and the bank's float sort.
 """
 
@@ -105,9 +105,9 @@ def topk_broadcast_weights(features: Tensor, labels: Tensor, prototypes: Tensor,
     return torch.where(ignored | ~has_prototype[cls], 0, s) / k
 
 
-# --------------------------------------------------------------------------------------- hafis before issue 8
+# --------------------------------------------------------------------- the exact top-k mask + matrix product
 @torch.no_grad()
-def previous_topk_mask(x: Tensor, k: int, dim: int = -1) -> Tensor:
+def mask_topk(x: Tensor, k: int, dim: int = -1) -> Tensor:
     kth = torch.topk(x, k, dim=dim, largest=True, sorted=True).values.narrow(dim, k - 1, 1)
     above = x > kth
     tied = x == kth
@@ -116,13 +116,13 @@ def previous_topk_mask(x: Tensor, k: int, dim: int = -1) -> Tensor:
 
 
 @torch.no_grad()
-def previous_similarity(features: Tensor, prototypes: Tensor, k: int) -> Tensor:
-    return (previous_topk_mask(features, k, dim=1) & previous_topk_mask(prototypes, k, dim=1)).sum(dim=1) / k
+def mask_similarity(features: Tensor, prototypes: Tensor, k: int) -> Tensor:
+    return (mask_topk(features, k, dim=1) & mask_topk(prototypes, k, dim=1)).sum(dim=1) / k
 
 
 @torch.no_grad()
-def previous_weights(weighter, features: Tensor, pseudo_labels: Tensor) -> Tensor:
-    """``PseudoLabelWeighter.weights`` as of commit 264aa4d (with validation, like the fast one)."""
+def mask_weights(weighter, features: Tensor, pseudo_labels: Tensor) -> Tensor:
+    """``PseudoLabelWeighter.weights`` by top-k masks and one product (with validation, like the fast one)."""
     from hafis.weighting.checks import check_features_labels
 
     if weighter.validate:
@@ -130,12 +130,12 @@ def previous_weights(weighter, features: Tensor, pseudo_labels: Tensor) -> Tenso
                               feature_dim=weighter.feature_dim)
     B, H, W = pseudo_labels.shape
     protos, has_proto = weighter.bank.prototypes()
-    proto_mask = previous_topk_mask(protos, weighter.k, dim=1) & has_proto[:, None]
+    proto_mask = mask_topk(protos, weighter.k, dim=1) & has_proto[:, None]
     features = features.contiguous(memory_format=torch.channels_last)
     if weighter.align == "bilinear":
         features = resize_features(features, (H, W), "bilinear")
     b, d, h, w = features.shape
-    feat_mask = previous_topk_mask(features.permute(0, 2, 3, 1), weighter.k, dim=-1)
+    feat_mask = mask_topk(features.permute(0, 2, 3, 1), weighter.k, dim=-1)
     scores = torch.matmul(feat_mask.reshape(b, h * w, d).float(), proto_mask.t().float())
     scores = scores.view(b, h, w, weighter.num_classes).permute(0, 3, 1, 2)
     if (h, w) != (H, W):
@@ -147,8 +147,8 @@ def previous_weights(weighter, features: Tensor, pseudo_labels: Tensor) -> Tenso
     return weighter.offset + s.float() / weighter.k
 
 
-class PreviousBank(PrototypeBank):
-    """:class:`PrototypeBank` with the float sort of commit 264aa4d."""
+class SortBank(PrototypeBank):
+    """:class:`PrototypeBank` choosing its pixels by one float sort of noisy class keys."""
 
     def _select(self, features, labels, mask):
         B, H, W = labels.shape
@@ -175,7 +175,7 @@ class PreviousBank(PrototypeBank):
 # --------------------------------------------------------------------------- hand-written data parallelism
 @torch.no_grad()
 def hand_average_gradients(params, world_size: int, bucket_bytes: int = 25 * 1024 * 1024) -> None:
-    """What DistributedDataParallel replaces in hafis (up to commit 7b353d2): after ``backward`` has finished,
+    """What DistributedDataParallel replaces in hafis (hand-written): after ``backward`` has finished,
     all-reduce and average the gradients in ~25 MB buckets (no overlap with the backward pass)."""
     import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors

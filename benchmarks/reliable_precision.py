@@ -1,6 +1,6 @@
 """How clean are the unlabelled pixels that feed the prototype bank: confidence alone vs confidence ⊕ detector.
 
-The paper's claim (method.md, step 1): pixels the segmenter is confident about *and* a same-class detection box
+The paper's claim (docs/method.md, 1): pixels the segmenter is confident about *and* a same-class detection box
 covers are cleaner prototype material than confident pixels alone. This script measures it on the built-in synthetic
 scenes (the demo's data by default), at a few points of one UniMatch training run:
 

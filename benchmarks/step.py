@@ -2,7 +2,7 @@
 
     python benchmarks/step.py --preset tiny                 # the tiny CPU config (configs/tiny/unimatch.yaml)
     python benchmarks/step.py --preset r50                  # DeepLabV3+ ResNet-50, 321 crop, batch 2+2, CPU
-    python benchmarks/step.py --preset r101 --device cuda --variants fp32 bf16 fp32+cl bf16+cl   # GPU (issue 8.4)
+    python benchmarks/step.py --preset r101 --device cuda --variants fp32 bf16 fp32+cl bf16+cl   # GPU
     python benchmarks/step.py --preset dpt --crop 126 --threads 1   # UniMatch V2 step, DINOv2-S + DPT, batch 4+4, CPU
     python benchmarks/step.py --preset dpt --device cuda --variants fp32 bf16     # the same at crop 518 on a GPU
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from _common import cuda_peak_mib, footer, header, median, peak_rss, sync, table
-from _reference import previous_weights
+from _reference import mask_weights
 from hafis.config import load_config
 from hafis.data.transforms import cutmix_box
 from hafis.engine.build import build_model
@@ -194,17 +194,17 @@ def run_variant(preset: str, variant: str, args) -> tuple[list, list]:
             total += median(t)
             part_rows.append([preset, variant, name, median(t) * 1e3, 100 * median(t) / wall["off"]])
     part_rows.append([preset, variant, "sum of the parts", total * 1e3, 100 * total / wall["off"]])
-    if args.compare_previous:  # not part of the step: what top-k + gather cost before issue 8
+    if args.compare_mask:  # not part of the step: the exact top-k mask + product form
         with autocast():
             t = [0.0] * args.steps
-            previous_weights(weighter, feat_w, pseudo)
+            mask_weights(weighter, feat_w, pseudo)
             for i in range(args.steps):
                 sync(device)
                 start = time.perf_counter()
-                previous_weights(weighter, feat_w, pseudo)
+                mask_weights(weighter, feat_w, pseudo)
                 sync(device)
                 t[i] = time.perf_counter() - start
-        part_rows.append([preset, variant, "for comparison: top-k + gather before issue 8 (commit 264aa4d)",
+        part_rows.append([preset, variant, "for comparison: exact top-k mask + product",
                           median(t) * 1e3, 100 * median(t) / wall["off"]])
     row = [preset, variant, wall["off"] * 1e3, wall["on"] * 1e3, 100 * (wall["on"] / wall["off"] - 1),
            cpu["off"] * 1e3, cpu["on"] * 1e3, 100 * (cpu["on"] / cpu["off"] - 1), total * 1e3,
@@ -224,8 +224,8 @@ def main() -> None:
     p.add_argument("--align", default="bilinear", choices=["bilinear", "nearest"])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--crop", type=int, default=None, help="crop side instead of the preset's (dpt: a multiple of 14)")
-    p.add_argument("--no-compare-previous", dest="compare_previous", action="store_false",
-                   help="skip timing the pre-issue-8 top-k + gather on the same features")
+    p.add_argument("--no-compare-mask", dest="compare_mask", action="store_false",
+                   help="skip timing the exact top-k mask + product form on the same features")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -12,7 +12,7 @@ pixels reliable. Rows:
 - ``weights``: ``PseudoLabelWeighter.weights`` of the batch (its bank holds every class's prototype).
 - ``push + weights``: what the method adds per unlabelled batch.
 
-Columns (see ``_reference.py``): ``fast`` = hafis now; ``prev`` = hafis before issue 8 (exact, vectorised);
+Columns (see ``_reference.py``): ``fast`` = hafis now; ``mask`` = the exact top-k mask + product form (vectorised);
 ``topk+bcast`` = ``torch.topk`` + broadcast compare; ``reference`` = ``torch.topk`` + a per-row ``torch.isin`` loop
 (the straightforward implementation), timed on ``--ref-rows`` rows and extrapolated per row. Times are medians of
 ``--repeat`` runs; pixels per second count the ``B h w`` pixels; ``peak`` is the resident memory the call adds at its
@@ -26,7 +26,7 @@ import argparse
 import torch
 
 from _common import footer, header, median, peak_rss, table, timed
-from _reference import (PreviousBank, ReferenceBank, previous_similarity, previous_weights,
+from _reference import (SortBank, ReferenceBank, mask_similarity, mask_weights,
                         reference_row_similarity, reference_weights, topk_broadcast_similarity,
                         topk_broadcast_weights)
 from hafis.weighting import PrototypeBank, PseudoLabelWeighter, topk_index_similarity
@@ -60,7 +60,7 @@ def run_case(B: int, D: int, size: int, C: int, k: int, repeat: int, ref_rows: i
 
     # ---- similarity
     sim = {"fast": measure(lambda: topk_index_similarity(rows, proto_rows, k), repeat),
-           "prev": measure(lambda: previous_similarity(rows, proto_rows, k), repeat),
+           "mask": measure(lambda: mask_similarity(rows, proto_rows, k), repeat),
            "bcast": measure(lambda: topk_broadcast_similarity(rows, proto_rows, k), repeat)}
     with peak_rss() as peak:
         ref_s, ref_t = reference_row_similarity(rows, proto_rows, k, ref_rows)
@@ -70,11 +70,11 @@ def run_case(B: int, D: int, size: int, C: int, k: int, repeat: int, ref_rows: i
     results["similarity"] = sim
 
     # ---- bank push
-    fast_bank, prev_bank = PrototypeBank(C, D), PreviousBank(C, D)
+    fast_bank, sort_bank = PrototypeBank(C, D), SortBank(C, D)
     ref_bank = ReferenceBank(C, D)
     results["bank push"] = {
         "fast": measure(lambda: fast_bank.push_unlabelled(feats, labels, reliable), repeat),
-        "prev": measure(lambda: prev_bank.push_unlabelled(feats, labels, reliable), repeat),
+        "mask": measure(lambda: sort_bank.push_unlabelled(feats, labels, reliable), repeat),
         "bcast": (None, None),
         "ref": measure(lambda: ref_bank.push(feats, labels, reliable), repeat),
     }
@@ -87,16 +87,16 @@ def run_case(B: int, D: int, size: int, C: int, k: int, repeat: int, ref_rows: i
     w_protos, w_has = weighter.bank.prototypes()
     r_protos, r_has = ref_bank.prototypes()
     weights = {"fast": measure(lambda: weighter.weights(feats, labels), repeat),
-               "prev": measure(lambda: previous_weights(weighter, feats, labels), repeat),
+               "mask": measure(lambda: mask_weights(weighter, feats, labels), repeat),
                "bcast": measure(lambda: topk_broadcast_weights(feats, labels, w_protos, w_has, k), repeat)}
     with peak_rss() as peak:
         _, ref_t = reference_weights(feats, labels, r_protos, r_has, k, ref_rows)
     weights["ref"] = (ref_t, peak())
-    assert torch.equal(weighter.weights(feats, labels), previous_weights(weighter, feats, labels))
+    assert torch.equal(weighter.weights(feats, labels), mask_weights(weighter, feats, labels))
     results["weights"] = weights
 
     total = {}
-    for impl in ("fast", "prev", "ref"):
+    for impl in ("fast", "mask", "ref"):
         (pt, pm), (wt, wm) = results["bank push"][impl], results["weights"][impl]
         total[impl] = (pt + wt, max(pm or 0, wm or 0))
     total["bcast"] = (None, None)
@@ -107,9 +107,9 @@ def run_case(B: int, D: int, size: int, C: int, k: int, repeat: int, ref_rows: i
         fast_t = r["fast"][0]
         ratio = lambda impl: None if r[impl][0] is None else r[impl][0] / fast_t  # noqa: E731
         ms = lambda impl: None if r[impl][0] is None else r[impl][0] * 1e3  # noqa: E731
-        out.append([f"{size}x{size}", C, op, ms("fast"), N / fast_t / 1e6, ms("prev"), ms("bcast"), ms("ref"),
-                    N / r["ref"][0] / 1e6, ratio("ref"), ratio("prev"), ratio("bcast"),
-                    r["fast"][1], r["prev"][1], r["bcast"][1], r["ref"][1]])
+        out.append([f"{size}x{size}", C, op, ms("fast"), N / fast_t / 1e6, ms("mask"), ms("bcast"), ms("ref"),
+                    N / r["ref"][0] / 1e6, ratio("ref"), ratio("mask"), ratio("bcast"),
+                    r["fast"][1], r["mask"][1], r["bcast"][1], r["ref"][1]])
     return out, agree
 
 
@@ -138,10 +138,10 @@ def main() -> None:
             case_rows, agree = run_case(args.batch, args.dim, size, C, args.k, args.repeat, args.ref_rows)
             rows += case_rows
             agreements.append(agree)
-    table(["h x w", "C", "operation", "fast ms", "fast Mpx/s", "prev ms", "topk+bcast ms", "reference ms",
-           "ref Mpx/s", "ref / fast", "prev / fast", "topk+bcast / fast", "peak MiB fast", "prev", "topk+bcast",
+    table(["h x w", "C", "operation", "fast ms", "fast Mpx/s", "mask ms", "topk+bcast ms", "reference ms",
+           "ref Mpx/s", "ref / fast", "mask / fast", "topk+bcast / fast", "peak MiB fast", "mask", "topk+bcast",
            "ref"], rows)
-    print(f"- `weights`: fast and prev give bit-identical weights on every case (asserted); the reference agrees "
+    print(f"- `weights`: fast and mask give bit-identical weights on every case (asserted); the reference agrees "
           f"with the fast similarity on {100 * min(agreements):.2f}-{100 * max(agreements):.2f} % of the rows it "
           f"ran on (torch.topk breaks ties its own way)")
     footer()

@@ -340,8 +340,10 @@ AEL's released VOC recipe is its blended 1/4 one, applied here to every VOC spli
 framework's crop. Every paper config sets `train.sync_bn: true` (SyncBatchNorm under torchrun, as every release
 runs). UniMatch is the released network and recipe (with the weighting off, loss and gradients equal the released code's
 bit for bit on the same weights, batches, boxes and seed: `tests/frameworks/test_unimatch_released.py`,
-`tests/models/test_unimatch_network.py`): `align_corners=True` resizes, no dropout after the ASPP projection, a second
-unlabelled batch for CutMix whose pseudo-labels come from an eval-mode pass, CutMix boxes whose area is drawn once.
+`tests/models/test_unimatch_network.py`), in whole runs too: `align_corners=True` resizes, no dropout after the ASPP
+projection, CutMix partners from a second pass over the same unlabelled images, augmented again and pseudo-labelled
+in eval mode (`unimatch.mix: same_images`; `other_images` mixes in other images), CutMix boxes whose area is drawn
+once, the learning rate set after each step (step t uses the poly rate of step t - 1).
 UniMatch-released DeepLabV3+ checkpoints (`module.`-prefixed, UniMatch's module names) evaluate with `hafis eval
 --checkpoint`, and the deep-stem `resnet50.pth` / `resnet101.pth` the four codebases distribute load strictly into
 `resnet50s` / `resnet101s` (`model.pretrained_path`). The weighting's departures from the authors' code, each a key

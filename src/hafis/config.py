@@ -371,7 +371,7 @@ class WeightingConfig:
 
 @dataclass
 class DetectorConfig:
-    """The detector of ``weighting.reliable: detector`` (method.md step 1), trained by ``hafis detect CONFIG`` on
+    """The detector of ``weighting.reliable: detector`` (docs/method.md, 1), trained by ``hafis detect CONFIG`` on
     the labelled images only; its detections over the unlabelled images are cached on disk."""
 
     #: resnet50_fpn = the paper's Faster R-CNN ResNet-50-FPN (GPU); mobilenet_v3_large_fpn = lighter; tiny = a CPU

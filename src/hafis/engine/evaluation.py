@@ -1,6 +1,6 @@
 """Evaluation: whole-image or sliding-window inference, batches of mixed image sizes, mIoU, per-class IoU tables.
 
-Published protocols (datasets.md): Pascal VOC is evaluated on the whole image; Cityscapes and COCO with a sliding
+Published protocols: Pascal VOC is evaluated on the whole image; Cityscapes and COCO with a sliding
 window the size of the training crop, moved by 2/3 of it (an overlap of 1/3), the softmax outputs of overlapping
 windows averaged. Window positions are ``0, stride, 2*stride, ...`` with the last one flush with the image border
 (as mmsegmentation's slide inference), so every window has the full size when the image is at least that large;

@@ -27,7 +27,8 @@ def iou_per_class(confusion: Tensor) -> Tensor:
 
 
 def mean_iou(confusion: Tensor) -> float:
-    """mIoU over the classes present in the ground truth (datasets.md: 'Evaluation')."""
+    """mIoU over the classes present in the ground truth (the published protocol: a class absent from every
+    validation mask does not count)."""
     iou = iou_per_class(confusion)
     present = ~torch.isnan(iou)
     return float(iou[present].mean()) if bool(present.any()) else float("nan")

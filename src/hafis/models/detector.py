@@ -1,6 +1,6 @@
 """The detector of the method's first step: torchvision Faster R-CNN, trained on the labelled images only.
 
-The paper (method.md, step 1) trains a Faster R-CNN ResNet-50-FPN on the labelled subset, without COCO detection
+The paper (docs/method.md, 1) trains a Faster R-CNN ResNet-50-FPN on the labelled subset, without COCO detection
 weights, with Adam at lr 5e-5; its boxes come from instance masks, plus connected components for thin classes. Its
 detections (cached on disk by :mod:`hafis.engine.detections`) decide which unlabelled pixels feed the prototype bank;
 the detector itself never runs inside the training loop.

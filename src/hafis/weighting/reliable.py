@@ -17,7 +17,7 @@ from torch import Tensor
 
 @torch.no_grad()
 def labelled_qualify_mask(logits: Tensor, labels: Tensor, threshold: float = 0.95, ignore_index: int = 255) -> Tensor:
-    """Labelled pixels whose ground-truth class is predicted with probability ``> threshold`` (method.md step 2)."""
+    """Labelled pixels whose ground-truth class is predicted with probability ``> threshold`` (docs/method.md, 2)."""
     conf, pred = logits.detach().softmax(dim=1).max(dim=1)
     return (pred == labels) & (conf > threshold) & (labels != ignore_index)
 
@@ -64,7 +64,7 @@ def box_mask_from_detections(boxes: Tensor, labels: Tensor, scores: Tensor, num_
 def detector_reliable(confidence: Tensor, pseudo_labels: Tensor, valid: Optional[Tensor], box_mask: Tensor,
                       thing_classes: Sequence[int], tau_seg: float = 0.95, stuff: str = "exclude",
                       ignore_index: int = 255) -> Tensor:
-    """The paper's reliable pixels: segmenter ⊕ detector (method.md, step 1). ``(B, H, W)`` bool.
+    """The paper's reliable pixels: segmenter ⊕ detector (docs/method.md, 1). ``(B, H, W)`` bool.
 
     A pixel is reliable when its confidence is ``>= tau_seg``, it is valid (``valid`` true, or ``None`` for all) and
     not ``ignore_index``, and a detection box of its pseudo-label's class covers it (``box_mask[b, ŷ, y, x]``,

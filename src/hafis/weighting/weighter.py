@@ -99,7 +99,7 @@ class PseudoLabelWeighter(nn.Module):
         if self.align == "bilinear" and tuple(features.shape[-2:]) != (H, W):
             if features.dtype not in (torch.float32, torch.float64):
                 features = features.float()
-            # channels-last, as before the fast path: the resize kernel (and so the bits) depends on the layout
+            # channels-last: the resize kernel (and so the bits) depends on the layout, and W must not
             features = features.contiguous(memory_format=torch.channels_last)
             return torch.stack([self._topk_channels(self._upsample(features[i:i + 1], (H, W)))[0]
                                 for i in range(features.shape[0])])
