@@ -16,7 +16,8 @@ Variants (overrides on the config as committed):
 - ``before``: the network as first benchmarked (decoder width 128, float32, PyTorch's own convolution kernels);
 - ``exact``: ``train.fast_convs`` (all-padding taps cut off, depthwise backward as convolutions), float32;
 - ``exact+bf16``: and bf16 autocast;
-- ``after``: the committed config (exact, bf16 autocast, decoder width 64).
+- ``after``: the committed config (exact, bf16 autocast, decoder width 64);
+- ``after+w32`` (not run by default): the same with decoder width 32.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ VARIANTS = {
     "exact": [*BEFORE, "train.fast_convs=true"],
     "exact+bf16": [*BEFORE, "train.fast_convs=true", "train.amp=bf16"],
     "after": [],
+    "after+w32": ["model.feature_dim=32", "model.aspp_channels=32"],
 }
+DEFAULT = ["before", "exact", "exact+bf16", "after"]
 
 
 class Iteration:
@@ -72,7 +75,7 @@ class Iteration:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--framework", default="unimatch")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT, choices=list(VARIANTS))
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--block", type=int, default=5, help="iterations per variant per round")
     p.add_argument("--warmup", type=int, default=3)
@@ -105,7 +108,10 @@ def main() -> None:
     base = "before" if "before" in runs else next(iter(runs))
     rows = []
     for name in runs:
-        row = [name, " ".join(VARIANTS[name]) or "(the committed config)"]
+        extra = VARIANTS[name]
+        if name != "before" and extra[:len(BEFORE)] == BEFORE:
+            extra = ["before +", *extra[len(BEFORE):]]
+        row = [name, " ".join(extra) or "(the committed config)"]
         for clock in ("cpu", "wall"):
             ratios = [a / b for a, b in zip(blocks[clock][name], blocks[clock][base])]
             row += [statistics.median(blocks[clock][name]), statistics.median(ratios),

@@ -1,5 +1,8 @@
 """``train.channels_last``, ``train.amp=fp16`` and ``train.compile``: each trains a few tiny steps."""
 
+import warnings
+
+import pytest
 import torch
 
 from hafis.config import load_config
@@ -54,3 +57,14 @@ def test_compile_trains_like_the_eager_model(tmp_path, tiny_config, monkeypatch)
     eager, _, _ = train(tiny_config, tmp_path / "eager")
     for (name, a), b in zip(trainer.model.state_dict().items(), eager.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(tmp_path, tiny_config, monkeypatch):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    with pytest.warns(UserWarning, match="without native bf16"):
+        Trainer(load_config(tiny_config, ["train.amp=bf16", f"output_dir={tmp_path}"]))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(load_config(tiny_config, ["train.amp=bf16", f"output_dir={tmp_path}"]))

@@ -38,6 +38,13 @@ from .optim import build_optimizer
 from .run_log import RunLog, truncate_metrics
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); True where torch cannot tell."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    checks = [c for c in checks if c is not None]
+    return not checks or any(c() for c in checks)
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; the message names the iteration and the term."""
 
@@ -84,6 +91,10 @@ class Trainer:
         self.model = build_model(config, self.num_classes)
         if config.train.fast_convs:
             use_fast_convs(self.model)  # in place, like the conversions below: the state-dict keys stay
+        if config.train.amp == "bf16" and self.device.type == "cpu" and not native_bf16():
+            warnings.warn("train.amp=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): oneDNN emulates bf16, "
+                          "which is slower than float32 (benchmarks/iteration.py: 1.65x the float32 step); "
+                          "train.amp=off is faster here", stacklevel=2)
         self.model.to(self.device)
         if config.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
