@@ -45,6 +45,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -201,7 +202,20 @@ def archive(out: Path, target: Path) -> int:
         evals = [json.loads(line) for line in metrics.read_text().splitlines() if '"eval"' in line]
         if not evals or evals[-1]["iteration"] != config["train"]["iterations"]:
             continue
-        _copy(run, target / run.relative_to(out), RECORDS)
+        archived = target / run.relative_to(out)
+        if not (archived / "provenance.json").is_file():
+            # the invocations that planned this run up to now (it finished in the last of them)
+            lines = (run.parents[2] / "provenance.jsonl").read_text().splitlines() \
+                if (run.parents[2] / "provenance.jsonl").is_file() else []
+            seed = int(run.name.removeprefix("seed_"))
+            planned = [p for p in map(json.loads, lines)
+                       if seed in map(int, p["seeds"].split(",")) and run.parent.name in
+                       set(map(slug, p["arms"]))]
+            archived.mkdir(parents=True, exist_ok=True)
+            (archived / "provenance.json").write_text(json.dumps(
+                [{k: p[k] for k in ("time", "commit", "cpu", "cores", "avx512", "bf16", "torch")} for p in planned],
+                indent=1) + "\n")
+        _copy(run, archived, RECORDS)
         count += 1
     for detector in sorted(out.glob("*/detectors/*/detector.pt")):
         _copy(detector.parent, target / detector.parent.relative_to(out), DETECTOR_RECORDS)
@@ -228,7 +242,7 @@ def restore(out: Path, source: Path) -> None:
             _copy(path.parent, out / path.parent.relative_to(source), (path.name,))
 
 
-def collect(out: Path, command: str, stem: str = "realistic") -> tuple[dict, list[str]]:
+def collect(out: Path, command: str, stem: str = "realistic", archived: Path = ARCHIVE) -> tuple[dict, list[str]]:
     """One results file for the whole benchmark: every finished run of every split, in the issue's schema."""
     runs, machine, sections = [], "", []
     for folder in ("1_32", "1_8", "full"):
@@ -237,7 +251,7 @@ def collect(out: Path, command: str, stem: str = "realistic") -> tuple[dict, lis
             continue
         data = json.loads(path.read_text())
         machine = data.get("machine", machine)
-        runs += data["runs"]
+        runs += [{**row, **run_fields(out / folder, archived / folder, row)} for row in data["runs"]]
         report = (out / folder / "report.md").read_text()
         for plot in ("miou.png", "diagnostics.png"):
             if (out / folder / plot).is_file():
@@ -246,6 +260,35 @@ def collect(out: Path, command: str, stem: str = "realistic") -> tuple[dict, lis
         title = "fully supervised" if folder == "full" else f"split {folder.replace('_', '/')}"
         sections.append(f"## The runs of {title} (`hafis compare` report)\n\n" + report.split("\n", 1)[1])
     return {"command": command, "machine": machine, "runs": runs}, sections
+
+
+def slug(arm: str) -> str:
+    """An arm's folder name as ``hafis compare`` names it: anything but ``[A-Za-z0-9._+-]`` becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", arm)
+
+
+def run_fields(folder: Path, archived: Path, row: dict) -> dict:
+    """The protocol's fields of one finished run, from its folder: unlabelled images, passes over them, the split
+    seed, the mIoU at every evaluation (``miou_at``) and the code and machine that trained it (``provenance``)."""
+    run = folder / "runs" / slug(row["arm"]) / f"seed_{row['seed']}"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    garments, train = config["data"]["garments"], config["train"]
+    unlabelled = garments["num_unlabelled"]
+    if unlabelled is None:
+        unlabelled = garments["num_train"] - garments["num_labelled"]
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    prov = archived / run.relative_to(folder) / "provenance.json"
+    return {"unlabelled": unlabelled,
+            "passes": train["iterations"] * train["unlabelled_batch_size"] / unlabelled if unlabelled else 0.0,
+            "split_seed": garments["seed"] if garments["split_seed"] is None else garments["split_seed"],
+            "miou_at": {str(e["iteration"]): e["miou"] for e in evals if e.get("event") == "eval"},
+            "provenance": json.loads(prov.read_text()) if prov.is_file() else []}
+
+
+def miou_at(run: dict, fraction: float) -> Optional[float]:
+    """The run's mIoU at the last evaluation at or before ``fraction`` of its schedule."""
+    points = [(int(i), m) for i, m in run.get("miou_at", {}).items() if int(i) <= fraction * run["iterations"]]
+    return max(points)[1] if points else None
 
 
 def headline(runs: list[dict]) -> list[str]:
@@ -276,17 +319,26 @@ def headline(runs: list[dict]) -> list[str]:
                     m, sd = mean_std(values)
                     cells.append(f"{m:{sign}.1f} ± {sd:.1f}" if sd is not None else f"{m:{sign}.1f}")
                 lines.append(f"| {arm} | {len(rows)} | {' | '.join(cells)} |")
-        lines += ["", "| paired difference | n | Δ final (95 % interval) | Δ best (95 % interval) |",
-                  "|---|---|---|---|"]
+        lines += ["", "Paired differences (mIoU points, mean and 95 % t interval over the seeds both arms finished) "
+                  "at 1/4 and 1/2 of the schedule, at its end and of the best evaluation:", "",
+                  "| paired difference | n | Δ at 1/4 | Δ at 1/2 | Δ final | Δ best |", "|---|---|---|---|---|---|"]
         for arm, base in CONTRASTS:
             pairs = [(a, b) for seed in seeds if (a := get(arm, seed)) and (b := get(base, seed))]
             if not pairs:
                 continue
             cells = []
-            for key in ("miou", "best_miou"):
-                m, ci = paired_interval([100 * (a[key] - b[key]) for a, b in pairs])
+            for key in (0.25, 0.5, "miou", "best_miou"):
+                if isinstance(key, float):
+                    diffs = [(x, y) for a, b in pairs
+                             if (x := miou_at(a, key)) is not None and (y := miou_at(b, key)) is not None]
+                else:
+                    diffs = [(a[key], b[key]) for a, b in pairs]
+                if not diffs:
+                    cells.append("–")
+                    continue
+                m, ci = paired_interval([100 * (x - y) for x, y in diffs])
                 cells.append(f"{m:+.1f} ({ci[0]:+.1f}, {ci[1]:+.1f})" if ci else f"{m:+.1f} (n = 1)")
-            lines.append(f"| {arm} − {base} | {len(pairs)} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {arm} − {base} | {len(pairs)} | {' | '.join(cells)} |")
         lines.append("")
     return lines
 
@@ -326,7 +378,7 @@ def main() -> int:
         archive(out, preset.archive)  # after every call, so that a session cut short keeps what finished
     command = (f"python benchmarks/realistic.py --preset {args.preset} --stage {args.stage} --seeds {seeds} "
                f"--passes {passes:g}")
-    results, sections = collect(out, command, preset.name)
+    results, sections = collect(out, command, preset.name, preset.archive)
     (RESULTS / f"{preset.name}.json").write_text(json.dumps(results, indent=1) + "\n")
     (RESULTS / f"{preset.name}.md").write_text(
         "# Realistic benchmark (garments on photographs, EfficientNet-Lite0 DeepLabV3+)\n\n"

@@ -67,3 +67,53 @@ def test_every_planned_run_of_both_presets_is_a_valid_config():
     config = load_config(realistic.CONFIG, realistic.plan("core", 40, gpu)[0][2].split())
     assert (config.data.garments.image_size, config.data.garments.classes) == (128, "fine")
     assert config.train.iterations * 16 / config.data.garments.num_unlabelled >= 40
+
+
+def _write_run(out, arm, seed, evals, iterations=8):
+    import json
+
+    import yaml
+
+    run = out / "1_32" / "runs" / realistic.slug(arm) / f"seed_{seed}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "data": {"garments": {"num_train": 2000, "num_labelled": 62, "num_unlabelled": 930, "seed": 5,
+                              "split_seed": None}},
+        "train": {"iterations": iterations, "unlabelled_batch_size": 4}}))
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"iteration": i, "event": "eval", "miou": m}) + "\n" for i, m in evals))
+    return run
+
+
+def test_run_fields_provenance_and_the_paired_differences_along_the_schedule(tmp_path):
+    import json
+
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    _write_run(out, "unimatch+W(authors)", 0, [(2, 0.30), (4, 0.40), (6, 0.45), (8, 0.50)])
+    _write_run(out, "unimatch", 0, [(2, 0.20), (4, 0.35), (6, 0.45), (8, 0.47)])
+    _write_run(out, "unimatch", 1, [(2, 0.10), (4, 0.30)])  # unfinished: not archived
+    lines = [{"time": "t0", "commit": "abc", "cpu": "X", "cores": 2, "avx512": True, "bf16": True, "torch": "2",
+              "arms": ["unimatch"], "seeds": "0,1"},
+             {"time": "t1", "commit": "def", "cpu": "Y", "cores": 2, "avx512": False, "bf16": False, "torch": "2",
+              "arms": ["supervised", "unimatch+W(authors)"], "seeds": "0"}]
+    (out / "1_32" / "provenance.jsonl").write_text("".join(json.dumps(p) + "\n" for p in lines))
+    assert realistic.archive(out, archive) == 2
+    saved = json.loads((archive / "1_32" / "runs" / "unimatch" / "seed_0" / "provenance.json").read_text())
+    assert [p["commit"] for p in saved] == ["abc"] and saved[0]["bf16"] is True and "arms" not in saved[0]
+    assert not (archive / "1_32" / "runs" / "unimatch" / "seed_1").exists()
+
+    row = {"arm": "unimatch+W(authors)", "seed": 0, "iterations": 8}
+    fields = realistic.run_fields(out / "1_32", archive / "1_32", row)
+    assert fields["unlabelled"] == 930 and fields["passes"] == 8 * 4 / 930
+    assert fields["split_seed"] == 5  # null split_seed: the garments seed draws the split
+    assert fields["miou_at"] == {"2": 0.30, "4": 0.40, "6": 0.45, "8": 0.50}
+    assert [p["commit"] for p in fields["provenance"]] == ["def"]
+
+    runs = [{**r, "labelled": 62, "iterations": 8, "best_miou": max(r["miou_at"].values()),
+             "miou": r["miou_at"]["8"], "last_quarter_change": None}
+            for r in ({"arm": "unimatch+W(authors)", "seed": 0, **fields},
+                      {"arm": "unimatch", "seed": 0, "miou_at": {"2": 0.20, "4": 0.35, "6": 0.45, "8": 0.47}})]
+    table = [line for line in realistic.headline(runs) if line.startswith("| unimatch+W(authors) − unimatch")]
+    # at 1/4 (iteration 2): 30 - 20; at 1/2 (iteration 4): 40 - 35; final 50 - 47; best 50 - 47
+    assert table == ["| unimatch+W(authors) − unimatch | 1 | +10.0 (n = 1) | +5.0 (n = 1) | +3.0 (n = 1) | "
+                     "+3.0 (n = 1) |"]
