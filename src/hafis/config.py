@@ -22,8 +22,8 @@ import yaml
 from hafis.data.garments import GarmentsConfig
 from hafis.errors import UserError, short
 from hafis.data.synthetic import SyntheticConfig
-from hafis.fields import (bounded, choice, is_runtime, nonneg, positive, range_error, registry, relation_errors,
-                          runtime, unit)
+from hafis.fields import (RegistryNames, bounded, choice, is_runtime, nonneg, positive, range_error, registry,
+                          relation_errors, runtime, unit)
 
 
 class ConfigError(UserError, ValueError):
@@ -98,7 +98,7 @@ class DataConfig:
     #: synthetic = the built-in scenes; garments = Fashion-MNIST garments on real photographs (section
     #: ``garments``); voc / cityscapes / coco = the datasets' official trees; folder = your own
     #: ``images/ + masks/ + classes.txt`` (formats: hafis.data.voc, .cityscapes, .coco, .folder)
-    dataset: str = choice("synthetic", "synthetic", "garments", "voc", "cityscapes", "coco", "folder")
+    dataset: str = registry("synthetic", "hafis.data:DATASETS")
     #: the dataset's folder (VOC: the VOC2012 folder; Cityscapes: holds leftImg8bit/ and gtFine/; COCO: holds
     #: train2017/, val2017/, annotations/)
     root: Optional[str] = None
@@ -129,9 +129,9 @@ class ModelConfig:
     #: deeplabv3plus (ResNet, as the four frameworks publish), segformer (hierarchical Transformer + MLP decoder) or
     #: dpt (DINOv2 ViT + DPT decoder, UniMatch V2's; crops and sliding windows a multiple of 14)
     name: str = registry("deeplabv3plus", "hafis.models:SEGMENTERS")
-    #: deeplabv3plus: resnet18/50/101, resnet50s/101s, resnet_tiny, efficientnet_lite0 (ImageNet weights offline,
-    #: cheap on CPU); segformer: mit_b0..mit_b5, pvt_v2_b0..b5, mit_tiny; dpt: dinov2_small/base/large, dinov2_tiny
-    backbone: str = "resnet50"
+    #: a name of the segmenter's ``backbones`` (deeplabv3plus: ResNets, resnet_tiny and efficientnet_lite0 for the
+    #: CPU; segformer: MiT / PVTv2 encoders; dpt: DINOv2 ViTs; an unknown name lists them)
+    backbone: str = registry("resnet50", "hafis.models:BACKBONES_OF", by="name")
     #: ``imagenet`` loads the backbone's ImageNet weights through timm (efficientnet_lite0: from its installed weights
     #: package, no network); ``dinov2`` (dpt) DINOv2's weights through timm; ``null`` starts from scratch
     pretrained: Optional[str] = choice(None, None, "imagenet", "dinov2")
@@ -166,7 +166,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     #: sgd (momentum; the DeepLabV3+ frameworks as published) or adamw (Transformer segmenters)
-    name: str = choice("sgd", "sgd", "adamw")
+    name: str = registry("sgd", "hafis.engine.optim:OPTIMIZERS")
     lr: float = positive(0.001)
     #: the published recipes train the randomly initialised head 10x faster than the pretrained backbone
     head_lr_multiplier: float = positive(10.0)
@@ -229,7 +229,7 @@ class UniMatchConfig:
     #: with a second batch of other images (a stream of its own order); in_batch = image i+1 of the same batch with
     #: its train-mode pseudo-labels (cheaper: no second batch, no extra pass; with one unlabelled image per process it
     #: mixes each image with itself)
-    mix: str = choice("same_images", "same_images", "other_images", "in_batch")
+    mix: str = registry("same_images", "hafis.frameworks.unimatch:MIXES")
     #: the published loss is (loss_x + 0.25 loss_s1 + 0.25 loss_s2 + 0.5 loss_fp) / 2
     strong_weight: float = nonneg(0.25)
     fp_weight: float = nonneg(0.5)
@@ -340,7 +340,7 @@ class WeightingConfig:
     #: 0 = the paper's W = s/k; 1 = the authors' released code, W = 1 + s/k (negative would give negative weights)
     offset: float = nonneg(0.0)
     #: count = the framework's own normaliser (paper); weight = divide by the sum of W (authors' code)
-    normalize: str = choice("count", "count", "weight")
+    normalize: str = registry("count", "hafis.weighting.loss:NORMALIZE_MODES")
     memory_per_class: int = positive(256)
     #: pixels of each class pushed into the bank per batch (a few per image)
     samples_per_class: int = positive(32)
@@ -355,9 +355,9 @@ class WeightingConfig:
     tau_det: float = unit(0.95)
     #: pseudo-labels of classes the detector has no class for (background, stuff), with ``reliable: detector``:
     #: ``exclude`` = never reliable (the authors' code), ``confidence`` = judged by tau_seg alone
-    stuff: str = choice("exclude", "exclude", "confidence")
+    stuff: str = registry("exclude", "hafis.weighting.reliable:STUFF_MODES")
     #: features are resized to the labels' size: bilinear (authors) or nearest (cheaper)
-    align: str = choice("bilinear", "bilinear", "nearest")
+    align: str = registry("bilinear", "hafis.weighting.alignment:ALIGN_MODES")
     #: align_corners of that bilinear resize; null = the segmenter's own (model.align_corners: True for DeepLabV3+,
     #: as the authors), so W ranks the features the way the network resizes its logits
     align_corners: Optional[bool] = None
@@ -386,7 +386,7 @@ class DetectorConfig:
     #: training boxes: instances = the reader's instance boxes, components = connected components of each thing
     #: class in the mask, auto = instance boxes where the image has any, else components, combined = instance
     #: boxes plus connected components of ``component_classes`` (the authors' Cityscapes recipe)
-    boxes: str = choice("auto", "auto", "instances", "components", "combined")
+    boxes: str = registry("auto", "hafis.models.detector:BOX_MODES")
     #: connected components smaller than this many pixels give no box (the authors: 90 px for thin classes)
     component_min_area: int = nonneg(0)
     #: with ``boxes: combined``: classes (names) without instances whose connected components become boxes; the
@@ -414,7 +414,7 @@ class LossConfig:
     """The supervised loss on labelled pixels (hafis.frameworks.losses; used by every framework)."""
 
     #: ce = cross-entropy; ohem = online hard example mining CE (the published Cityscapes recipes)
-    labelled: str = choice("ce", "ce", "ohem")
+    labelled: str = registry("ce", "hafis.frameworks.losses:LABELLED_LOSSES")
     #: OHEM keeps pixels whose true-class probability is at most this ...
     ohem_threshold: float = unit(0.7)
     #: ... and at least this many of the hardest pixels per image (UniMatch: 200,000 per 2-image GPU batch)
@@ -592,7 +592,12 @@ def from_dict(cls: type, raw: dict, source: str, prefix: str = "") -> Any:
             continue
         value = _coerce(raw[name], typ, key, source)
         choices = f.metadata.get("choices")
-        if choices and value not in choices:
+        if isinstance(choices, RegistryNames) and choices.by:  # allowed names depend on a sibling key's value
+            by = values.get(choices.by, fields[choices.by].default)
+            if value not in choices.names_for(by):
+                raise ConfigError(f"{source}: '{key}' must be one of {list(choices.names_for(by))} with "
+                                  f"'{prefix}{choices.by}' {by!r}, got {short(value)}")
+        elif choices and value not in choices:
             raise ConfigError(f"{source}: '{key}' must be one of {list(choices)}, got {short(value)}")
         problem = range_error(f, value)
         if problem:

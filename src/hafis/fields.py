@@ -29,9 +29,10 @@ def _field(default: Any, meta: dict, runtime: bool) -> Any:
     return field(default=default, metadata=meta)
 
 
-def choice(default: Any, *choices: Any, doc: str = "", runtime: bool = False) -> Any:
-    """A key whose value must be one of ``choices``."""
-    return _field(default, {"choices": choices, "doc": doc}, runtime)
+def choice(default: Any, *choices: Any, runtime: bool = False) -> Any:
+    """A key whose value must be one of ``choices`` (for values implemented in place, such as a mode switch; a key
+    whose values name implementations takes them from their registry: :func:`registry`)."""
+    return _field(default, {"choices": choices}, runtime)
 
 
 class RegistryNames:
@@ -41,12 +42,17 @@ class RegistryNames:
     them at validation time keeps each list of names in one place.
     """
 
-    def __init__(self, ref: str) -> None:
-        self.ref = ref
+    def __init__(self, ref: str, by: Optional[str] = None) -> None:
+        self.ref, self.by = ref, by
 
     def names(self) -> tuple:
         module, _, attribute = self.ref.partition(":")
         return tuple(getattr(importlib.import_module(module), attribute))
+
+    def names_for(self, key: Any) -> tuple:
+        """``by`` registries map the value of the sibling key ``by`` to the names allowed with it."""
+        module, _, attribute = self.ref.partition(":")
+        return tuple(getattr(importlib.import_module(module), attribute).get(key, ()))
 
     def __iter__(self):
         return iter(self.names())
@@ -61,9 +67,10 @@ class RegistryNames:
         return f"RegistryNames({self.ref!r})"
 
 
-def registry(default: Any, ref: str, runtime: bool = False) -> Any:
-    """A key whose value must be a name of the registry ``ref`` (``"module:ATTRIBUTE"``)."""
-    return _field(default, {"choices": RegistryNames(ref)}, runtime)
+def registry(default: Any, ref: str, runtime: bool = False, by: Optional[str] = None) -> Any:
+    """A key whose value must be a name of the registry ``ref`` (``"module:ATTRIBUTE"``); with ``by`` (a sibling key
+    of the same section) the registry maps that key's value to the names allowed with it."""
+    return _field(default, {"choices": RegistryNames(ref, by)}, runtime)
 
 
 def bounded(default: Any, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,

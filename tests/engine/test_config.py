@@ -66,7 +66,15 @@ def test_missing_and_invalid_files(tmp_path):
 
 @pytest.mark.parametrize("key,registry", [("train.framework", "hafis.frameworks:FRAMEWORKS"),
                                           ("model.name", "hafis.models:SEGMENTERS"),
-                                          ("detector.arch", "hafis.models.detector:DETECTOR_ARCHS")])
+                                          ("detector.arch", "hafis.models.detector:DETECTOR_ARCHS"),
+                                          ("detector.boxes", "hafis.models.detector:BOX_MODES"),
+                                          ("data.dataset", "hafis.data:DATASETS"),
+                                          ("optim.name", "hafis.engine.optim:OPTIMIZERS"),
+                                          ("loss.labelled", "hafis.frameworks.losses:LABELLED_LOSSES"),
+                                          ("unimatch.mix", "hafis.frameworks.unimatch:MIXES"),
+                                          ("weighting.normalize", "hafis.weighting.loss:NORMALIZE_MODES"),
+                                          ("weighting.stuff", "hafis.weighting.reliable:STUFF_MODES"),
+                                          ("weighting.align", "hafis.weighting.alignment:ALIGN_MODES")])
 def test_registry_keys_accept_exactly_the_registered_names(tmp_path, monkeypatch, key, registry):
     import importlib
     import re
@@ -84,6 +92,43 @@ def test_registry_keys_accept_exactly_the_registered_names(tmp_path, monkeypatch
         monkeypatch.setattr(importlib.import_module(module), attribute, (*names, "not-registered"))
     section, _, field = key.partition(".")
     assert getattr(getattr(load_config(path, [f"{key}=not-registered"]), section), field) == "not-registered"
+
+
+def test_backbone_names_come_from_the_chosen_segmenter():
+    from hafis.models import SEGMENTERS
+
+    for name, segmenter in SEGMENTERS.items():
+        backbone = segmenter.backbones[0]
+        config = load_config(None, [f"model.name={name}", f"model.backbone={backbone}", "data.crop_size=70"])
+        assert config.model.backbone == backbone
+    assert "resnet50" in SEGMENTERS["deeplabv3plus"].backbones and "resnet50" not in SEGMENTERS["segformer"].backbones
+    with pytest.raises(ConfigError, match=r"'model.backbone' must be one of \[.*'resnet50'.*\] with 'model.name' "
+                                          r"'deeplabv3plus', got 'resnet5'"):
+        load_config(None, ["model.backbone=resnet5"])
+    with pytest.raises(ConfigError, match=r"'model.backbone' must be one of \['mit_b0'.*with 'model.name' 'segformer'"):
+        load_config(None, ["model.name=segformer", "model.backbone=resnet50"])
+
+
+def test_a_segmenter_key_of_another_segmenter_is_refused_by_name():
+    from hafis.engine.build import segmenter_keys
+
+    assert segmenter_keys(load_config(None, ["model.output_stride=8"]).model) == \
+        {"output_stride": 8, "aspp_channels": 256, "multi_grid": False}
+    assert segmenter_keys(load_config(None, ["model.name=segformer", "model.backbone=mit_b0"]).model) == {}
+    with pytest.raises(ConfigError, match="model.output_stride=8 is a key of model.name=deeplabv3plus, not of "
+                                          "'segformer'"):
+        segmenter_keys(load_config(None, ["model.name=segformer", "model.backbone=mit_b0",
+                                          "model.output_stride=8"]).model)
+
+
+def test_only_unimatch_asks_the_stream_for_cutmix_boxes():
+    from hafis.frameworks import build_framework
+    from hafis.models import DeepLabV3Plus
+
+    model = DeepLabV3Plus(3, backbone="resnet_tiny", feature_dim=16, aspp_channels=16)
+    for framework, expected in (("unimatch", 0.3), ("u2pl", 0.0), ("supervised", 0.0)):
+        config = load_config(None, [f"train.framework={framework}", "unimatch.cutmix_prob=0.3"])
+        assert build_framework(config, model, 3).cutmix_prob == expected
 
 
 @pytest.mark.parametrize("files", [

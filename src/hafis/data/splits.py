@@ -36,30 +36,42 @@ from .base import DataError
 from .io import Problem
 from .layout import DatasetLayout
 
-#: dataset name -> layout constructor keyword arguments it takes
-DATASETS = ("voc", "cityscapes", "coco", "folder")
+def _voc(root, voc_setting, classes, cache_dir) -> DatasetLayout:
+    from .voc import PascalVOC
+
+    return PascalVOC(root, voc_setting)
+
+
+def _cityscapes(root, voc_setting, classes, cache_dir) -> DatasetLayout:
+    from .cityscapes import Cityscapes
+
+    return Cityscapes(root)
+
+
+def _coco(root, voc_setting, classes, cache_dir) -> DatasetLayout:
+    from .coco import COCO
+
+    return COCO(root, cache_dir=cache_dir)
+
+
+def _folder(root, voc_setting, classes, cache_dir) -> DatasetLayout:
+    from .folder import ImageFolder
+
+    return ImageFolder(root, classes)
+
+
+#: the datasets stored as trees on disk: name -> ``(root, voc_setting, classes, cache_dir) -> DatasetLayout``
+#: (each reader imported only when used)
+DATASETS: dict[str, Callable[..., DatasetLayout]] = {"voc": _voc, "cityscapes": _cityscapes, "coco": _coco,
+                                                     "folder": _folder}
 
 
 def make_layout(name: str, root, voc_setting: str = "classic", classes: Optional[str] = None,
                 cache_dir=None) -> DatasetLayout:
     """The :class:`DatasetLayout` of dataset ``name`` stored at ``root``."""
-    if name == "voc":
-        from .voc import PascalVOC
-
-        return PascalVOC(root, voc_setting)
-    if name == "cityscapes":
-        from .cityscapes import Cityscapes
-
-        return Cityscapes(root)
-    if name == "coco":
-        from .coco import COCO
-
-        return COCO(root, cache_dir=cache_dir)
-    if name == "folder":
-        from .folder import ImageFolder
-
-        return ImageFolder(root, classes)
-    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    return DATASETS[name](root, voc_setting, classes, cache_dir)
 
 
 # ------------------------------------------------------------------------------------------------ split files

@@ -6,10 +6,12 @@ that the detector step does not import it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from hafis.config import Config, ConfigError
-from hafis.models import build_segmenter
+from hafis.models import SEGMENTERS, build_segmenter
 from hafis.models.released import ReleasedDeepLabV3Plus
 
 __all__ = ["build_model", "resolve_device"]
@@ -30,14 +32,7 @@ def build_model(config: Config, num_classes: int) -> torch.nn.Module:
     if m.decoder == "released":
         return _released(config, num_classes)
     extra = {} if m.align_corners is None else {"align_corners": m.align_corners}
-    if m.name == "deeplabv3plus":  # the keys of its dilated backbone and ASPP head; other segmenters have neither
-        extra.update(output_stride=m.output_stride, aspp_channels=m.aspp_channels, multi_grid=m.multi_grid)
-    elif m.multi_grid:
-        raise ConfigError(f"model.multi_grid is the ResNet layer4 of model.name=deeplabv3plus, not {m.name!r}")
-    if m.freeze_encoder:
-        if m.name != "dpt":
-            raise ConfigError(f"model.freeze_encoder is implemented for model.name=dpt, not {m.name!r}")
-        extra.update(freeze_encoder=True)
+    extra.update(segmenter_keys(m))
     if m.aux_weight > 0:
         raise ConfigError(f"model.aux_weight={m.aux_weight}: the auxiliary head belongs to model.decoder=released")
     try:
@@ -47,6 +42,19 @@ def build_model(config: Config, num_classes: int) -> torch.nn.Module:
         )
     except ValueError as exc:  # an unknown backbone, a backbone of the other model, a checkpoint of another one
         raise ConfigError(f"model (name={m.name!r}, backbone={m.backbone!r}): {exc}") from None
+
+
+def segmenter_keys(m) -> dict:
+    """The ``model`` keys only ``model.name``'s segmenter takes (its ``config_keys``), by name; another segmenter's key
+    set away from its default is a :class:`ConfigError` naming the segmenters that take it."""
+    takes = SEGMENTERS[m.name].config_keys
+    defaults = {f.name: f.default for f in dataclasses.fields(type(m))}
+    for key in sorted({k for s in SEGMENTERS.values() for k in s.config_keys} - set(takes)):
+        if getattr(m, key) != defaults[key]:
+            owners = [n for n, s in SEGMENTERS.items() if key in s.config_keys]
+            raise ConfigError(f"model.{key}={getattr(m, key)!r} is a key of model.name={'/'.join(owners)}, not of "
+                              f"{m.name!r}")
+    return {key: getattr(m, key) for key in takes}
 
 
 def _released(config: Config, num_classes: int) -> torch.nn.Module:

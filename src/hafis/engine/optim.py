@@ -7,14 +7,23 @@ from __future__ import annotations
 import torch
 
 
+def _sgd(groups: list[dict], o) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def _adamw(groups: list[dict], o) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+#: ``optim.name`` -> ``(parameter groups, optim config) -> optimiser``; a new optimiser is one entry
+OPTIMIZERS = {"sgd": _sgd, "adamw": _adamw}
+
+
 def build_optimizer(groups: list[dict], optim_config) -> torch.optim.Optimizer:
-    o = optim_config
-    name = getattr(o, "name", "sgd")
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    raise ValueError(f"unknown optimiser {name!r}; valid: sgd, adamw")
+    name = getattr(optim_config, "name", "sgd")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimiser {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](groups, optim_config)
 
 
-__all__ = ["build_optimizer"]
+__all__ = ["OPTIMIZERS", "build_optimizer"]

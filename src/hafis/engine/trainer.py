@@ -173,14 +173,14 @@ class Trainer:
         unlabelled = None
         if self.framework.uses_unlabelled:
             dataset = UnlabelledDataset(self.unlabelled_source, c.data.crop_size, c.data.scale_range, c.seed,
-                                        c.unimatch.cutmix_prob, box_masks=self.box_masks)
+                                        self.framework.cutmix_prob, box_masks=self.box_masks)
             unlabelled = self._stream(dataset, self.unlabelled_batch_size, c.seed + 1)
             if self.framework.mix_batch:
                 # a second unlabelled stream (own augmentations; the main stream's order for same_images, its own
                 # for other_images) for the mixed-in images; it advances in step with the first, so a resumed run
                 # replays it too
                 mix = UnlabelledDataset(self.unlabelled_source, c.data.crop_size, c.data.scale_range, c.seed,
-                                        c.unimatch.cutmix_prob, box_masks=self.box_masks, stream=MIX_STREAM)
+                                        self.framework.cutmix_prob, box_masks=self.box_masks, stream=MIX_STREAM)
                 order = c.seed + 1 if self.framework.mix_batch == "same_images" else c.seed + 2
                 unlabelled = _with_mix(unlabelled, self._stream(mix, self.unlabelled_batch_size, order))
         return labelled, unlabelled

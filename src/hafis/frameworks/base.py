@@ -122,6 +122,9 @@ class Framework:
     #: step ``t`` uses the poly rate of iteration ``t - lr_lag`` (0 at the first steps): 0 sets the rate before the
     #: step (U2PL's release); UniMatch's release sets it after the step, so its step ``t`` uses ``lr(t - 1)``
     lr_lag: int = 0
+    #: probability of the CutMix boxes ``box1`` / ``box2`` the unlabelled stream draws with every image (UniMatch
+    #: reads them: its ``unimatch.cutmix_prob``); 0 = none, for a recipe that mixes in its own way
+    cutmix_prob: float = 0.0
     #: the framework can feed the bank from its strong views (``weighting.bank_view: strong``, the authors' code,
     #: which is UniMatch's)
     strong_bank_view: bool = False

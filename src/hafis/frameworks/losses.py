@@ -38,14 +38,25 @@ def ohem_cross_entropy(logits: Tensor, target: Tensor, threshold: float = 0.7, m
     return F.cross_entropy(logits, target.masked_fill(~keep, ignore_index), ignore_index=ignore_index)
 
 
+def _ce(logits: Tensor, target: Tensor, loss_config) -> Tensor:
+    return F.cross_entropy(logits, target, ignore_index=255)
+
+
+def _ohem(logits: Tensor, target: Tensor, loss_config) -> Tensor:
+    return ohem_cross_entropy(logits, target, loss_config.ohem_threshold, loss_config.ohem_min_kept * logits.shape[0])
+
+
+#: ``loss.labelled`` -> ``(logits, target, loss config) -> loss``: CE with ignore 255, or OHEM CE (``min_kept`` per
+#: image times the batch); a new labelled loss is one entry
+LABELLED_LOSSES = {"ce": _ce, "ohem": _ohem}
+
+
 def supervised_loss(logits: Tensor, target: Tensor, loss_config=None) -> Tensor:
-    """CE with ignore 255, or OHEM CE when ``loss.labelled == 'ohem'`` (``min_kept`` per image times the batch)."""
-    if loss_config is None or loss_config.labelled == "ce":
-        return F.cross_entropy(logits, target, ignore_index=255)
-    if loss_config.labelled == "ohem":
-        return ohem_cross_entropy(logits, target, loss_config.ohem_threshold,
-                                  loss_config.ohem_min_kept * logits.shape[0])
-    raise ValueError(f"unknown labelled loss {loss_config.labelled!r}; valid: ce, ohem")
+    """The labelled loss ``loss.labelled`` names (CE without a config)."""
+    name = "ce" if loss_config is None else loss_config.labelled
+    if name not in LABELLED_LOSSES:
+        raise ValueError(f"unknown labelled loss {name!r}; valid: {', '.join(LABELLED_LOSSES)}")
+    return LABELLED_LOSSES[name](logits, target, loss_config)
 
 
 def labelled_loss(logits: Tensor, aux: Optional[Tensor], target: Tensor, config) -> Tensor:
@@ -58,4 +69,4 @@ def labelled_loss(logits: Tensor, aux: Optional[Tensor], target: Tensor, config)
     return loss
 
 
-__all__ = ["labelled_loss", "ohem_cross_entropy", "ohem_keep", "supervised_loss"]
+__all__ = ["LABELLED_LOSSES", "labelled_loss", "ohem_cross_entropy", "ohem_keep", "supervised_loss"]

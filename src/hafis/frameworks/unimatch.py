@@ -41,6 +41,9 @@ from torch import Tensor
 from .base import Framework, StepOutput
 from .losses import supervised_loss
 
+#: ``unimatch.mix``: where CutMix takes its pixels (see the module docstring)
+MIXES = ("same_images", "other_images", "in_batch")
+
 
 def cutmix(inside: Tensor, base: Tensor, box: Tensor, partner: Tensor) -> Tensor:
     """``base`` with the pixels of ``box`` (``(B, H, W)`` bool) taken from ``inside[partner]``; works for images too."""
@@ -77,6 +80,7 @@ class UniMatch(Framework):
     def __init__(self, config, model, num_classes: int) -> None:
         super().__init__(config, model, num_classes)
         self.mix_batch = None if config.unimatch.mix == "in_batch" else config.unimatch.mix
+        self.cutmix_prob = config.unimatch.cutmix_prob
 
     @torch.no_grad()
     def _second_batch(self, unlabelled: dict) -> dict:

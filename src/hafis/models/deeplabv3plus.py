@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hafis.models.backbones import build_backbone
+from hafis.models.backbones import BACKBONES, build_backbone
 
 __all__ = ["ASPP", "DeepLabV3Plus", "SegOutput", "is_unimatch_state_dict", "unimatch_state_dict"]
 
@@ -101,6 +101,11 @@ class DeepLabV3Plus(nn.Module):
     align_corners: of every bilinear resize in the network (UniMatch and the four frameworks' releases: True).
     multi_grid: the U2PL / AEL / AugSeg releases' multi-grid layer4 (:func:`~hafis.models.backbones.apply_multi_grid`).
     """
+
+    #: the ``model.backbone`` names it builds
+    backbones = tuple(BACKBONES)
+    #: the ``model`` keys only this segmenter takes (passed to the constructor; another segmenter refuses them)
+    config_keys = ("output_stride", "aspp_channels", "multi_grid")
 
     def __init__(
         self,

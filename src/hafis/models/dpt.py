@@ -223,6 +223,8 @@ class DPT(nn.Module):
 
     #: training crops and sliding windows must be multiples of this (the config checks it)
     input_multiple = PATCH
+    backbones = tuple(DINOV2_ENCODERS)
+    config_keys = ("freeze_encoder",)
 
     def __init__(self, num_classes: int, backbone: str = "dinov2_small", feature_dim: int = 64,
                  fp_dropout: float = 0.5, pretrained: Optional[str] = None, pretrained_path=None,

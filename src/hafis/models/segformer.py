@@ -122,6 +122,9 @@ class SegFormer(nn.Module):
     768 for B1-B5).
     """
 
+    backbones = tuple(ENCODERS)
+    config_keys: tuple[str, ...] = ()
+
     def __init__(
         self,
         num_classes: int,

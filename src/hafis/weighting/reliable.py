@@ -14,6 +14,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+#: classes the detector has no box for (background, stuff): ``exclude`` = never reliable (the authors' code),
+#: ``confidence`` = judged by the confidence alone
+STUFF_MODES = ("exclude", "confidence")
+
 
 @torch.no_grad()
 def labelled_qualify_mask(logits: Tensor, labels: Tensor, threshold: float = 0.95, ignore_index: int = 255) -> Tensor:
@@ -73,8 +77,8 @@ def detector_reliable(confidence: Tensor, pseudo_labels: Tensor, valid: Optional
     detector has no box for them) are never reliable with ``stuff="exclude"`` (the authors' code, default), or are
     judged by the confidence alone with ``stuff="confidence"``.
     """
-    if stuff not in ("exclude", "confidence"):
-        raise ValueError(f"stuff must be 'exclude' or 'confidence', got {stuff!r}")
+    if stuff not in STUFF_MODES:
+        raise ValueError(f"stuff must be one of {STUFF_MODES}, got {stuff!r}")
     if box_mask.dim() != 4 or box_mask.shape[0] != pseudo_labels.shape[0] or \
             box_mask.shape[-2:] != pseudo_labels.shape[-2:]:
         raise ValueError(f"box_mask must be (B, C, H, W) matching pseudo-labels {tuple(pseudo_labels.shape)}, "
