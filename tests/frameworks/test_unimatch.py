@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hafis.frameworks.unimatch import UniMatch, cutmix, partner_index
+from hafis.frameworks.mixing import partner_index, paste
+from hafis.frameworks.unimatch import UniMatch
 
 C = 3
 
@@ -125,10 +126,10 @@ def test_cutmix_moves_labels_and_weights_with_the_box():
     box = torch.zeros(3, 2, 2, dtype=torch.bool)
     box[0, 0, 1] = True
     box[2, 1, :] = True
-    mixed_labels = cutmix(labels, labels, box, partner)
+    mixed_labels = paste(labels, labels[partner], box)
     assert mixed_labels.tolist() == [[[0, 1], [0, 0]], [[1, 1], [1, 1]], [[2, 2], [0, 0]]]
-    assert torch.equal(cutmix(weights, weights, box, partner), mixed_labels.float() / 10)
-    assert torch.equal(cutmix(images, images, box, partner)[:, 0], mixed_labels.float())
+    assert torch.equal(paste(weights, weights[partner], box), mixed_labels.float() / 10)
+    assert torch.equal(paste(images, images[partner], box)[:, 0], mixed_labels.float())
 
 
 def test_weight_identically_one_leaves_the_loss_unchanged(framework):
@@ -151,11 +152,11 @@ def test_bank_view_feeds_the_unlabelled_queue_from_that_view(framework, view):
     labelled, unlabelled = make_batch(seed=5)
     fw.train_step(labelled, unlabelled, 0)
     partner = partner_index(2, torch.device("cpu"))
-    strong = torch.cat([cutmix(unlabelled[k], unlabelled[k], unlabelled[b], partner)
+    strong = torch.cat([paste(unlabelled[k], unlabelled[k][partner], unlabelled[b])
                         for k, b in (("strong1", "box1"), ("strong2", "box2"))])
     pixels = {"weak": unlabelled["weak"], "strong": strong}
     valid = {"weak": unlabelled["ignore"] != 255,
-             "strong": torch.cat([cutmix(unlabelled["ignore"], unlabelled["ignore"], unlabelled[b], partner)
+             "strong": torch.cat([paste(unlabelled["ignore"], unlabelled["ignore"][partner], unlabelled[b])
                                   for b in ("box1", "box2")]) != 255}
     bank = fw.weighting.weighter.bank
     stored = torch.cat([bank.unlabelled.contents(c) for c in range(C)])

@@ -7,7 +7,8 @@ from hafis.data.ssl import UnlabelledDataset
 from hafis.data.synthetic import SyntheticConfig, SyntheticScenes
 from hafis.data.transforms import weak_geometry
 from hafis.frameworks.base import PseudoLabelWeighting
-from hafis.frameworks.unimatch import UniMatch, cutmix, partner_index
+from hafis.frameworks.mixing import partner_index, paste
+from hafis.frameworks.unimatch import UniMatch
 from hafis.models import SegOutput
 from hafis.weighting import box_mask_from_detections, confident_pixels, detector_reliable
 
@@ -156,10 +157,10 @@ def test_cutmix_moves_the_box_mask_with_the_pseudo_labels():
     box[0, 1:3, 0:3] = True   # image 0 takes these pixels from image 1
     box[1, 0:2, 3:6] = True   # image 1 takes these from image 0
     partner = partner_index(2, torch.device("cpu"))
-    mixed = [cutmix(t, t, box, partner) for t in (conf, pseudo, valid, box_mask)]
+    mixed = [paste(t, t[partner], box) for t in (conf, pseudo, valid, box_mask)]
     got = detector_reliable(*mixed, thing_classes=(1, 2))
     per_image = detector_reliable(conf, pseudo, valid, box_mask, thing_classes=(1, 2))
-    assert torch.equal(got, cutmix(per_image, per_image, box, partner))
+    assert torch.equal(got, paste(per_image, per_image[partner], box))
     assert got[0, 2, 1]          # class 1 pixel at (2, 1): no box in image 0, but image 1's box mask covers it
     assert not per_image[0, 2, 1]
     assert got[1, 0, 3] and per_image[0, 0, 3]  # class 2 at (0, 3): image 1 takes it, with image 0's class-2 box

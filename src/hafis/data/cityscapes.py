@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from .io import Problem, box_of, empty_boxes, read_instance_ids, read_label, stack_boxes
+from .io import Problem, boxes_from_instance_mask, empty_boxes, read_instance_ids, read_label
 from .layout import DatasetLayout
 
 CLASS_NAMES = (
@@ -138,20 +138,12 @@ class Cityscapes(DatasetLayout):
 
 
 def instance_id_boxes(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes of a Cityscapes ``*_instanceIds.png``: values >= 1000 are ``labelId * 1000 + k``."""
-    boxes, labels = [], []
-    for value in np.unique(instances):
-        value = int(value)
-        if value < 1000:
-            continue
-        train = LABEL_TO_TRAIN.get(value // 1000)
-        if train is None:
-            continue
-        box = box_of(instances == value)
-        if box is not None:
-            boxes.append(box)
-            labels.append(train)
-    return stack_boxes(boxes, labels)
+    """Boxes of a Cityscapes ``*_instanceIds.png``: values >= 1000 are ``labelId * 1000 + k``; instances of a label
+    without a train id give no box."""
+    boxes, ids = boxes_from_instance_mask(np.where(instances >= 1000, instances, 0))
+    train = np.array([LABEL_TO_TRAIN.get(int(v) // 1000, -1) for v in ids], np.int64).reshape(-1)
+    keep = train >= 0
+    return boxes[keep], train[keep]
 
 
 __all__ = ["CLASS_NAMES", "Cityscapes", "LABEL_TO_TRAIN", "THING_CLASSES", "TRAIN_ID_COLOURS", "instance_id_boxes",

@@ -128,15 +128,6 @@ def empty_boxes() -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
 
 
-def box_of(region: np.ndarray) -> Optional[tuple[float, float, float, float]]:
-    """Tight ``x0, y0, x1, y1`` (x1 / y1 exclusive) of the True pixels of ``region``, ``None`` when empty."""
-    ys = np.flatnonzero(region.any(axis=1))
-    if len(ys) == 0:
-        return None
-    xs = np.flatnonzero(region.any(axis=0))
-    return float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)
-
-
 def stack_boxes(boxes: Sequence[Sequence[float]], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     if not boxes:
         return empty_boxes()

@@ -33,7 +33,8 @@ from typing import Optional
 import numpy as np
 
 from .base import IGNORE_INDEX
-from .io import box_of, boxes_from_connected_components, empty_boxes, find_image, read_instance_ids, stack_boxes
+from .io import (boxes_from_connected_components, boxes_from_instance_mask, empty_boxes, find_image,
+                 read_instance_ids, stack_boxes)
 from .layout import DatasetLayout
 
 CLASS_NAMES = (
@@ -145,31 +146,14 @@ class PascalVOC(DatasetLayout):
     def boxes(self, id: str, part: str, mask: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         obj = self.root / "SegmentationObject" / f"{id}.png"
         if mask is not None and obj.is_file():
-            return instance_boxes(read_instance_ids(obj), mask)
+            # an instance's class: the majority of its object pixels (background and borders do not vote)
+            return boxes_from_instance_mask(read_instance_ids(obj), np.where(mask == 0, IGNORE_INDEX, mask))
         xml = self.root / "Annotations" / f"{id}.xml"
         if xml.is_file():
             return xml_boxes(xml)
         if mask is not None:
             return boxes_from_connected_components(mask, self.thing_classes)
         return empty_boxes()
-
-
-def instance_boxes(instances: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes of a VOC ``SegmentationObject`` map (0 = background, 255 = border); class = majority label."""
-    boxes, labels = [], []
-    for inst in np.unique(instances):
-        inst = int(inst)
-        if inst == 0 or inst == IGNORE_INDEX:
-            continue
-        region = instances == inst
-        values = mask[region]
-        values = values[(values != 0) & (values != IGNORE_INDEX)]
-        if values.size == 0:
-            continue
-        box = box_of(region)
-        boxes.append(box)
-        labels.append(int(np.bincount(values).argmax()))
-    return stack_boxes(boxes, labels)
 
 
 def xml_boxes(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -187,4 +171,4 @@ def xml_boxes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return stack_boxes(boxes, labels)
 
 
-__all__ = ["CLASS_NAMES", "PascalVOC", "SETTINGS", "instance_boxes", "voc_palette", "xml_boxes"]
+__all__ = ["CLASS_NAMES", "PascalVOC", "SETTINGS", "voc_palette", "xml_boxes"]

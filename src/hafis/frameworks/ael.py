@@ -66,7 +66,7 @@ from hafis.config import Config
 from .base import StepOutput
 from .losses import labelled_loss
 from .teacher import MeanTeacherFramework
-from .unimatch import partner_index
+from .mixing import partner_index, paste
 
 
 def paste_class_probabilities(conf: Tensor) -> Tensor:
@@ -159,10 +159,10 @@ class AEL(MeanTeacherFramework):
         probs = paste_class_probabilities(self.confidence.cpu()[self.paste_classes])
         draws = torch.multinomial(probs, cfg.copy_paste_classes, replacement=True, generator=self.generator)
         query = self.paste_classes[draws].unique().to(y.device)
-        paste = self.rand(x.shape[0], device=x.device) < cfg.copy_paste_prob
+        chosen = self.rand(x.shape[0], device=x.device) < cfg.copy_paste_prob
         src = partner_index(x.shape[0], x.device)
-        alpha = torch.isin(y[src], query) & paste[:, None, None]
-        return torch.where(alpha[:, None], x[src], x), torch.where(alpha, y[src], y)
+        alpha = torch.isin(y[src], query) & chosen[:, None, None]
+        return paste(x, x[src], alpha), paste(y, y[src], alpha)
 
     def cutmix_boxes(self, pred: Tensor) -> tuple[Tensor, Tensor]:
         """Adaptive CutMix (step 3) from the teacher's predictions ``(B, H, W)``: the box mask ``(B, H, W)`` and the
@@ -220,8 +220,7 @@ class AEL(MeanTeacherFramework):
                 box, source = torch.zeros_like(ignore, dtype=torch.bool), partner_index(u.shape[0], u.device)
 
             def mix(t: Tensor) -> Tensor:
-                b = box[:, None] if t.dim() == 4 else box
-                return torch.where(b, t[source], t)
+                return paste(t, t[source], box)
 
             u_mix, logits_tu, ignore_mix = mix(u), mix(out_tu.logits), mix(ignore)
             w_mix = None if w is None else mix(w)

@@ -53,6 +53,7 @@ from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 from .base import StepOutput
 from .losses import labelled_loss
+from .mixing import paste
 from .teacher import MeanTeacherFramework, softmax_entropy
 
 #: the released pool (``get_augment_list(flag_using_wide=False)``) and each op's magnitude range
@@ -178,11 +179,8 @@ def label_aided_cutmix(u: dict[str, Tensor], lab: dict[str, Tensor], take_labell
     ``(B, 3, H, W)``, the others ``(B, H, W)``): image ``i`` takes ``box_l[i]`` from labelled ``π(i)`` when
     ``take_labelled[i]``, then every image ``i`` takes ``box_u[i]`` from the (possibly labelled-mixed) image ``π(i)``.
     """
-    def where(box: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        return torch.where(box[:, None] if a.dim() == 4 else box, a, b)
-
-    first = {k: where(box_l & take_labelled[:, None, None], lab[k][perm], v) for k, v in u.items()}
-    return {k: where(box_u, first[k][perm], v) for k, v in u.items()}
+    first = {k: paste(v, lab[k][perm], box_l & take_labelled[:, None, None]) for k, v in u.items()}
+    return {k: paste(v, first[k][perm], box_u) for k, v in u.items()}
 
 
 class AugSeg(MeanTeacherFramework):

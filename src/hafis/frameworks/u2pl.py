@@ -82,7 +82,7 @@ from hafis.config import Config
 from .base import StepOutput
 from .losses import labelled_loss
 from .teacher import MeanTeacherFramework, softmax_entropy
-from .unimatch import cutmix, partner_index
+from .mixing import partner_index, paste
 
 
 class RepresentationHead(nn.Module):
@@ -315,7 +315,7 @@ class U2PL(MeanTeacherFramework):
         partner = partner_index(n_u, u.device)
 
         def mix(t: Tensor) -> Tensor:
-            return t if box is None else cutmix(t, t, box, partner)
+            return t if box is None else paste(t, t[partner], box)
 
         u_mix, pseudo, ignore_mix = mix(u), mix(pseudo_w), mix(ignore)
 

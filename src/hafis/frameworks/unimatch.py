@@ -39,27 +39,11 @@ import torch
 from torch import Tensor
 
 from .base import Framework, StepOutput
+from .mixing import partner_index, paste
 from .losses import supervised_loss
 
 #: ``unimatch.mix``: where CutMix takes its pixels (see the module docstring)
 MIXES = ("same_images", "other_images", "in_batch")
-
-
-def cutmix(inside: Tensor, base: Tensor, box: Tensor, partner: Tensor) -> Tensor:
-    """``base`` with the pixels of ``box`` (``(B, H, W)`` bool) taken from ``inside[partner]``; works for images too."""
-    if base.dim() == 4:
-        box = box[:, None]
-    return torch.where(box, inside[partner], base)
-
-
-def partner_index(batch_size: int, device: torch.device) -> Tensor:
-    """Image ``i`` mixes in image ``i + 1`` (mod B)."""
-    return torch.roll(torch.arange(batch_size, device=device), -1)
-
-
-def paste(base: Tensor, inside: Tensor, box: Tensor) -> Tensor:
-    """``base`` with the pixels of ``box`` (``(B, H, W)`` bool) taken from ``inside`` (same shape as ``base``)."""
-    return torch.where(box[:, None] if base.dim() == 4 else box, inside, base)
 
 
 def confidence_terms(conf: Tensor, ignore: Tensor, threshold: float, w: Optional[Tensor]) -> dict[str, Tensor]:

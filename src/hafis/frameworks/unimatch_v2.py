@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from .base import StepOutput
 from .losses import supervised_loss
 from .teacher import MeanTeacherFramework
-from .unimatch import confidence_terms, paste
+from .mixing import paste
+from .unimatch import confidence_terms
 
 
 def complementary_dropout_mask(pairs: int, channels: int, generator: torch.Generator,
