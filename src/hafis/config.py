@@ -386,7 +386,7 @@ class DetectorConfig:
     #: training boxes: instances = the reader's instance boxes, components = connected components of each thing
     #: class in the mask, auto = instance boxes where the image has any, else components, combined = instance
     #: boxes plus connected components of ``component_classes`` (the authors' Cityscapes recipe)
-    boxes: str = registry("auto", "hafis.models.detector:BOX_MODES")
+    boxes: str = registry("auto", "hafis.engine.detector:BOX_MODES")
     #: connected components smaller than this many pixels give no box (the authors: 90 px for thin classes)
     component_min_area: int = nonneg(0)
     #: with ``boxes: combined``: classes (names) without instances whose connected components become boxes; the

@@ -67,7 +67,7 @@ def test_missing_and_invalid_files(tmp_path):
 @pytest.mark.parametrize("key,registry", [("train.framework", "hafis.frameworks:FRAMEWORKS"),
                                           ("model.name", "hafis.models:SEGMENTERS"),
                                           ("detector.arch", "hafis.models.detector:DETECTOR_ARCHS"),
-                                          ("detector.boxes", "hafis.models.detector:BOX_MODES"),
+                                          ("detector.boxes", "hafis.engine.detector:BOX_MODES"),
                                           ("data.dataset", "hafis.data:DATASETS"),
                                           ("optim.name", "hafis.engine.optim:OPTIMIZERS"),
                                           ("loss.labelled", "hafis.frameworks.losses:LABELLED_LOSSES"),

@@ -147,7 +147,7 @@ def train_or_load_detector(config: Config, labelled: SegmentationSource, *, retr
     recipe matches the config, else a detector trained now on ``labelled`` and saved atomically there."""
     from tqdm import tqdm
 
-    from hafis.models.detector import DetectionDataset, train_detector
+    from .detector import DetectionDataset, train_detector
 
     things = _thing_classes(config, labelled)
     d = config.detector
@@ -205,7 +205,7 @@ def detection_cache(config: Config, unlabelled: SegmentationSource, checkpoint_h
 def run_detect(config: Config, *, retrain: bool = False, log: Callable[[str], None] = print,
                progress: Optional[bool] = None) -> tuple[Detections, DetectionCache]:
     """The whole ``hafis detect`` step; returns the detections of every unlabelled image and their cache."""
-    from hafis.models.detector import detect
+    from .detector import detect
 
     progress = config.train.progress_bar if progress is None else progress
     labelled, unlabelled, _ = build_sources(config.data)

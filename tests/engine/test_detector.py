@@ -5,7 +5,8 @@ import torch
 from hafis.data.base import Sample
 from hafis.data.synthetic import SyntheticConfig, SyntheticScenes
 from hafis.data.io import boxes_from_connected_components, boxes_from_instance_mask
-from hafis.models.detector import DetectionDataset, build_detector, detect, sample_boxes, train_detector
+from hafis.engine.detector import DetectionDataset, detect, sample_boxes, train_detector
+from hafis.models.detector import build_detector
 
 
 def test_boxes_from_instance_mask_are_exact():
