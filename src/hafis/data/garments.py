@@ -258,11 +258,13 @@ def load_fashion_mnist(paths: dict[str, Path]) -> FashionMNIST:
 @functools.lru_cache(maxsize=1)
 def backgrounds() -> tuple[np.ndarray, ...]:
     """The :data:`BACKGROUNDS` as RGB uint8, short side at most 512 (crops are far smaller than that)."""
-    import skimage.data
+    from hafis.extras import require
+
+    skimage_data = require("skimage.data", "demo", "data.dataset=garments (its background photographs)")
 
     images = []
     for name in BACKGROUNDS:
-        image = np.asarray(getattr(skimage.data, name)())
+        image = np.asarray(getattr(skimage_data, name)())
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
         image = Image.fromarray(np.ascontiguousarray(image[..., :3], dtype=np.uint8))

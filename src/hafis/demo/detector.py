@@ -12,11 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import matplotlib
 import numpy as np
 import torch
-from matplotlib import patches
-from matplotlib.figure import Figure
 
 from hafis.config import Config
 from hafis.data import build_sources
@@ -25,6 +22,7 @@ from hafis.files import atomic_write
 from hafis.engine.detect import run_detect
 from hafis.engine.detections import box_quality
 from hafis.engine.diagnostics import load_images
+from hafis.extras import require
 from hafis.weighting import confident_pixels
 
 #: the fourth run of the demo: UniMatch + W whose prototypes take only detector-verified unlabelled pixels
@@ -59,7 +57,8 @@ def prepare_detector(config: Config, log: Callable[[str], None] = print) -> Dete
 
 
 def _palette(num_classes: int) -> np.ndarray:
-    return matplotlib.colormaps["tab10"](np.arange(max(num_classes, 10)) % 10)[:, :3]
+    colormaps = require("matplotlib", "viz", "the demo's pictures").colormaps
+    return colormaps["tab10"](np.arange(max(num_classes, 10)) % 10)[:, :3]
 
 
 def _colourise(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -69,6 +68,7 @@ def _colourise(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
 
 
 def _draw_boxes(ax, boxes, labels, scores, tau: float, palette: np.ndarray, faint: float = 0.5) -> None:
+    patches = require("matplotlib.patches", "viz", "the demo's pictures")
     for (x0, y0, x1, y1), c, s in zip(boxes, labels, scores):
         if s < faint:
             continue
@@ -102,7 +102,8 @@ def plot_detections(trainer, path: Path, count: int = 4) -> Optional[Path]:
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     cols = ["image + detections", f"pseudo-label + boxes >= {w.tau_det:g}", f"reliable: confidence >= {w.tau_seg:g}",
             "reliable: confidence + detector", "ground truth (hidden)"]
-    fig = Figure(figsize=(2.3 * len(cols), 2.3 * count))
+    patches = require("matplotlib.patches", "viz", "the demo's pictures")
+    fig = require("matplotlib.figure", "viz", "the demo's pictures").Figure(figsize=(2.3 * len(cols), 2.3 * count))
     axes = fig.subplots(count, len(cols), squeeze=False)
     for i in range(count):
         boxes, labels, scores = det.get(indices[i])

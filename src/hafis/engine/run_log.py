@@ -22,9 +22,13 @@ class RunLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tb = None
         if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # the run goes on: metrics.jsonl holds every record
+                warnings.warn("train.tensorboard is on but TensorBoard is not installed (pip install 'hafis[viz]'); "
+                              "the metrics go to metrics.jsonl only", stacklevel=2)
+            else:
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def write(self, record: dict[str, Any], prefix: Optional[str] = None) -> None:
         if not self.enabled:

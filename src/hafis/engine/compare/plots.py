@@ -6,6 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
+from hafis.extras import require
 from hafis.files import atomic_write
 
 from .report import diagnostic_curves
@@ -15,7 +16,7 @@ from .runs import RunData
 def plot_miou(runs: Sequence[RunData], arms: Sequence[str], path: Path) -> bool:
     """Validation mIoU over iterations per arm: mean over seeds and a min..max band; False (nothing written)
     before the first evaluation."""
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "viz", "the comparison's plots").Figure
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
@@ -46,7 +47,7 @@ def plot_miou(runs: Sequence[RunData], arms: Sequence[str], path: Path) -> bool:
 def plot_diagnostics(runs: Sequence[RunData], arms: Sequence[str], path: Path) -> bool:
     """Wrong share (unweighted solid, W-weighted dashed), AUROC (W solid, confidence dashed) and bank precision
     (detector solid, confidence dashed) over training; False (nothing written) without diagnostics."""
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "viz", "the comparison's plots").Figure
 
     panels = [("wrong pseudo-labels (%)", "pseudo_error_weighted", "pseudo_error", 100),
               ("AUROC for a right pseudo-label", "auroc_weight", "auroc_confidence", 1),
