@@ -69,6 +69,7 @@ class UniMatchV2(MeanTeacherFramework):
 
     def __init__(self, config, model: nn.Module, num_classes: int) -> None:
         super().__init__(config, model, num_classes)
+        self.cutmix_prob = config.unimatch.cutmix_prob  # the stream's box1 / box2
         #: encoder channels the complementary dropout masks
         self.channels = model.backbone.embed_dim if hasattr(model, "backbone") and \
             hasattr(model.backbone, "embed_dim") else None
