@@ -6,10 +6,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from hafis.config import ConfigError
+from hafis.errors import UserError
 
 
-class MissingExtraError(ConfigError):
+class MissingExtraError(UserError, ImportError):
     """An optional dependency the command or a config key needs is not installed; the message names the extra."""
 
 

@@ -115,10 +115,12 @@ def test_a_segmenter_key_of_another_segmenter_is_refused_by_name():
     assert segmenter_keys(load_config(None, ["model.output_stride=8"]).model) == \
         {"output_stride": 8, "aspp_channels": 256, "multi_grid": False}
     assert segmenter_keys(load_config(None, ["model.name=segformer", "model.backbone=mit_b0"]).model) == {}
-    with pytest.raises(ConfigError, match="model.output_stride=8 is a key of model.name=deeplabv3plus, not of "
+    assert segmenter_keys(load_config(None, ["model.name=segformer", "model.backbone=mit_b0",
+                                             "model.aspp_channels=32"]).model) == {}  # a size of another model
+    with pytest.raises(ConfigError, match="model.multi_grid=True is a key of model.name=deeplabv3plus, not of "
                                           "'segformer'"):
         segmenter_keys(load_config(None, ["model.name=segformer", "model.backbone=mit_b0",
-                                          "model.output_stride=8"]).model)
+                                          "model.multi_grid=true"]).model)
 
 
 def test_only_unimatch_asks_the_stream_for_cutmix_boxes():

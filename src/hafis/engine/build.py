@@ -6,7 +6,6 @@ that the detector step does not import it.
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
@@ -45,12 +44,12 @@ def build_model(config: Config, num_classes: int) -> torch.nn.Module:
 
 
 def segmenter_keys(m) -> dict:
-    """The ``model`` keys only ``model.name``'s segmenter takes (its ``config_keys``), by name; another segmenter's key
-    set away from its default is a :class:`ConfigError` naming the segmenters that take it."""
+    """The ``model`` keys only ``model.name``'s segmenter takes (its ``config_keys``), by name. Another segmenter's
+    sizes are ignored (one set of overrides may serve several models), but its switches turned on (``multi_grid``,
+    ``freeze_encoder``) are a :class:`ConfigError` naming the segmenters that have them."""
     takes = SEGMENTERS[m.name].config_keys
-    defaults = {f.name: f.default for f in dataclasses.fields(type(m))}
     for key in sorted({k for s in SEGMENTERS.values() for k in s.config_keys} - set(takes)):
-        if getattr(m, key) != defaults[key]:
+        if getattr(m, key) is True:
             owners = [n for n, s in SEGMENTERS.items() if key in s.config_keys]
             raise ConfigError(f"model.{key}={getattr(m, key)!r} is a key of model.name={'/'.join(owners)}, not of "
                               f"{m.name!r}")
