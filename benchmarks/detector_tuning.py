@@ -29,7 +29,8 @@ from hafis.config import load_config
 from hafis.data import build_sources
 from hafis.data.base import SegmentationSource
 from hafis.engine.detect import component_classes, detected_classes
-from hafis.models.detector import DetectionDataset, build_detector, detect, sample_boxes, train_detector
+from hafis.engine.detector import DetectionDataset, detect, sample_boxes, train_detector
+from hafis.models.detector import build_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

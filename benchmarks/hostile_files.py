@@ -9,6 +9,7 @@ checkpoint whose ``config`` is a 45-level shared dict, a zip-bomb checkpoint (20
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -60,6 +61,7 @@ def make_cases(folder: Path) -> list[tuple[str, str, Path]]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     header("Hostile files: time and memory until refused")
     print("| file | size | seconds | traced peak (MB) | RSS growth (MB) | outcome |")
     print("|---|---:|---:|---:|---:|---|")

@@ -34,7 +34,7 @@ from hafis.config import load_config
 from hafis.data.transforms import cutmix_box
 from hafis.engine.build import build_model
 from hafis.frameworks import build_framework
-from hafis.frameworks.unimatch import cutmix, partner_index
+from hafis.frameworks.mixing import partner_index, paste
 from hafis.weighting import labelled_qualify_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def run_variant(preset: str, variant: str, args) -> tuple[list, list]:
         s = weighter.similarity_from_index(state["index"], pseudo)
         w = weighter.offset + s.float() / weighter.k
         partner = partner_index(w.shape[0], w.device)
-        state["w"] = [cutmix(w, w, unlabelled[b], partner) for b in ("box1", "box2")]
+        state["w"] = [paste(w, w[partner], unlabelled[b]) for b in ("box1", "box2")]
 
     parts = [("labelled mask (softmax > 0.95, right class)", masks),
              ("detector-mask lookup (reliable pixels)", detector_lookup),
