@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--labelled", type=int, default=realistic.SPLITS["1_32"])
     p.add_argument("--held-out", type=int, default=12)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3])
+    p.add_argument("--arch", default=None, help="detector.arch (default: the benchmark config's)")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--every", type=int, default=20, help="evaluate every this many epochs")
     p.add_argument("--tau", type=float, default=0.95, help="weighting.tau_det")
@@ -92,6 +93,8 @@ def main() -> None:
     truth = [sample_boxes(held.load(i), things, config.detector.boxes) for i in range(len(held))]
     images = [held.load(i).image for i in range(len(held))]
     d = config.detector
+    if args.arch:
+        d.arch = args.arch
     steps_per_epoch = max(1, math.ceil(len(train) / d.batch_size))
     print(f"- {len(labelled)} labelled images (split seed {realistic.SPLIT_SEED}): {len(train)} to train, "
           f"{len(held)} held out with {sum(len(b) for b, _ in truth)} boxes; {d.arch} detector, batch "

@@ -228,7 +228,9 @@ def _compare(args: argparse.Namespace) -> int:
         return 0
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-    return comparison.run(args.jobs)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    return comparison.run(args.jobs, args.threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arm", action="append", default=[], metavar="'NAME: key=value ...'",
                    help="one arm: a name and its overrides; repeat for each arm")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--jobs", type=int, default=1, help="runs side by side; each gets cpu_count // jobs threads")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of each run (default: cpu_count // jobs)")
     p.add_argument("--out", required=True, help="folder of the runs, results.json and report.md")
     p.add_argument("--baseline", default=None, help="arm the others are compared with (default: the first)")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="key=value",

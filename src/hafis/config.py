@@ -375,7 +375,8 @@ class DetectorConfig:
     the labelled images only; its detections over the unlabelled images are cached on disk."""
 
     #: resnet50_fpn = the paper's Faster R-CNN ResNet-50-FPN (GPU); mobilenet_v3_large_fpn = lighter; tiny = a CPU
-    #: detector with 8-64 px anchors for 32-128 px images (tests, demo)
+    #: detector with 8-64 px anchors for 32-128 px images (tests, demo); efficientnet_lite0 = a CPU detector on the
+    #: ImageNet EfficientNet-Lite0 trunk (stride 8, 16-128 px anchors; the realistic benchmark)
     arch: str = registry("resnet50_fpn", "hafis.models.detector:DETECTOR_ARCHS")
     #: training steps (Adam); the authors train "many epochs"
     iterations: int = positive(10000)
@@ -590,8 +591,8 @@ def from_dict(cls: type, raw: dict, source: str, prefix: str = "") -> Any:
         if dataclasses.is_dataclass(typ):
             values[name] = from_dict(typ, raw[name], source, key + ".")
             continue
-        value = _coerce(raw[name], typ, key, source)
         choices = f.metadata.get("choices")
+        value = _coerce(_switch_word(raw[name], choices), typ, key, source)
         if isinstance(choices, RegistryNames) and choices.by:  # allowed names depend on a sibling key's value
             by = values.get(choices.by, fields[choices.by].default)
             if value not in choices.names_for(by):
@@ -607,6 +608,14 @@ def from_dict(cls: type, raw: dict, source: str, prefix: str = "") -> Any:
         return cls(**values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: '{prefix.rstrip('.')}': {exc}") from None
+
+
+def _switch_word(value: Any, choices: Any) -> Any:
+    """YAML 1.1 reads the words off / no (on / yes) as False (True): a mode switch (choices that are words) gets the
+    word back, so ``train.amp: off`` and ``train.amp=off`` mean the mode "off"."""
+    if isinstance(value, bool) and isinstance(choices, tuple) and all(isinstance(c, str) for c in choices):
+        return "on" if value else "off"
+    return value
 
 
 def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:

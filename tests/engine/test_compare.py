@@ -97,12 +97,15 @@ def _eval_records(run_dir):
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "eval"]
 
 
-def test_compare_end_to_end_reuses_and_resumes(tmp_path, capsys, tiny_config):
+def test_compare_end_to_end_reuses_and_resumes(tmp_path, capsys, tiny_config, monkeypatch):
     out = tmp_path / "cmp"
     args = ["compare", str(tiny_config), "--arm", "plain: train.framework=unimatch",
             "--arm", "w: weighting.enabled=true", "--seeds", "0,1", "--jobs", "2", "--out", str(out),
             "--set", "train.eval_interval=1", "train.tensorboard=false", "eval.diagnostics_images=3"]
-    assert main(args) == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 8)  # --threads, not the cores shared out (4 each), sets the threads
+    assert main([*args, "--threads", "1"]) == 0
+    assert "4 of 4 runs to train, 2 at a time with 1 thread(s) each" in capsys.readouterr().out
+    monkeypatch.undo()
     results = json.loads((out / "results.json").read_text())
     assert set(results) >= {"command", "machine", "runs"} and results["command"].startswith("hafis compare ")
     assert len(results["runs"]) == 4

@@ -157,3 +157,14 @@ def test_a_three_level_chain_is_no_loop_and_a_missing_base_is_named(tmp_path):
     write(tmp_path, "bad.yaml", "base: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml does not exist"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_the_word_off_of_a_mode_switch_is_the_mode_not_a_boolean(tmp_path):
+    # YAML 1.1 reads an unquoted off / no as False: a switch whose choices hold "off" takes the word
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    assert load_config(write(tmp_path, "a.yaml", "train: {amp: off}\n")).train.amp == "off"
+    assert load_config(None, ["train.amp=bf16"]).train.amp == "bf16"
+    with pytest.raises(ConfigError, match=r"'train.amp' must be one of \['off', 'bf16', 'fp16'\], got 'on'"):
+        load_config(None, ["train.amp=on"])  # True is "on", which is no mode of train.amp
+    # a real boolean key keeps its boolean
+    assert load_config(None, ["weighting.enabled=off"]).weighting.enabled is False

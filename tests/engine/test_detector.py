@@ -158,3 +158,30 @@ def test_combined_mode_resolves_the_component_classes_by_name():
     bad = load_config(None, ["detector.boxes=combined", "detector.component_classes=[pole, lamp]"])
     with pytest.raises(ConfigError, match="detector.component_classes.*'lamp'"):
         component_classes(bad, Source)
+
+
+def test_efficientnet_lite0_detector_starts_from_imagenet_with_frozen_batchnorm():
+    from hafis.models.backbones import efficientnet_lite0_classifier
+
+    torch.manual_seed(0)
+    model = build_detector("efficientnet_lite0", 2, min_size=48, max_size=48)
+    classifier = efficientnet_lite0_classifier()  # the package's weights through the classifier's own loading
+    trunk = model.backbone.trunk
+    assert torch.equal(trunk.conv_stem.weight, classifier.conv_stem.weight)
+    assert torch.equal(trunk.blocks[5][0].conv_pw.weight, classifier.blocks[5][0].conv_pw.weight)
+    assert model.backbone.out_channels == 320
+    bn_stats = {k: v.clone() for k, v in trunk.state_dict().items() if k.endswith("running_mean")}
+    assert bn_stats and torch.equal(bn_stats["bn1.running_mean"], classifier.bn1.running_mean)
+
+    source = SyntheticScenes(SyntheticConfig(image_size=48, num_labelled=8, num_unlabelled=1, num_val=1,
+                                             num_object_classes=2, max_objects=3), "labelled", cache_dir=False)
+    losses = train_detector(model, DetectionDataset(source, source.thing_classes, seed=0), 12, batch_size=4,
+                            lr=1e-4, seed=0)
+    assert all(np.isfinite(losses)) and np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+    # the ImageNet statistics stay: BatchNorm is frozen, so training steps leave them as loaded
+    after = trunk.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in bn_stats.items())
+    # the trunk's convolutions did learn
+    assert not torch.equal(trunk.conv_stem.weight, classifier.conv_stem.weight)
+    out = detect(model, [source.load(0).image], source.thing_classes)[0]
+    assert set(out["labels"].tolist()) <= set(source.thing_classes) and out["boxes"].shape[1] == 4

