@@ -2,6 +2,7 @@
 
     python benchmarks/detector_tuning.py                          # 1/32 split, lr 1e-3, up to 200 epochs
     python benchmarks/detector_tuning.py --labelled 250 --epochs 40
+    python benchmarks/detector_tuning.py --evaluate bench_out/realistic/1_32/detectors/*/detector.pt
 
 The detector of the weighting arms is trained on the labelled images only, so it is tuned on them only: the fixed
 labelled split of the benchmark (``benchmarks/realistic.py``) is cut into a training part and ``--held-out`` images
@@ -10,6 +11,10 @@ epochs its boxes with score >= ``tau_det`` on the held-out images are matched to
 class, IoU >= 0.5, greedy by score). Reported per (lr, epoch): box precision, box recall, and the share of held-out
 images with a kept box. Never mIoU: the segmentation arms play no part in the choice. An epoch is
 ``labelled / batch`` steps, so a schedule chosen in epochs scales with the labelled set.
+
+``--evaluate`` instead reports, for detectors the benchmark trained (``hafis detect`` of the weighting arms), the
+boxes they keep at ``tau_det`` on the split's unlabelled images and their precision and recall against those images'
+ground truth: how much of the unlabelled set the detector can verify.
 """
 
 from __future__ import annotations
@@ -69,6 +74,35 @@ def match(pred: dict, boxes: np.ndarray, labels: np.ndarray, tau: float) -> tupl
     return tp, len(p_boxes), len(boxes)
 
 
+def score(preds: list[dict], truth: list[tuple], tau: float) -> tuple[float, float, float, int]:
+    """(box precision, box recall, share of images with a kept box, boxes kept) of detections against truth."""
+    counts = np.array([match(pr, b, lab, tau) for pr, (b, lab) in zip(preds, truth)])
+    tp, kept, gt = counts.sum(0)
+    with_box = float(np.mean([(pr["scores"] >= tau).any() for pr in preds]))
+    return tp / max(kept, 1), tp / max(gt, 1), with_box, int(kept)
+
+
+def evaluate(paths: list[Path], config, unlabelled: SegmentationSource, things: list[int], tau: float) -> None:
+    """Boxes kept at ``tau`` on the unlabelled images by each trained detector, and their precision / recall."""
+    from hafis.engine.detect import load_detector
+
+    samples = [unlabelled.load(i) for i in range(len(unlabelled))]
+    truth = [sample_boxes(s, things, config.detector.boxes) for s in samples]
+    with_truth = float(np.mean([len(b) > 0 for b, _ in truth]))
+    print(f"- {len(samples)} unlabelled images, {with_truth:.0%} with a garment, "
+          f"{sum(len(b) for b, _ in truth)} ground-truth boxes; tau_det {tau}\n", flush=True)
+    rows = []
+    for path in paths:
+        model, _ = load_detector(path, config, things)
+        preds = []
+        for start in range(0, len(samples), 50):
+            preds += detect(model, [s.image for s in samples[start:start + 50]], things)
+        precision, recall, with_box, kept = score(preds, truth, tau)
+        rows.append([str(path), kept, with_box, precision, recall])
+    table(["detector", "boxes kept", "unlabelled images with a box", "box precision", "box recall"], rows)
+    footer()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--labelled", type=int, default=realistic.SPLITS["1_32"])
@@ -80,13 +114,18 @@ def main() -> None:
     p.add_argument("--tau", type=float, default=0.95, help="weighting.tau_det")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--evaluate", type=Path, nargs="+", default=None, metavar="DETECTOR_PT",
+                   help="evaluate these trained detectors on the split's unlabelled images instead of tuning")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     header("Detector of the realistic benchmark: box precision / recall on held-out labelled images")
     sched = realistic.schedule(args.labelled, 20)
     config = load_config(realistic.CONFIG, realistic.split_overrides(args.labelled, sched).split())
-    labelled, _, _ = build_sources(config.data)
+    labelled, unlabelled, _ = build_sources(config.data)
     things = detected_classes(config, labelled)
+    if args.evaluate:
+        evaluate(args.evaluate, config, unlabelled, things, args.tau)
+        return
     order = np.random.default_rng([args.seed, 11]).permutation(len(labelled))
     held = Part(labelled, sorted(order[:args.held_out].tolist()))
     train = Part(labelled, sorted(order[args.held_out:].tolist()))
@@ -114,12 +153,9 @@ def main() -> None:
             losses.append(loss)
             if (step + 1) % (args.every * steps_per_epoch):
                 return
-            preds = detect(model, images, things)
-            counts = np.array([match(pr, b, lab, args.tau) for pr, (b, lab) in zip(preds, truth)])
-            tp, kept, gt = counts.sum(0)
-            with_box = float(np.mean([(pr["scores"] >= args.tau).any() for pr in preds]))
+            precision, recall, with_box, kept = score(detect(model, images, things), truth, args.tau)
             epoch = (step + 1) // steps_per_epoch
-            row = [f"{lr:g}", epoch, step + 1, tp / max(kept, 1), tp / max(gt, 1), with_box, int(kept),
+            row = [f"{lr:g}", epoch, step + 1, precision, recall, with_box, kept,
                    float(np.mean(losses[-steps_per_epoch:])), time.perf_counter() - start]
             rows.append(row)
             print(f"lr {lr:g} epoch {epoch}: precision {row[3]:.3f} recall {row[4]:.3f} images with a box "

@@ -9,6 +9,7 @@ method's published settings (k = 5, τ = 0.95, detector-verified bank, memory 25
     python benchmarks/realistic.py --stage calibrate  # 1/32: supervised and unimatch, seed 0
     python benchmarks/realistic.py --stage core       # 1/32: supervised, unimatch, unimatch+W (paper, authors); 5 seeds
     python benchmarks/realistic.py --stage all        # + the other arms, fully supervised and the 1/8 split
+    python benchmarks/realistic.py --stage core --arms 'unimatch+W,unimatch+W(authors)'  # some arms only
     python benchmarks/realistic.py --archive-only     # copy the finished runs' records into the repository now
     python benchmarks/realistic.py --report-only      # rebuild benchmarks/results/realistic.{json,md} from the runs
     python benchmarks/realistic.py --preset gpu       # one GPU: 128 px, 10 classes, 40 passes (results/realistic_gpu*)
@@ -80,6 +81,8 @@ class Preset:
     passes: float
     seeds: str
     jobs: int
+    #: CPU threads of each run (None: the cores shared out by ``hafis compare``)
+    threads: Optional[int] = None
 
     @property
     def archive(self) -> Path:
@@ -88,7 +91,7 @@ class Preset:
 
 PRESETS = {
     # 2 CPU cores, one thread per run: configs/realistic/base.yaml as it is
-    "cpu": Preset("realistic", "", 4, 20.0, "0,1,2,3,4", 2),
+    "cpu": Preset("realistic", "", 4, 20.0, "0,1,2,3,4", 2, threads=1),
     # one H100-class GPU: 128 px images, the 10 garment classes, a wider decoder, batches of 16, twice the passes
     "gpu": Preset("realistic_gpu", "train.device=cuda data.garments.image_size=128 data.crop_size=128 "
                   "data.garments.classes=fine model.feature_dim=256 model.aspp_channels=256 train.batch_size=16 "
@@ -106,6 +109,11 @@ ARMS = {
     "augseg+W": f"train.framework=augseg {PAPER}",
 }
 CORE = ("supervised", "unimatch", "unimatch+W", "unimatch+W(authors)")
+#: the detector of the weighting arms, chosen on its own box precision and recall on held-out labelled images
+#: (benchmarks/detector_tuning.py): an ImageNet EfficientNet-Lite0 trunk, Adam; its schedule is counted in epochs
+#: over the labelled images, so it scales with the split
+DETECTOR = {"arch": "efficientnet_lite0", "lr": 1e-4, "batch_size": 8}
+DETECTOR_EPOCHS = 100
 #: (arm, compared with): the semi-supervised effect, the weighting's effect in each framework, the headroom
 CONTRASTS = [("unimatch", "supervised"), ("unimatch+W", "unimatch"), ("unimatch+W(authors)", "unimatch"),
              ("augseg", "supervised"), ("augseg+W", "augseg"), ("fully-supervised", "supervised")]
@@ -129,6 +137,12 @@ def split_overrides(labelled: int, sched: dict) -> str:
             f"train.eval_interval={sched['eval_interval']}")
 
 
+def detector_overrides(labelled: int) -> str:
+    """The detector recipe of a split with ``labelled`` images: :data:`DETECTOR`, :data:`DETECTOR_EPOCHS` epochs."""
+    iterations = DETECTOR_EPOCHS * math.ceil(labelled / DETECTOR["batch_size"])
+    return " ".join([*(f"detector.{k}={v}" for k, v in DETECTOR.items()), f"detector.iterations={iterations}"])
+
+
 def plan(stage: str, passes: float, preset: Preset = PRESETS["cpu"]) -> list[tuple[str, list[str], str]]:
     """(folder, arms, --set overrides) of each ``hafis compare`` call, core runs first. The fully supervised arm
     trains on the whole pool on the smallest split's schedule."""
@@ -145,19 +159,27 @@ def plan(stage: str, passes: float, preset: Preset = PRESETS["cpu"]) -> list[tup
             ("1_8", list(ARMS), split(SPLITS["1_8"], schedule(SPLITS["1_8"], passes, preset.unlabelled_batch)))]
 
 
-def arm_overrides(name: str) -> str:
-    return ARMS["supervised"] if name == "fully-supervised" else ARMS[name]
+def arm_overrides(name: str, common: str = "") -> str:
+    """An arm's overrides; an arm with the weighting also gets the detector recipe of its split (the labelled
+    images of ``common``), set on those arms only so that the other arms' configs do not change with it."""
+    if name == "fully-supervised":
+        return ARMS["supervised"]
+    if "weighting.enabled=true" not in ARMS[name]:
+        return ARMS[name]
+    labelled = int(re.search(r"data\.garments\.num_labelled=(\d+)", common).group(1))
+    return f"{ARMS[name]} {detector_overrides(labelled)}"
 
 
-def compare(folder: str, arms: list[str], common: str, seeds: str, jobs: int, out: Path, report_only: bool) -> int:
+def compare(folder: str, arms: list[str], common: str, seeds: str, jobs: int, out: Path, report_only: bool,
+            threads: Optional[int] = None) -> int:
     command = [sys.executable, "-m", "hafis", "compare"]
     if report_only:
         command += ["--report-only", "--out", str(out / folder)]
     else:
         command += [str(CONFIG), "--seeds", seeds, "--jobs", str(jobs), "--out", str(out / folder),
-                    "--set", *common.split()]
+                    *(["--threads", str(threads)] if threads else []), "--set", *common.split()]
         for name in arms:
-            command += ["--arm", f"{name}: {arm_overrides(name)}"]
+            command += ["--arm", f"{name}: {arm_overrides(name, common)}"]
     print("$", shlex.join(command), flush=True)
     return subprocess.run(command).returncode
 
@@ -348,6 +370,8 @@ def main() -> int:
     parser.add_argument("--stage", choices=("calibrate", "core", "all"), default="core")
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
     parser.add_argument("--seeds", default=None, help="comma-separated (default: 0 for calibrate, else the preset's)")
+    parser.add_argument("--arms", default=None,
+                        help="comma-separated: only these arms of the stage (e.g. two processes, one per arm group)")
     parser.add_argument("--passes", type=float, default=None, help="passes over the unlabelled set (cpu: 20, gpu: 40)")
     parser.add_argument("--jobs", type=int, default=None, help="runs side by side (cpu: 2, gpu: 1)")
     parser.add_argument("--device", default=None, help="train.device of every run (to try the gpu preset on a CPU)")
@@ -364,17 +388,26 @@ def main() -> int:
     if args.archive_only:
         print(f"{archive(out, preset.archive)} finished runs' records in {preset.archive}")
         return 0
+    calls = plan(args.stage, passes, preset)
+    if args.arms:
+        chosen = args.arms.split(",")
+        unknown = sorted(set(chosen) - {a for _, arms, _ in calls for a in arms})
+        if unknown:
+            parser.error(f"--arms: {', '.join(unknown)} not in stage {args.stage}'s arms")
+        calls = [(f, [a for a in arms if a in chosen], c) for f, arms, c in calls]
+        calls = [call for call in calls if call[1]]
     RESULTS.mkdir(parents=True, exist_ok=True)
     restore(out, preset.archive)
     status = 0
-    for folder, arms, common in plan(args.stage, passes, preset):
+    for folder, arms, common in calls:
         if args.report_only and not (out / folder / "compare.json").is_file():
             continue
         if not args.report_only:
             (out / folder).mkdir(parents=True, exist_ok=True)
             with open(out / folder / "provenance.jsonl", "a") as fh:
                 fh.write(json.dumps({**provenance(), "arms": arms, "seeds": seeds, "set": common}) + "\n")
-        status |= compare(folder, arms, common, seeds, args.jobs or preset.jobs, out, args.report_only)
+        status |= compare(folder, arms, common, seeds, args.jobs or preset.jobs, out, args.report_only,
+                          preset.threads)
         archive(out, preset.archive)  # after every call, so that a session cut short keeps what finished
     command = (f"python benchmarks/realistic.py --preset {args.preset} --stage {args.stage} --seeds {seeds} "
                f"--passes {passes:g}")

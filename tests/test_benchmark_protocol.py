@@ -61,9 +61,16 @@ def test_every_planned_run_of_both_presets_is_a_valid_config():
     for preset in (realistic.PRESETS["cpu"], gpu):
         for folder, arms, common in realistic.plan("all", preset.passes, preset):
             for arm in arms:
-                config = load_config(realistic.CONFIG, [*common.split(), *realistic.arm_overrides(arm).split()])
+                config = load_config(realistic.CONFIG,
+                                     [*common.split(), *realistic.arm_overrides(arm, common).split()])
                 assert config.train.unlabelled_batch_size == preset.unlabelled_batch
                 assert config.data.garments.split_seed == realistic.SPLIT_SEED
+                if config.weighting.enabled:  # the detector: DETECTOR_EPOCHS epochs over the split's labelled images
+                    labelled = config.data.garments.num_labelled
+                    assert config.detector.iterations == realistic.DETECTOR_EPOCHS * -(-labelled // 8)
+                    assert (config.detector.arch, config.detector.batch_size) == ("efficientnet_lite0", 8)
+                else:  # the arms without a detector keep the config's detector section (their configs do not move)
+                    assert config.detector == load_config(realistic.CONFIG).detector
     config = load_config(realistic.CONFIG, realistic.plan("core", 40, gpu)[0][2].split())
     assert (config.data.garments.image_size, config.data.garments.classes) == (128, "fine")
     assert config.train.iterations * 16 / config.data.garments.num_unlabelled >= 40

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hafis.cli import main
-from hafis.config import ConfigError
+from hafis.config import ConfigError, load_config
 from hafis.engine.compare.plan import parse_arm, parse_seeds, plan_runs
 from hafis.engine.compare.report import last_quarter_change, report_markdown, summarise
 from hafis.engine.compare.runs import RunData
@@ -109,12 +109,19 @@ def test_compare_end_to_end_reuses_and_resumes(tmp_path, capsys, tiny_config, mo
     results = json.loads((out / "results.json").read_text())
     assert set(results) >= {"command", "machine", "runs"} and results["command"].startswith("hafis compare ")
     assert len(results["runs"]) == 4
-    keys = {"arm", "framework", "weighting", "seed", "labelled", "iterations", "miou", "best_miou", "wall_s"}
+    keys = {"arm", "framework", "weighting", "seed", "labelled", "iterations", "miou", "best_miou", "wall_s",
+            "unlabelled", "passes", "miou_at"}
+    tiny = load_config(tiny_config)
     for row in results["runs"]:
         assert keys <= set(row)
         assert set(row["weighting"]) == {"enabled", "offset", "normalize", "reliable"}
         assert row["weighting"]["enabled"] == (row["arm"] == "w") and row["labelled"] == 8
         assert row["iterations"] == 3 and row["wall_s"] > 0 and isinstance(row["seed"], int)
+        # the tiny config's unlabelled images, seen 3 iterations x its unlabelled batch times over
+        assert row["unlabelled"] == tiny.data.synthetic.num_unlabelled
+        assert row["passes"] == 3 * tiny.train.unlabelled_batch_size / row["unlabelled"]
+        evals = _eval_records(out / "runs" / row["arm"] / f"seed_{row['seed']}")
+        assert row["miou_at"] == {"1": evals[0]["miou"], "2": evals[1]["miou"], "3": evals[2]["miou"]}
 
     # the report against a hand computation from the runs' metrics.jsonl
     final = {(arm, s): _eval_records(out / "runs" / arm / f"seed_{s}")[-1] for arm in ("plain", "w") for s in (0, 1)}

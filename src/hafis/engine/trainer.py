@@ -381,7 +381,7 @@ class Trainer:
                   for name, model in self.framework.eval_models().items()}
         record = {"iteration": self.iteration, "event": "eval", **result.record(), "best_miou": self.best_miou,
                   "seed": self.config.seed, "iou_by_class": dict(zip(self.class_names, result.iou)),
-                  "labelled": len(self.labelled_source)}
+                  "labelled": len(self.labelled_source), "unlabelled": len(self.unlabelled_source)}
         if others:  # every evaluated network's mIoU (miou: the run's model); best_network names the highest
             record.update({f"miou_{name}": miou for name, miou in others.items()})
             record["best_network"] = max(others.items(), key=lambda kv: kv[1])[0]

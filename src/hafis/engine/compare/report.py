@@ -30,16 +30,22 @@ def results(command: str, machine: str, runs: Sequence[RunData], summary: dict) 
 
 
 def result_rows(runs: Sequence[RunData]) -> list[dict]:
-    """The ``runs`` list of results.json: one row per finished run."""
+    """The ``runs`` list of results.json: one row per finished run. ``passes``: iterations x unlabelled batch /
+    unlabelled images, how often the run saw its unlabelled set (None without unlabelled images); ``miou_at``:
+    iteration -> mIoU of every evaluation, the learning curve."""
     rows = []
     for r in runs:
         final = r.final
         if final is None:
             continue
+        unlabelled = final.get("unlabelled")
+        passes = r.iterations * r.unlabelled_batch / unlabelled if unlabelled and r.unlabelled_batch else None
         rows.append({"arm": r.arm, "framework": r.framework, "weighting": dict(r.weighting), "seed": r.seed,
-                     "labelled": final.get("labelled"), "iterations": r.iterations, "miou": final["miou"],
+                     "labelled": final.get("labelled"), "unlabelled": unlabelled, "passes": passes,
+                     "iterations": r.iterations, "miou": final["miou"],
                      "best_miou": final["best_miou"], "wall_s": r.wall_s if r.wall_s is not None else _train_time(r),
-                     "last_quarter_change": last_quarter_change(r), "diagnostics": final.get("diagnostics")})
+                     "last_quarter_change": last_quarter_change(r), "diagnostics": final.get("diagnostics"),
+                     "miou_at": {str(e["iteration"]): e["miou"] for e in r.evals}})
     return rows
 
 

@@ -65,6 +65,8 @@ class RunData:
     wall_s: Optional[float] = None
     #: why the run has no final result (failed, config conflict), with its log path; None = ran or not started
     problem: Optional[str] = None
+    #: unlabelled images per step (train.unlabelled_batch_size): with the run's unlabelled images, its passes
+    unlabelled_batch: Optional[int] = None
 
     @property
     def evals(self) -> list[dict]:
@@ -81,4 +83,4 @@ def run_data(spec: RunSpec, problem: Optional[str] = None) -> RunData:
     return RunData(spec.arm.name, spec.seed, spec.config.train.framework,
                    {"enabled": w.enabled, "offset": w.offset, "normalize": w.normalize, "reliable": w.reliable},
                    spec.config.train.iterations, read_records(spec.run_dir), status.get("wall_s"),
-                   problem or status.get("problem"))
+                   problem or status.get("problem"), spec.config.train.unlabelled_batch_size)
