@@ -8,6 +8,7 @@ method's published settings (k = 5, τ = 0.95, detector-verified bank, memory 25
 
     python benchmarks/realistic.py --stage calibrate  # 1/32: supervised and unimatch, seed 0
     python benchmarks/realistic.py --stage core       # 1/32: supervised, unimatch, unimatch+W (paper, authors); 5 seeds
+    python benchmarks/realistic.py --stage convergence  # 1/32: supervised on twice the schedule (its plateau?)
     python benchmarks/realistic.py --stage all        # + the other arms, fully supervised and the 1/8 split
     python benchmarks/realistic.py --stage core --arms 'unimatch+W,unimatch+W(authors)'  # some arms only
     python benchmarks/realistic.py --archive-only     # copy the finished runs' records into the repository now
@@ -115,8 +116,11 @@ CORE = ("supervised", "unimatch", "unimatch+W", "unimatch+W(authors)")
 DETECTOR = {"arch": "efficientnet_lite0", "lr": 1e-4, "batch_size": 8}
 DETECTOR_EPOCHS = 100
 #: (arm, compared with): the semi-supervised effect, the weighting's effect in each framework, the headroom
+#: the supervised arm trained twice as long on the smallest split (folder 1_32_x2): is 20 passes its plateau?
+LONG = "supervised (2x schedule)"
 CONTRASTS = [("unimatch", "supervised"), ("unimatch+W", "unimatch"), ("unimatch+W(authors)", "unimatch"),
-             ("augseg", "supervised"), ("augseg+W", "augseg"), ("fully-supervised", "supervised")]
+             ("augseg", "supervised"), ("augseg+W", "augseg"), ("fully-supervised", "supervised"),
+             (LONG, "supervised")]
 
 
 def schedule(labelled: int, passes: float, unlabelled_batch: int = 4) -> dict:
@@ -145,7 +149,8 @@ def detector_overrides(labelled: int) -> str:
 
 def plan(stage: str, passes: float, preset: Preset = PRESETS["cpu"]) -> list[tuple[str, list[str], str]]:
     """(folder, arms, --set overrides) of each ``hafis compare`` call, core runs first. The fully supervised arm
-    trains on the whole pool on the smallest split's schedule."""
+    trains on the whole pool on the smallest split's schedule; stage ``convergence`` trains the supervised arm of the
+    smallest split on twice its schedule (folder ``1_32_x2``), to see whether the schedule is its plateau."""
     def split(labelled: int, sched: dict) -> str:
         return " ".join(filter(None, [preset.overrides, split_overrides(labelled, sched)]))
 
@@ -155,7 +160,11 @@ def plan(stage: str, passes: float, preset: Preset = PRESETS["cpu"]) -> list[tup
         return [("1_32", ["supervised", "unimatch"], core)]
     if stage == "core":
         return [("1_32", list(CORE), core)]
-    return [("1_32", list(ARMS), core), ("full", ["fully-supervised"], split(POOL, small)),
+    long = ("1_32_x2", ["supervised"], split(SPLITS["1_32"], schedule(SPLITS["1_32"], 2 * passes,
+                                                                       preset.unlabelled_batch)))
+    if stage == "convergence":
+        return [long]
+    return [("1_32", list(ARMS), core), long, ("full", ["fully-supervised"], split(POOL, small)),
             ("1_8", list(ARMS), split(SPLITS["1_8"], schedule(SPLITS["1_8"], passes, preset.unlabelled_batch)))]
 
 
@@ -267,19 +276,23 @@ def restore(out: Path, source: Path) -> None:
 def collect(out: Path, command: str, stem: str = "realistic", archived: Path = ARCHIVE) -> tuple[dict, list[str]]:
     """One results file for the whole benchmark: every finished run of every split, in the issue's schema."""
     runs, machine, sections = [], "", []
-    for folder in ("1_32", "1_8", "full"):
+    for folder in ("1_32", "1_32_x2", "1_8", "full"):
         path = out / folder / "results.json"
         if not path.is_file():
             continue
         data = json.loads(path.read_text())
         machine = data.get("machine", machine)
-        runs += [{**row, **run_fields(out / folder, archived / folder, row)} for row in data["runs"]]
+        rows = [{**row, **run_fields(out / folder, archived / folder, row)} for row in data["runs"]]
+        if folder == "1_32_x2":  # its own arm in the tables of the split
+            rows = [{**row, "arm": LONG} for row in rows]
+        runs += rows
         report = (out / folder / "report.md").read_text()
         for plot in ("miou.png", "diagnostics.png"):
             if (out / folder / plot).is_file():
                 shutil.copyfile(out / folder / plot, RESULTS / f"{stem}_{folder}_{plot}")
             report = report.replace(f"({plot})", f"({stem}_{folder}_{plot})")
-        title = "fully supervised" if folder == "full" else f"split {folder.replace('_', '/')}"
+        title = {"full": "fully supervised", "1_32_x2": "supervised on split 1/32, twice the schedule"}.get(
+            folder, f"split {folder.replace('_', '/')}")
         sections.append(f"## The runs of {title} (`hafis compare` report)\n\n" + report.split("\n", 1)[1])
     return {"command": command, "machine": machine, "runs": runs}, sections
 
@@ -329,7 +342,7 @@ def headline(runs: list[dict]) -> list[str]:
         lines += [f"**{labelled} labelled images** of {POOL} (final / best mIoU %, mean ± std over seeds, n; last "
                   "quarter = final mIoU minus the mIoU at 3/4 of the schedule, near 0 when converged):", "",
                   "| arm | n | final mIoU | best mIoU | last quarter |", "|---|---|---|---|---|"]
-        for arm in [*ARMS, "fully-supervised"]:
+        for arm in [*ARMS, LONG, "fully-supervised"]:
             rows = [r for seed in seeds if (r := get(arm, seed)) is not None]
             if rows:
                 cells = []
@@ -367,7 +380,7 @@ def headline(runs: list[dict]) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=("calibrate", "core", "all"), default="core")
+    parser.add_argument("--stage", choices=("calibrate", "core", "convergence", "all"), default="core")
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
     parser.add_argument("--seeds", default=None, help="comma-separated (default: 0 for calibrate, else the preset's)")
     parser.add_argument("--arms", default=None,

@@ -43,9 +43,14 @@ def test_the_schedule_is_counted_in_unlabelled_passes():
 def test_every_arm_of_a_split_gets_the_same_schedule():
     calls = realistic.plan("all", 20)
     folders = [c[0] for c in calls]
-    assert folders == ["1_32", "full", "1_8"]
+    assert folders == ["1_32", "1_32_x2", "full", "1_8"]
     small = dict(t.split("=") for t in calls[0][2].split())
-    full = dict(t.split("=") for t in calls[1][2].split())
+    long = dict(t.split("=") for t in calls[1][2].split())
+    full = dict(t.split("=") for t in calls[2][2].split())
+    # the convergence check: the same split, at least twice the passes (9,300 iterations: 20 x ceil(40 x 930 / 80))
+    assert calls[1][1] == ["supervised"] and realistic.plan("convergence", 20) == [calls[1]]
+    assert long["data.garments.num_labelled"] == small["data.garments.num_labelled"] == "62"
+    assert int(long["train.iterations"]) == 9300 and 9300 * 4 / 930 >= 40
     assert full["train.iterations"] == small["train.iterations"] and full["data.garments.num_unlabelled"] == "0"
     assert realistic.plan("calibrate", 20) == [("1_32", ["supervised", "unimatch"], calls[0][2])]
 
