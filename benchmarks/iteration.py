@@ -17,7 +17,9 @@ Variants (overrides on the config as committed):
 - ``exact``: ``train.fast_convs`` (all-padding taps cut off, depthwise backward as convolutions), float32;
 - ``exact+bf16``: and bf16 autocast;
 - ``after``: the committed config (exact, bf16 autocast, decoder width 64);
-- ``after+w32`` (not run by default): the same with decoder width 32.
+- ``after+w32`` (not run by default): the same with decoder width 32;
+- ``after+compile`` (not run by default): the committed config with ``train.compile`` (the warm-up iterations
+  compile; minutes on a CPU).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ VARIANTS = {
     "exact+bf16": [*BEFORE, "train.fast_convs=true", "train.amp=bf16"],
     "after": [],
     "after+w32": ["model.feature_dim=32", "model.aspp_channels=32"],
+    "after+compile": ["train.compile=true"],
 }
 DEFAULT = ["before", "exact", "exact+bf16", "after"]
 
