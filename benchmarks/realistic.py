@@ -113,7 +113,7 @@ CORE = ("supervised", "unimatch", "unimatch+W", "unimatch+W(authors)")
 #: the detector of the weighting arms, chosen on its own box precision and recall on held-out labelled images
 #: (benchmarks/detector_tuning.py): an ImageNet EfficientNet-Lite0 trunk, Adam; its schedule is counted in epochs
 #: over the labelled images, so it scales with the split
-DETECTOR = {"arch": "efficientnet_lite0", "lr": 1e-4, "batch_size": 8}
+DETECTOR = {"arch": "efficientnet_lite0", "lr": 3e-4, "batch_size": 8}
 DETECTOR_EPOCHS = 100
 #: (arm, compared with): the semi-supervised effect, the weighting's effect in each framework, the headroom
 #: the supervised arm trained twice as long on the smallest split (folder 1_32_x2): is 20 passes its plateau?
