@@ -12,7 +12,8 @@ method's published settings (k = 5, τ = 0.95, detector-verified bank, memory 25
     python benchmarks/realistic.py --stage all        # + the other arms, fully supervised and the 1/8 split
     python benchmarks/realistic.py --stage core --arms 'unimatch+W,unimatch+W(authors)'  # some arms only
     python benchmarks/realistic.py --archive-only     # copy the finished runs' records into the repository now
-    python benchmarks/realistic.py --report-only      # rebuild benchmarks/results/realistic.{json,md} from the runs
+    python benchmarks/realistic.py --report-only      # rebuild benchmarks/results/realistic.{json,md} from the
+                                                      # finished runs of the stage (archived ones included)
     python benchmarks/realistic.py --preset gpu       # one GPU: 128 px, 10 classes, 40 passes (results/realistic_gpu*)
 
 The protocol:
@@ -181,14 +182,12 @@ def arm_overrides(name: str, common: str = "") -> str:
 
 def compare(folder: str, arms: list[str], common: str, seeds: str, jobs: int, out: Path, report_only: bool,
             threads: Optional[int] = None) -> int:
-    command = [sys.executable, "-m", "hafis", "compare"]
-    if report_only:
-        command += ["--report-only", "--out", str(out / folder)]
-    else:
-        command += [str(CONFIG), "--seeds", seeds, "--jobs", str(jobs), "--out", str(out / folder),
-                    *(["--threads", str(threads)] if threads else []), "--set", *common.split()]
-        for name in arms:
-            command += ["--arm", f"{name}: {arm_overrides(name, common)}"]
+    """One ``hafis compare`` call; ``report_only``: its report of the planned runs that finished, training none."""
+    command = [sys.executable, "-m", "hafis", "compare", str(CONFIG), "--seeds", seeds, "--jobs", str(jobs),
+               "--out", str(out / folder), *(["--threads", str(threads)] if threads else []),
+               *(["--report-only"] if report_only else []), "--set", *common.split()]
+    for name in arms:
+        command += ["--arm", f"{name}: {arm_overrides(name, common)}"]
     print("$", shlex.join(command), flush=True)
     return subprocess.run(command).returncode
 
@@ -413,7 +412,7 @@ def main() -> int:
     restore(out, preset.archive)
     status = 0
     for folder, arms, common in calls:
-        if args.report_only and not (out / folder / "compare.json").is_file():
+        if args.report_only and not (out / folder / "runs").is_dir():
             continue
         if not args.report_only:
             (out / folder).mkdir(parents=True, exist_ok=True)
