@@ -76,9 +76,7 @@ def build_detector(arch: str, num_thing_classes: int, *, min_size: int = 512, ma
     torchvision ResNet-50 state dict loaded into ``resnet50_fpn``'s backbone, or EfficientNet-Lite0 weights for
     ``efficientnet_lite0`` (no download ever happens).
     """
-    from torchvision.models.detection import FasterRCNN, fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_resnet50_fpn
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.ops import MultiScaleRoIAlign
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_resnet50_fpn
 
     if num_thing_classes < 1:
         raise ValueError("the detector needs at least one thing class")
@@ -90,18 +88,8 @@ def build_detector(arch: str, num_thing_classes: int, *, min_size: int = 512, ma
         if backbone_weights:
             _load_resnet_weights(model.backbone.body, backbone_weights)
         return model
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-
     if arch == "efficientnet_lite0":
-        backbone = EfficientNetLiteTrunk(backbone_weights)
-        anchors = AnchorGenerator(sizes=((16, 32, 64, 128),), aspect_ratios=((0.5, 1.0, 2.0),))
-        return FasterRCNN(
-            backbone, rpn_anchor_generator=anchors,
-            box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
-            box_head=TwoMLPHead(backbone.out_channels * 49, 256), box_predictor=FastRCNNPredictor(256, num_classes),
-            rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=200,
-            rpn_post_nms_top_n_test=50, rpn_batch_size_per_image=64, box_batch_size_per_image=64, **common,
-        )
+        return _single_level_rcnn(EfficientNetLiteTrunk(backbone_weights), (16, 32, 64, 128), 256, num_classes, common)
     if backbone_weights:
         raise ValueError(f"detector.backbone_weights is only supported for resnet50_fpn and efficientnet_lite0, "
                          f"not {arch!r}")
@@ -109,17 +97,27 @@ def build_detector(arch: str, num_thing_classes: int, *, min_size: int = 512, ma
         return fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
                                                  **common)
     if arch == "tiny":
-        backbone = TinyBackbone()
-        anchors = AnchorGenerator(sizes=((8, 16, 32, 64),), aspect_ratios=((0.5, 1.0, 2.0),))
-
-        return FasterRCNN(
-            backbone, rpn_anchor_generator=anchors,
-            box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
-            box_head=TwoMLPHead(backbone.out_channels * 49, 128), box_predictor=FastRCNNPredictor(128, num_classes),
-            rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=200,
-            rpn_post_nms_top_n_test=50, rpn_batch_size_per_image=64, box_batch_size_per_image=64, **common,
-        )
+        return _single_level_rcnn(TinyBackbone(), (8, 16, 32, 64), 128, num_classes, common)
     raise ValueError(f"unknown detector arch {arch!r}; valid: {', '.join(DETECTOR_ARCHS)}")
+
+
+def _single_level_rcnn(backbone: nn.Module, anchor_sizes: tuple[int, ...], representation: int, num_classes: int,
+                       common: dict) -> nn.Module:
+    """Faster R-CNN on one feature map (``backbone.out_channels`` wide) with small proposal budgets, for small images
+    on a CPU: anchors of ``anchor_sizes`` px at three aspect ratios, a two-layer box head ``representation`` wide."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    return FasterRCNN(
+        backbone, rpn_anchor_generator=AnchorGenerator(sizes=(anchor_sizes,), aspect_ratios=((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
+        box_head=TwoMLPHead(backbone.out_channels * 49, representation),
+        box_predictor=FastRCNNPredictor(representation, num_classes),
+        rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=200,
+        rpn_post_nms_top_n_test=50, rpn_batch_size_per_image=64, box_batch_size_per_image=64, **common,
+    )
 
 
 def _load_resnet_weights(body: nn.Module, path: str) -> None:
