@@ -85,7 +85,10 @@ def make_batch(cfg, C: int, device, seed: int = 0) -> tuple[dict, dict]:
     unlabelled = {"weak": torch.randn(bu, 3, S, S, generator=g), "strong1": torch.randn(bu, 3, S, S, generator=g),
                   "strong2": torch.randn(bu, 3, S, S, generator=g), "ignore": ignore, "box1": boxes(),
                   "box2": boxes(), "box_mask": box_mask}
-    to = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+    # the second unlabelled batch UniMatch's CutMix takes its boxes from (unimatch.mix: same_images, as released)
+    unlabelled["mix"] = {**{k: torch.randn(bu, 3, S, S, generator=g) for k in ("weak", "strong1", "strong2")},
+                         "ignore": ignore.flip(0), "box_mask": box_mask.flip(0)}
+    to = lambda d: {k: to(v) if isinstance(v, dict) else v.to(device) for k, v in d.items()}  # noqa: E731
     return to(labelled), to(unlabelled)
 
 
