@@ -118,7 +118,8 @@ def main() -> None:
                    help="evaluate these trained detectors on the split's unlabelled images instead of tuning")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    header("Detector of the realistic benchmark: box precision / recall on held-out labelled images")
+    header("Detector of the realistic benchmark: box precision / recall on "
+           + ("the unlabelled images" if args.evaluate else "held-out labelled images"))
     sched = realistic.schedule(args.labelled, 20)
     config = load_config(realistic.CONFIG, realistic.split_overrides(args.labelled, sched).split())
     labelled, unlabelled, _ = build_sources(config.data)
