@@ -9,7 +9,7 @@ method's published settings (k = 5, τ = 0.95, detector-verified bank, memory 25
     python benchmarks/realistic.py --stage calibrate  # 1/32: supervised and unimatch, seed 0
     python benchmarks/realistic.py --stage core       # 1/32: supervised, unimatch, unimatch+W (paper, authors); 5 seeds
     python benchmarks/realistic.py --stage convergence  # 1/32: supervised on twice the schedule (its plateau?)
-    python benchmarks/realistic.py --stage all        # + the other arms, fully supervised and the 1/8 split
+    python benchmarks/realistic.py --stage all        # + the other arms (3 seeds), fully supervised and 1/8
     python benchmarks/realistic.py --stage core --arms 'unimatch+W,unimatch+W(authors)'  # some arms only
     python benchmarks/realistic.py --archive-only     # copy the finished runs' records into the repository now
     python benchmarks/realistic.py --report-only      # rebuild benchmarks/results/realistic.{json,md} from the
@@ -48,7 +48,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import yaml
 
@@ -85,6 +85,9 @@ class Preset:
     jobs: int
     #: CPU threads of each run (None: the cores shared out by ``hafis compare``)
     threads: Optional[int] = None
+    #: the seeds of the arms beyond the core and the convergence check (the mean-teacher arms, fully supervised, the
+    #: second split); None: :attr:`seeds`
+    more_seeds: Optional[str] = None
 
     @property
     def archive(self) -> Path:
@@ -93,7 +96,7 @@ class Preset:
 
 PRESETS = {
     # 2 CPU cores, one thread per run: configs/realistic/base.yaml as it is
-    "cpu": Preset("realistic", "", 4, 20.0, "0,1,2,3,4", 2, threads=1),
+    "cpu": Preset("realistic", "", 4, 20.0, "0,1,2,3,4", 2, threads=1, more_seeds="0,1,2"),
     # one H100-class GPU: 128 px images, the 10 garment classes, a wider decoder, batches of 16, twice the passes
     "gpu": Preset("realistic_gpu", "train.device=cuda data.garments.image_size=128 data.crop_size=128 "
                   "data.garments.classes=fine model.feature_dim=256 model.aspp_channels=256 train.batch_size=16 "
@@ -148,25 +151,56 @@ def detector_overrides(labelled: int) -> str:
     return " ".join([*(f"detector.{k}={v}" for k, v in DETECTOR.items()), f"detector.iterations={iterations}"])
 
 
-def plan(stage: str, passes: float, preset: Preset = PRESETS["cpu"]) -> list[tuple[str, list[str], str]]:
-    """(folder, arms, --set overrides) of each ``hafis compare`` call, core runs first. The fully supervised arm
-    trains on the whole pool on the smallest split's schedule; stage ``convergence`` trains the supervised arm of the
-    smallest split on twice its schedule (folder ``1_32_x2``), to see whether the schedule is its plateau."""
+class Call(NamedTuple):
+    """One ``hafis compare`` call of the benchmark: its folder under ``--out``, arms, ``--set`` overrides and seeds."""
+
+    folder: str
+    arms: list[str]
+    common: str
+    seeds: str
+
+
+def plan(stage: str, passes: float, preset: Preset = PRESETS["cpu"]) -> list[Call]:
+    """The ``hafis compare`` calls of a stage, core runs first. The fully supervised arm trains on the whole pool on
+    the smallest split's schedule; stage ``convergence`` trains the supervised arm of the smallest split on twice its
+    schedule (folder ``1_32_x2``), to see whether the schedule is its plateau. The core arms and the convergence check
+    run :attr:`Preset.seeds`, the others :attr:`Preset.more_seeds`."""
     def split(labelled: int, sched: dict) -> str:
         return " ".join(filter(None, [preset.overrides, split_overrides(labelled, sched)]))
 
+    seeds, more = preset.seeds, preset.more_seeds or preset.seeds
     small = schedule(SPLITS["1_32"], passes, preset.unlabelled_batch)
     core = split(SPLITS["1_32"], small)
     if stage == "calibrate":
-        return [("1_32", ["supervised", "unimatch"], core)]
+        return [Call("1_32", ["supervised", "unimatch"], core, "0")]
     if stage == "core":
-        return [("1_32", list(CORE), core)]
-    long = ("1_32_x2", ["supervised"], split(SPLITS["1_32"], schedule(SPLITS["1_32"], 2 * passes,
-                                                                       preset.unlabelled_batch)))
+        return [Call("1_32", list(CORE), core, seeds)]
+    long = Call("1_32_x2", ["supervised"], split(SPLITS["1_32"], schedule(SPLITS["1_32"], 2 * passes,
+                                                                           preset.unlabelled_batch)), seeds)
     if stage == "convergence":
         return [long]
-    return [("1_32", list(ARMS), core), long, ("full", ["fully-supervised"], split(POOL, small)),
-            ("1_8", list(ARMS), split(SPLITS["1_8"], schedule(SPLITS["1_8"], passes, preset.unlabelled_batch)))]
+    return [Call("1_32", list(CORE), core, seeds), long,
+            Call("1_32", [a for a in ARMS if a not in CORE], core, more),
+            Call("full", ["fully-supervised"], split(POOL, small), more),
+            Call("1_8", list(ARMS), split(SPLITS["1_8"], schedule(SPLITS["1_8"], passes, preset.unlabelled_batch)),
+                 more)]
+
+
+def merged(calls: list[Call]) -> list[Call]:
+    """One call per folder with the arms and seeds of all the calls into it (in order): the report of a folder
+    covers every arm that trains there."""
+    by: dict[str, Call] = {}
+    for call in calls:
+        if call.folder not in by:
+            by[call.folder] = Call(call.folder, list(call.arms), call.common, call.seeds)
+            continue
+        prev = by[call.folder]
+        if prev.common != call.common:
+            raise ValueError(f"folder {call.folder}: calls with different overrides")
+        seeds = prev.seeds.split(",") + [s for s in call.seeds.split(",") if s not in prev.seeds.split(",")]
+        arms = prev.arms + [a for a in call.arms if a not in prev.arms]
+        by[call.folder] = Call(call.folder, arms, call.common, ",".join(seeds))
+    return list(by.values())
 
 
 def arm_overrides(name: str, common: str = "") -> str:
@@ -202,7 +236,8 @@ def provenance() -> dict:
             return ""
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
+    # the results this script writes do not count: only a change to the code or the configs makes a run "+dirty"
+    if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"):
         commit += "+dirty"
     cpu, flags = platform.processor() or "unknown", set()
     try:
@@ -381,7 +416,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=("calibrate", "core", "convergence", "all"), default="core")
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    parser.add_argument("--seeds", default=None, help="comma-separated (default: 0 for calibrate, else the preset's)")
+    parser.add_argument("--seeds", default=None, help="comma-separated, for every call of the stage (default: 0 for calibrate; the preset's "
+                        "seeds for the core arms and the convergence check, its more_seeds for the others)")
     parser.add_argument("--arms", default=None,
                         help="comma-separated: only these arms of the stage (e.g. two processes, one per arm group)")
     parser.add_argument("--passes", type=float, default=None, help="passes over the unlabelled set (cpu: 20, gpu: 40)")
@@ -394,35 +430,38 @@ def main() -> int:
     preset = PRESETS[args.preset]
     if args.device:
         preset = replace(preset, overrides=f"{preset.overrides} train.device={args.device}".strip())
-    seeds = args.seeds or ("0" if args.stage == "calibrate" else preset.seeds)
     passes = preset.passes if args.passes is None else args.passes
     out = args.out or ROOT / "bench_out" / preset.name
     if args.archive_only:
         print(f"{archive(out, preset.archive)} finished runs' records in {preset.archive}")
         return 0
-    calls = plan(args.stage, passes, preset)
+    planned = plan(args.stage, passes, preset)
+    if args.seeds:
+        planned = [call._replace(seeds=args.seeds) for call in planned]
+    calls = planned
     if args.arms:
         chosen = args.arms.split(",")
-        unknown = sorted(set(chosen) - {a for _, arms, _ in calls for a in arms})
+        unknown = sorted(set(chosen) - {a for call in calls for a in call.arms})
         if unknown:
             parser.error(f"--arms: {', '.join(unknown)} not in stage {args.stage}'s arms")
-        calls = [(f, [a for a in arms if a in chosen], c) for f, arms, c in calls]
-        calls = [call for call in calls if call[1]]
+        calls = [call._replace(arms=[a for a in call.arms if a in chosen]) for call in calls]
+        calls = [call for call in calls if call.arms]
     RESULTS.mkdir(parents=True, exist_ok=True)
     restore(out, preset.archive)
     status = 0
-    for folder, arms, common in calls:
-        if args.report_only and not (out / folder / "runs").is_dir():
-            continue
-        if not args.report_only:
-            (out / folder).mkdir(parents=True, exist_ok=True)
-            with open(out / folder / "provenance.jsonl", "a") as fh:
-                fh.write(json.dumps({**provenance(), "arms": arms, "seeds": seeds, "set": common}) + "\n")
-        status |= compare(folder, arms, common, seeds, args.jobs or preset.jobs, out, args.report_only,
-                          preset.threads)
+    for folder, arms, common, seeds in ([] if args.report_only else calls):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        with open(out / folder / "provenance.jsonl", "a") as fh:
+            fh.write(json.dumps({**provenance(), "arms": arms, "seeds": seeds, "set": common}) + "\n")
+        status |= compare(folder, arms, common, seeds, args.jobs or preset.jobs, out, False, preset.threads)
         archive(out, preset.archive)  # after every call, so that a session cut short keeps what finished
-    command = (f"python benchmarks/realistic.py --preset {args.preset} --stage {args.stage} --seeds {seeds} "
-               f"--passes {passes:g}")
+    # each folder's report: every arm and seed the stage plans there (all of them, whatever --arms trained), of the
+    # runs that finished
+    for folder, arms, common, seeds in merged(planned):
+        if (out / folder / "runs").is_dir():
+            compare(folder, arms, common, seeds, 1, out, True, preset.threads)
+    command = (f"python benchmarks/realistic.py --preset {args.preset} --stage {args.stage}"
+               f"{' --seeds ' + args.seeds if args.seeds else ''} --passes {passes:g}")
     results, sections = collect(out, command, preset.name, preset.archive)
     (RESULTS / f"{preset.name}.json").write_text(json.dumps(results, indent=1) + "\n")
     (RESULTS / f"{preset.name}.md").write_text(

@@ -42,17 +42,28 @@ def test_the_schedule_is_counted_in_unlabelled_passes():
 
 def test_every_arm_of_a_split_gets_the_same_schedule():
     calls = realistic.plan("all", 20)
-    folders = [c[0] for c in calls]
-    assert folders == ["1_32", "1_32_x2", "full", "1_8"]
-    small = dict(t.split("=") for t in calls[0][2].split())
-    long = dict(t.split("=") for t in calls[1][2].split())
-    full = dict(t.split("=") for t in calls[2][2].split())
+    assert [c.folder for c in calls] == ["1_32", "1_32_x2", "1_32", "full", "1_8"]
+    small, long, more, full = (dict(t.split("=") for t in c.common.split()) for c in calls[:4])
     # the convergence check: the same split, at least twice the passes (9,300 iterations: 20 x ceil(40 x 930 / 80))
-    assert calls[1][1] == ["supervised"] and realistic.plan("convergence", 20) == [calls[1]]
+    assert calls[1].arms == ["supervised"] and realistic.plan("convergence", 20) == [calls[1]]
     assert long["data.garments.num_labelled"] == small["data.garments.num_labelled"] == "62"
     assert int(long["train.iterations"]) == 9300 and 9300 * 4 / 930 >= 40
+    assert more == small and calls[2].arms == ["augseg", "augseg+W"]
     assert full["train.iterations"] == small["train.iterations"] and full["data.garments.num_unlabelled"] == "0"
-    assert realistic.plan("calibrate", 20) == [("1_32", ["supervised", "unimatch"], calls[0][2])]
+    assert realistic.plan("calibrate", 20) == [("1_32", ["supervised", "unimatch"], calls[0].common, "0")]
+    # 5 seeds for the core arms and the convergence check, 3 for the others
+    assert [c.seeds for c in calls] == ["0,1,2,3,4", "0,1,2,3,4", "0,1,2", "0,1,2", "0,1,2"]
+
+
+def test_a_folder_trained_by_several_calls_is_reported_as_one():
+    merged = realistic.merged(realistic.plan("all", 20))
+    assert [c.folder for c in merged] == ["1_32", "1_32_x2", "full", "1_8"]
+    assert merged[0].arms == list(realistic.ARMS) and merged[0].seeds == "0,1,2,3,4"
+    a = realistic.Call("f", ["x"], "k=1", "0,1")
+    b = realistic.Call("f", ["y", "x"], "k=1", "2,1")
+    assert realistic.merged([a, b]) == [("f", ["x", "y"], "k=1", "0,1,2")]
+    with pytest.raises(ValueError, match="folder f"):
+        realistic.merged([a, b._replace(common="k=2")])
 
 
 def test_every_planned_run_of_both_presets_is_a_valid_config():
@@ -64,7 +75,7 @@ def test_every_planned_run_of_both_presets_is_a_valid_config():
 
     gpu = replace(realistic.PRESETS["gpu"], overrides=realistic.PRESETS["gpu"].overrides + " train.device=cpu")
     for preset in (realistic.PRESETS["cpu"], gpu):
-        for folder, arms, common in realistic.plan("all", preset.passes, preset):
+        for folder, arms, common, _ in realistic.plan("all", preset.passes, preset):
             for arm in arms:
                 config = load_config(realistic.CONFIG,
                                      [*common.split(), *realistic.arm_overrides(arm, common).split()])
@@ -76,7 +87,7 @@ def test_every_planned_run_of_both_presets_is_a_valid_config():
                     assert (config.detector.arch, config.detector.batch_size) == ("efficientnet_lite0", 8)
                 else:  # the arms without a detector keep the config's detector section (their configs do not move)
                     assert config.detector == load_config(realistic.CONFIG).detector
-    config = load_config(realistic.CONFIG, realistic.plan("core", 40, gpu)[0][2].split())
+    config = load_config(realistic.CONFIG, realistic.plan("core", 40, gpu)[0].common.split())
     assert (config.data.garments.image_size, config.data.garments.classes) == (128, "fine")
     assert config.train.iterations * 16 / config.data.garments.num_unlabelled >= 40
 
@@ -129,3 +140,24 @@ def test_run_fields_provenance_and_the_paired_differences_along_the_schedule(tmp
     # at 1/4 (iteration 2): 30 - 20; at 1/2 (iteration 4): 40 - 35; final 50 - 47; best 50 - 47
     assert table == ["| unimatch+W(authors) − unimatch | 1 | +10.0 (n = 1) | +5.0 (n = 1) | +3.0 (n = 1) | "
                      "+3.0 (n = 1) |"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_provenance_is_dirty_for_code_changes_not_for_written_results(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "benchmarks" / "results" / "realistic.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "x")
+    monkeypatch.setattr(realistic, "ROOT", tmp_path)
+    head = realistic.provenance()["commit"]
+    assert len(head) == 40 and not head.endswith("+dirty")
+    (tmp_path / "benchmarks" / "results" / "realistic.json").write_text('{"runs": []}\n')
+    assert realistic.provenance()["commit"] == head  # the benchmark's own output
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert realistic.provenance()["commit"] == head + "+dirty"
