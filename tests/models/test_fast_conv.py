@@ -85,6 +85,48 @@ def test_a_traced_graph_keeps_the_full_kernel():
     torch.testing.assert_close(traced(x), ref(x), rtol=0, atol=1e-12)
 
 
+def _conv_paddings(graphs) -> list:
+    return [node.args[4] for g in graphs for node in g.graph.nodes
+            if node.op == "call_function" and node.target is torch.conv2d]
+
+
+def test_torch_compile_takes_the_fast_paths_for_the_size_it_runs_on():
+    """Dynamo guards the input size: a 4x4 map compiles the cut kernel (ASPP's 3x3 at dilation 6 -> its centre tap,
+    no padding), a 16x16 one recompiles with the whole kernel; both give PyTorch's output."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    ref, fast = _pair(3, 2, 3, padding=6, dilation=6)
+    backend = EagerAndRecordGraphs()
+    compiled = torch.compile(fast, backend=backend, fullgraph=True)
+    for size, padding in ((4, (0, 0)), (16, (6, 6))):
+        x = torch.randn(2, 3, size, size, dtype=torch.float64)
+        torch.testing.assert_close(compiled(x), ref(x), rtol=0, atol=1e-12)
+        assert _conv_paddings(backend.graphs)[-1] == padding
+
+
+def test_torch_compile_traces_the_depthwise_backward_and_keeps_pytorchs_gradients():
+    torch._dynamo.reset()
+    ref, fast = _pair(6, 6, 5, padding=4, dilation=2, groups=6, bias=False)
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 6, 4, 4, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(ref(x))
+    expected = torch.autograd.grad(ref(x), [x, ref.weight], grad)
+    got = torch.autograd.grad(compiled(x), [x, fast.weight], grad)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+
+
+def test_an_exported_graph_keeps_the_full_kernel():
+    """torch.export records no size guard: exported on a 4x4 map with dynamic sizes, it still fits a 16x16 one."""
+    from torch.export import Dim, export
+
+    ref, fast = _pair(3, 2, 3, padding=6, dilation=6)
+    sizes = {2: Dim("h", min=2, max=64), 3: Dim("w", min=2, max=64)}
+    program = export(fast, (torch.randn(1, 3, 4, 4, dtype=torch.float64),), dynamic_shapes=(sizes,))
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(program.module()(x), ref(x), rtol=0, atol=1e-12)
+
+
 def test_the_conversion_keeps_the_state_dict_and_leaves_subclasses():
     model = DeepLabV3Plus(3, backbone="resnet_tiny", feature_dim=8, aspp_channels=8)
     keys = list(model.state_dict())

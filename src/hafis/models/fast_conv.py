@@ -14,9 +14,10 @@ Two cases cost a DeepLabV3+ on a small-image CPU benchmark a large share of its 
 
 :func:`use_fast_convs` switches every plain ``nn.Conv2d`` of a model to :class:`FastConv2d` in place (same
 parameters, state-dict keys and module tree). The fast paths are taken only on CPU, for the default zero padding,
-in eager mode (never while ``torch.compile``, ``torch.export`` or a tracer records the graph, where an input-size
-dependent choice would be frozen into it); the depthwise backward only when a gradient is needed. Everywhere else
-the layer is ``nn.Conv2d``.
+in eager mode and under ``torch.compile`` (whose guards check the input size the cut depends on and recompile for
+another size), never while ``torch.export`` or a TorchScript tracer records a graph, which would freeze an
+input-size-dependent choice into it; the depthwise backward only when a gradient is needed. Everywhere else the
+layer is ``nn.Conv2d``.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias, padding: tuple[int, int], 
 
 
 def _recording() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+    """A graph is being recorded with no guard on the input size (``torch.export``, TorchScript)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
 class FastConv2d(nn.Conv2d):
