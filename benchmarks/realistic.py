@@ -416,8 +416,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=("calibrate", "core", "convergence", "all"), default="core")
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    parser.add_argument("--seeds", default=None, help="comma-separated, for every call of the stage (default: 0 for calibrate; the preset's "
-                        "seeds for the core arms and the convergence check, its more_seeds for the others)")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated, for every call of the stage (default: 0 for calibrate; the preset's "
+                             "seeds for the core arms and the convergence check, its more_seeds for the others)")
     parser.add_argument("--arms", default=None,
                         help="comma-separated: only these arms of the stage (e.g. two processes, one per arm group)")
     parser.add_argument("--passes", type=float, default=None, help="passes over the unlabelled set (cpu: 20, gpu: 40)")

@@ -209,7 +209,7 @@ class TrainConfig:
     fast_convs: bool = runtime(True)
     #: channels-last memory format for the model and its inputs (faster convolutions on recent GPUs)
     channels_last: bool = runtime(False)
-    #: torch.compile the segmenter (first steps are slow while it compiles)
+    #: torch.compile the segmenter (first steps are slow while it compiles; one graph per input size)
     compile: bool = runtime(False)
     #: a non-finite loss skips its step; more than this many skipped steps in a run stop training (0 = stop at once)
     max_nonfinite_skips: int = nonneg(0, runtime=True)
