@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -93,13 +94,18 @@ def evaluate(paths: list[Path], config, unlabelled: SegmentationSource, things: 
           f"{sum(len(b) for b, _ in truth)} ground-truth boxes; tau_det {tau}\n", flush=True)
     rows = []
     for path in paths:
-        model, _ = load_detector(path, config, things)
+        model, state = load_detector(path, config, things)
         preds = []
         for start in range(0, len(samples), 50):
             preds += detect(model, [s.image for s in samples[start:start + 50]], things)
         precision, recall, with_box, kept = score(preds, truth, tau)
-        rows.append([str(path), kept, with_box, precision, recall])
-    table(["detector", "boxes kept", "unlabelled images with a box", "box precision", "box recall"], rows)
+        rows.append([str(path), state["recipe"].get("seed", "?"), kept, with_box, precision, recall])
+    table(["detector", "seed", "boxes kept", "unlabelled images with a box", "box precision", "box recall"], rows)
+    if len(rows) > 1:
+        columns = list(zip(*rows))[2:]
+        print(f"\n- mean ± std over the {len(rows)} detectors: " + ", ".join(
+            f"{name} {statistics.mean(v):.{p}f} ± {statistics.stdev(v):.{p}f}" for name, v, p in
+            zip(("boxes kept", "images with a box", "box precision", "box recall"), columns, (0, 2, 2, 2))))
     footer()
 
 

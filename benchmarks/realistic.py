@@ -328,6 +328,10 @@ def collect(out: Path, command: str, stem: str = "realistic", archived: Path = A
         title = {"full": "fully supervised", "1_32_x2": "supervised on split 1/32, twice the schedule"}.get(
             folder, f"split {folder.replace('_', '/')}")
         sections.append(f"## The runs of {title} (`hafis compare` report)\n\n" + report.split("\n", 1)[1])
+        detectors = RESULTS / f"detector_unlabelled_{folder}.md"  # benchmarks/detector_tuning.py --evaluate
+        if stem == "realistic" and detectors.is_file():
+            sections.append(f"### The detectors of {title} on its unlabelled images\n\n"
+                            + detectors.read_text().split("\n", 1)[1])
     return {"command": command, "machine": machine, "runs": runs}, sections
 
 
