@@ -285,8 +285,19 @@ def archive(out: Path, target: Path) -> int:
     for detector in sorted(out.glob("*/detectors/*/detector.pt")):
         _copy(detector.parent, target / detector.parent.relative_to(out), DETECTOR_RECORDS)
     for path in sorted(out.glob("*/provenance.jsonl")):
-        _copy(path.parent, target / path.parent.relative_to(out), ("provenance.jsonl",))
+        _merge_lines(path, target / path.relative_to(out))
     return count
+
+
+def _merge_lines(source: Path, target: Path) -> None:
+    """``target`` gets the lines of ``source`` it lacks, in time order: a checkout whose copy is older (or newer)
+    than the other never drops an invocation's record."""
+    lines = target.read_text().splitlines() if target.is_file() else []
+    new = [line for line in source.read_text().splitlines() if line.strip() and line not in lines]
+    if new or not target.is_file():
+        merged = sorted(lines + new, key=lambda line: json.loads(line).get("time", ""))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(line + "\n" for line in merged))
 
 
 def _copy(source: Path, target: Path, names) -> None:
@@ -303,8 +314,7 @@ def restore(out: Path, source: Path) -> None:
         if not (run / "metrics.jsonl").is_file():
             _copy(config.parent, run, RECORDS)
     for path in source.glob("*/provenance.jsonl"):
-        if not (out / path.parent.relative_to(source) / path.name).is_file():
-            _copy(path.parent, out / path.parent.relative_to(source), (path.name,))
+        _merge_lines(path, out / path.relative_to(source))
 
 
 def collect(out: Path, command: str, stem: str = "realistic", archived: Path = ARCHIVE) -> tuple[dict, list[str]]:

@@ -161,3 +161,23 @@ def test_provenance_is_dirty_for_code_changes_not_for_written_results(tmp_path, 
     assert realistic.provenance()["commit"] == head  # the benchmark's own output
     (tmp_path / "code.py").write_text("a = 2\n")
     assert realistic.provenance()["commit"] == head + "+dirty"
+
+
+def test_archiving_and_restoring_never_drop_an_invocations_provenance(tmp_path):
+    """A checkout whose output folder holds an older provenance.jsonl than the archive (or the reverse) merges
+    the two, in time order."""
+    import json
+
+    line = {t: json.dumps({"time": t, "commit": t}) for t in ("t1", "t2", "t3")}
+    out, archive = tmp_path / "out" / "1_32", tmp_path / "archive" / "1_32"
+    out.mkdir(parents=True)
+    archive.mkdir(parents=True)
+    (out / "provenance.jsonl").write_text(line["t1"] + "\n")  # stale
+    (archive / "provenance.jsonl").write_text(line["t1"] + "\n" + line["t3"] + "\n")
+    realistic.archive(out.parent, archive.parent)
+    assert (archive / "provenance.jsonl").read_text().splitlines() == [line["t1"], line["t3"]]
+    (out / "provenance.jsonl").write_text(line["t1"] + "\n" + line["t2"] + "\n")  # a new invocation here
+    realistic.archive(out.parent, archive.parent)
+    assert (archive / "provenance.jsonl").read_text().splitlines() == [line["t1"], line["t2"], line["t3"]]
+    realistic.restore(out.parent, archive.parent)
+    assert (out / "provenance.jsonl").read_text() == (archive / "provenance.jsonl").read_text()
