@@ -191,15 +191,14 @@ def merged(calls: list[Call]) -> list[Call]:
     covers every arm that trains there."""
     by: dict[str, Call] = {}
     for call in calls:
-        if call.folder not in by:
-            by[call.folder] = Call(call.folder, list(call.arms), call.common, call.seeds)
+        prev = by.get(call.folder)
+        if prev is None:
+            by[call.folder] = call._replace(arms=list(call.arms))
             continue
-        prev = by[call.folder]
         if prev.common != call.common:
             raise ValueError(f"folder {call.folder}: calls with different overrides")
-        seeds = prev.seeds.split(",") + [s for s in call.seeds.split(",") if s not in prev.seeds.split(",")]
-        arms = prev.arms + [a for a in call.arms if a not in prev.arms]
-        by[call.folder] = Call(call.folder, arms, call.common, ",".join(seeds))
+        by[call.folder] = prev._replace(arms=list(dict.fromkeys(prev.arms + call.arms)),
+                                        seeds=",".join(dict.fromkeys(prev.seeds.split(",") + call.seeds.split(","))))
     return list(by.values())
 
 
