@@ -228,3 +228,33 @@ def test_last_quarter_change_is_final_minus_the_evaluation_at_three_quarters():
     text = report_markdown(summary, [rising, flat], {"config": "x.yaml", "command": "c", "machine": "m",
                                                       "seeds": [0, 1, 2]}, ["A"])
     assert f"| +2.00 ± {100 * np.std([0.05, -0.01], ddof=1):.2f} |" in text
+
+
+def test_an_interrupted_runner_keeps_the_time_its_run_trained(tmp_path, capsys, tiny_config, monkeypatch):
+    """The time of an invocation that is killed before its run ends is recorded as the run goes, so that a resumed
+    run's ``wall_s`` counts every invocation (a session ending kills the runner, not only the run)."""
+    import hafis.engine.compare.pool as pool
+
+    out = tmp_path / "cmp"
+    args = ["compare", str(tiny_config), "--arm", "plain: train.framework=supervised", "--seeds", "0", "--jobs", "1",
+            "--threads", "1", "--out", str(out), "--set", "train.tensorboard=false", "train.iterations=4"]
+    status = out / "runs" / "plain" / "seed_0" / "compare_run.json"
+    real_write, ticks = pool.write_json, []
+
+    def write_then_interrupt(path, data, **kw):
+        real_write(path, data, **kw)
+        if path == status and data["returncode"] is None:
+            ticks.append(data["wall_s"])
+            raise KeyboardInterrupt  # as if the runner were stopped here, after one update
+
+    monkeypatch.setattr(pool, "STATUS_INTERVAL", 0.01)
+    monkeypatch.setattr(pool, "write_json", write_then_interrupt)
+    assert main(args) != 0
+    assert len(ticks) == 1 and ticks[0] > 0
+    assert json.loads(status.read_text()) == {"wall_s": ticks[0], "returncode": None, "problem": None,
+                                              "log": str(status.parent / "compare.log")}
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(args) == 0
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert run["wall_s"] > ticks[0]  # the interrupted invocation's time is in the total

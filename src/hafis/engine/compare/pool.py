@@ -24,6 +24,10 @@ from .report import report_markdown, results, summarise
 from .runs import RunData, config_conflict, final_eval, read_records, read_status, run_data
 
 
+#: seconds between the updates of a training run's recorded time (compare_run.json) while it runs
+STATUS_INTERVAL = 60.0
+
+
 def machine_description() -> str:
     import torch
 
@@ -165,10 +169,15 @@ class Comparison:
         if not resume and (spec.run_dir / "metrics.jsonl").is_file():
             (spec.run_dir / "metrics.jsonl").unlink()  # no checkpoint: the run starts over and logs from iteration 0
         self.log(f"[compare] {spec.label}: {'resuming' if resume else 'training'} -> {spec.run_dir}")
-        t0 = time.perf_counter()
+        spent, t0 = status.get("wall_s") or 0.0, time.perf_counter()
+
+        def record_time() -> None:  # while it trains: a runner killed outright loses at most one interval of time
+            write_json(spec.status_path, {"wall_s": spent + time.perf_counter() - t0, "returncode": None,
+                                          "problem": None, "log": str(spec.log_path)}, indent=1)
+
         rc = self._subprocess(["train", str(self.config_path), *spec.overrides, *(["--resume"] if resume else [])],
-                              spec.log_path, env)
-        wall = (status.get("wall_s") or 0.0) + time.perf_counter() - t0
+                              spec.log_path, env, every=record_time)
+        wall = spent + time.perf_counter() - t0
         finished = final_eval(read_records(spec.run_dir), spec.config.train.iterations) is not None
         problem = None
         if rc != 0 or not finished:
@@ -179,9 +188,23 @@ class Comparison:
         self.log(f"[compare] {spec.label}: " + (problem or f"finished in {wall:.0f} s"))
         self.write_outputs()
 
-    def _subprocess(self, args: list[str], log_path: Path, env: dict) -> int:
+    def _subprocess(self, args: list[str], log_path: Path, env: dict,
+                    every: Optional[Callable[[], None]] = None) -> int:
+        """Run ``hafis ARGS`` with its output appended to ``log_path``; ``every`` is called each
+        :data:`STATUS_INTERVAL` seconds while it runs."""
         command = [sys.executable, "-m", "hafis", *args]
         with open(log_path, "a") as fh:
             fh.write(f"$ {shlex.join(command)}\n")
             fh.flush()
-            return subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+            proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
+            try:
+                while True:
+                    try:
+                        return proc.wait(timeout=STATUS_INTERVAL)
+                    except subprocess.TimeoutExpired:
+                        if every is not None:
+                            every()
+            except BaseException:  # as subprocess.run: an interrupted runner leaves no orphan training
+                proc.kill()
+                proc.wait()
+                raise
