@@ -119,12 +119,13 @@ CORE = ("supervised", "unimatch", "unimatch+W", "unimatch+W(authors)")
 #: over the labelled images, so it scales with the split
 DETECTOR = {"arch": "efficientnet_lite0", "lr": 3e-4, "batch_size": 8}
 DETECTOR_EPOCHS = 100
-#: (arm, compared with): the semi-supervised effect, the weighting's effect in each framework, the headroom
 #: the supervised arm trained twice as long on the smallest split (folder 1_32_x2): is 20 passes its plateau?
 LONG = "supervised (2x schedule)"
+#: (arm, compared with): the semi-supervised effect, the weighting's effect in each framework, the headroom, the
+#: convergence check and UniMatch against the supervised arm at its plateau
 CONTRASTS = [("unimatch", "supervised"), ("unimatch+W", "unimatch"), ("unimatch+W(authors)", "unimatch"),
              ("augseg", "supervised"), ("augseg+W", "augseg"), ("fully-supervised", "supervised"),
-             (LONG, "supervised")]
+             (LONG, "supervised"), ("unimatch", LONG)]
 
 
 def schedule(labelled: int, passes: float, unlabelled_batch: int = 4) -> dict:
