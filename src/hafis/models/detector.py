@@ -91,7 +91,8 @@ def build_detector(arch: str, num_thing_classes: int, *, min_size: int = 512, ma
             _load_resnet_weights(model.backbone.body, backbone_weights)
         return model
     if arch == "efficientnet_lite0":
-        return _single_level_rcnn(EfficientNetLiteTrunk(backbone_weights, pretrained), (16, 32, 64, 128), 256, num_classes, common)
+        trunk = EfficientNetLiteTrunk(backbone_weights, pretrained)
+        return _single_level_rcnn(trunk, (16, 32, 64, 128), 256, num_classes, common)
     if backbone_weights:
         raise ValueError(f"detector.backbone_weights is only supported for resnet50_fpn and efficientnet_lite0, "
                          f"not {arch!r}")
