@@ -28,6 +28,14 @@ from .runs import RunData, config_conflict, final_eval, read_records, read_statu
 STATUS_INTERVAL = 60.0
 
 
+def _write_status(spec: RunSpec, wall_s: float, returncode: Optional[int] = None,
+                  problem: Optional[str] = None) -> None:
+    """A run's status file (read back by :func:`~.runs.read_status`): its time over all invocations so far, and how
+    the last one ended (``returncode`` None while it trains)."""
+    write_json(spec.status_path, {"wall_s": wall_s, "returncode": returncode, "problem": problem,
+                                  "log": str(spec.log_path)}, indent=1)
+
+
 def machine_description() -> str:
     import torch
 
@@ -172,8 +180,7 @@ class Comparison:
         spent, t0 = status.get("wall_s") or 0.0, time.perf_counter()
 
         def record_time() -> None:  # while it trains: a runner killed outright loses at most one interval of time
-            write_json(spec.status_path, {"wall_s": spent + time.perf_counter() - t0, "returncode": None,
-                                          "problem": None, "log": str(spec.log_path)}, indent=1)
+            _write_status(spec, spent + time.perf_counter() - t0)
 
         rc = self._subprocess(["train", str(self.config_path), *spec.overrides, *(["--resume"] if resume else [])],
                               spec.log_path, env, every=record_time)
@@ -183,8 +190,7 @@ class Comparison:
         if rc != 0 or not finished:
             problem = f"failed (exit {rc}); log: {spec.log_path}"
             self.problems[key] = problem
-        write_json(spec.status_path, {"wall_s": wall, "returncode": rc, "problem": problem,
-                                      "log": str(spec.log_path)}, indent=1)
+        _write_status(spec, wall, rc, problem)
         self.log(f"[compare] {spec.label}: " + (problem or f"finished in {wall:.0f} s"))
         self.write_outputs()
 
