@@ -5,7 +5,7 @@ from torch import nn
 from hafis.config import load_config
 from hafis.data.ssl import UnlabelledDataset
 from hafis.data.synthetic import SyntheticConfig, SyntheticScenes
-from hafis.data.transforms import weak_geometry
+from hafis.data.transforms import GeometryDraw, apply_geometry
 from hafis.frameworks.base import PseudoLabelWeighting
 from hafis.frameworks.mixing import partner_index, paste
 from hafis.frameworks.unimatch import UniMatch
@@ -76,22 +76,6 @@ def test_detector_rule_on_a_hand_made_prediction():
         detector_reliable(conf, pseudo, valid, box_mask, (1, 2), stuff="keep")
 
 
-class _ForcedRng:
-    """Stands in for the numpy generator of weak_geometry: a fixed scale, crop corner and flip."""
-
-    def __init__(self, scale, y0, x0, flip):
-        self.scale, self.corner, self.flip = scale, [y0, x0], flip
-
-    def uniform(self, low, high):
-        return self.scale
-
-    def integers(self, low, high):
-        return min(self.corner.pop(0), high - 1)
-
-    def random(self):
-        return 0.0 if self.flip else 0.99
-
-
 def test_box_mask_follows_a_forced_flip_and_a_rescaled_crop():
     h, w = 8, 10
     boxes = torch.tensor([[1, 2, 4, 7], [6, 0, 10, 3]], dtype=torch.float32)
@@ -100,16 +84,14 @@ def test_box_mask_follows_a_forced_flip_and_a_rescaled_crop():
     image = torch.arange(3 * h * w, dtype=torch.float32).reshape(3, h, w).remainder(256).to(torch.uint8)
 
     # flip only: the mask equals the box mask of the mirrored boxes, and the image is mirrored the same way
-    out_image, (out_mask,) = weak_geometry(image, [(mask, 0)], crop_size=8, scale_range=(1, 1),
-                                           rng=_ForcedRng(1.0, 0, 1, flip=True))
+    out_image, (out_mask,) = apply_geometry(image, [(mask, 0)], GeometryDraw((h, w), (0, 1), True), crop_size=8)
     mirrored = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1) - torch.tensor(
         [w - 1 - 8, 0, w - 1 - 8, 0])  # crop x0 = 1 of the unflipped image is x0 = w - 1 - 8 after the flip
     assert torch.equal(out_image, image[:, :, 1:9].flip(-1))
     assert torch.equal(out_mask.bool(), box_mask_from_detections(mirrored, labels, scores, 3, (8, 8)))
 
     # scale x2, crop at (y, x) = (3, 5), flip: boxes x2, shifted, mirrored inside the crop
-    _, (out_mask,) = weak_geometry(image, [(mask, 0)], crop_size=12, scale_range=(2, 2),
-                                   rng=_ForcedRng(2.0, 3, 5, flip=True))
+    _, (out_mask,) = apply_geometry(image, [(mask, 0)], GeometryDraw((2 * h, 2 * w), (3, 5), True), crop_size=12)
     b = boxes * 2 - torch.tensor([5, 3, 5, 3])
     b = torch.stack([12 - b[:, 2], b[:, 1], 12 - b[:, 0], b[:, 3]], dim=1)
     assert torch.equal(out_mask.bool(), box_mask_from_detections(b, labels, scores, 3, (12, 12)))

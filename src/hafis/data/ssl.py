@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .base import IGNORE_INDEX, SegmentationSource, load_checked
-from .transforms import cutmix_box, normalize, strong_colour, to_tensor_image, weak_geometry
+from .transforms import PIL_GEOMETRY, Geometry, cutmix_box, normalize, strong_colour, to_tensor_image, weak_geometry
 
 LABELLED_STREAM, UNLABELLED_STREAM, MIX_STREAM = 1, 2, 3
 
@@ -53,10 +53,13 @@ def _mask_tensor(mask: Optional[np.ndarray], shape: tuple[int, int]) -> torch.Te
 
 
 class LabelledDataset(Dataset):
-    """Weakly augmented labelled crops: ``image (3, c, c)`` float, ``mask (c, c)`` long."""
+    """Weakly augmented labelled crops: ``image (3, c, c)`` float, ``mask (c, c)`` long; ``geometry`` is the
+    framework's (:class:`~hafis.data.transforms.Geometry`)."""
 
-    def __init__(self, source: SegmentationSource, crop_size: int, scale_range: tuple[float, float], seed: int):
+    def __init__(self, source: SegmentationSource, crop_size: int, scale_range: tuple[float, float], seed: int,
+                 geometry: Geometry = PIL_GEOMETRY):
         self.source, self.crop_size, self.scale_range, self.seed = source, crop_size, scale_range, seed
+        self.geometry = geometry
 
     def __len__(self) -> int:
         return len(self.source)
@@ -68,7 +71,7 @@ class LabelledDataset(Dataset):
             raise ValueError(f"labelled image {sample.id!r} has no mask")
         rng = sample_rng(self.seed, LABELLED_STREAM, epoch, index)
         image, (mask,) = weak_geometry(to_tensor_image(sample.image), [(_mask_tensor(sample.mask, (0, 0)), 255)],
-                                       self.crop_size, self.scale_range, rng)
+                                       self.crop_size, self.scale_range, rng, self.geometry)
         return {"image": normalize(image), "mask": mask.long(), "index": index}
 
 
@@ -81,15 +84,16 @@ class UnlabelledDataset(Dataset):
     ``box_masks``: optional ``(index, (H, W)) -> (C, H, W)`` uint8 per-class detection box mask of an image (e.g. a
     :class:`hafis.engine.detections.BoxMaskProvider`); it goes through the same geometry as the pixels (nearest,
     padding 0) and comes out as ``box_mask`` ``(C, c, c)`` bool. It draws no random numbers, so the views are the
-    same with and without it.
+    same with and without it. ``geometry``: the framework's (:class:`~hafis.data.transforms.Geometry`).
     ``stream``: the id that seeds the augmentations (a second stream over the same images, such as UniMatch's mixing
     batch, passes :data:`MIX_STREAM` so its views are drawn independently).
     """
 
     def __init__(self, source: SegmentationSource, crop_size: int, scale_range: tuple[float, float], seed: int,
                  cutmix_prob: float = 0.5, box_masks: Optional[Callable[[int, tuple[int, int]], torch.Tensor]] = None,
-                 stream: int = UNLABELLED_STREAM):
+                 stream: int = UNLABELLED_STREAM, geometry: Geometry = PIL_GEOMETRY):
         self.source, self.crop_size, self.scale_range, self.seed = source, crop_size, scale_range, seed
+        self.geometry = geometry
         self.cutmix_prob = cutmix_prob
         self.box_masks = box_masks
         self.stream = stream
@@ -107,7 +111,7 @@ class UnlabelledDataset(Dataset):
         if self.box_masks is not None:
             maps.append((self.box_masks(index, (h, w)), 0))
         weak, (ignore, gt, *box_mask) = weak_geometry(to_tensor_image(sample.image), maps, self.crop_size,
-                                                      self.scale_range, rng)
+                                                      self.scale_range, rng, self.geometry)
         strong1 = strong_colour(weak, rng)
         box1 = cutmix_box(self.crop_size, rng, self.cutmix_prob)
         strong2 = strong_colour(weak, rng)

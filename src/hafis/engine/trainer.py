@@ -168,19 +168,21 @@ class Trainer:
 
     def _streams(self) -> tuple[Iterator[dict], Optional[Iterator[dict]]]:
         c = self.config
-        labelled = self._stream(LabelledDataset(self.labelled_source, c.data.crop_size, c.data.scale_range, c.seed),
-                                self.batch_size, c.seed)
+        geometry = self.framework.geometry
+        labelled = self._stream(LabelledDataset(self.labelled_source, c.data.crop_size, c.data.scale_range, c.seed,
+                                                geometry), self.batch_size, c.seed)
         unlabelled = None
         if self.framework.uses_unlabelled:
             dataset = UnlabelledDataset(self.unlabelled_source, c.data.crop_size, c.data.scale_range, c.seed,
-                                        self.framework.cutmix_prob, box_masks=self.box_masks)
+                                        self.framework.cutmix_prob, box_masks=self.box_masks, geometry=geometry)
             unlabelled = self._stream(dataset, self.unlabelled_batch_size, c.seed + 1)
             if self.framework.mix_batch:
                 # a second unlabelled stream (own augmentations; the main stream's order for same_images, its own
                 # for other_images) for the mixed-in images; it advances in step with the first, so a resumed run
                 # replays it too
                 mix = UnlabelledDataset(self.unlabelled_source, c.data.crop_size, c.data.scale_range, c.seed,
-                                        self.framework.cutmix_prob, box_masks=self.box_masks, stream=MIX_STREAM)
+                                        self.framework.cutmix_prob, box_masks=self.box_masks, stream=MIX_STREAM,
+                                        geometry=geometry)
                 order = c.seed + 1 if self.framework.mix_batch == "same_images" else c.seed + 2
                 unlabelled = _with_mix(unlabelled, self._stream(mix, self.unlabelled_batch_size, order))
         return labelled, unlabelled

@@ -62,6 +62,7 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from hafis.config import Config
+from hafis.data.transforms import TENSOR_GEOMETRY
 
 from .base import StepOutput
 from .losses import labelled_loss
@@ -122,6 +123,7 @@ def component_box(mask: np.ndarray, min_area: float, generator: torch.Generator)
 
 class AEL(MeanTeacherFramework):
     name = "ael"
+    geometry = TENSOR_GEOMETRY
 
     def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
         super().__init__(config, model, num_classes)

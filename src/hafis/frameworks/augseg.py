@@ -49,7 +49,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
 from hafis.config import Config
-from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Geometry
 
 from .base import StepOutput
 from .losses import labelled_loss
@@ -185,6 +185,8 @@ def label_aided_cutmix(u: dict[str, Tensor], lab: dict[str, Tensor], take_labell
 
 class AugSeg(MeanTeacherFramework):
     name = "augseg"
+    #: the released ``Crop`` pads with ``np.uint8(255 · ImageNet mean)`` = (123, 116, 103), bottom and right
+    geometry = Geometry(image_fill=(123, 116, 103))
 
     def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
         super().__init__(config, model, num_classes)

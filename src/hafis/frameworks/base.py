@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from hafis.config import Config, ConfigError, WeightingConfig
+from hafis.data.transforms import PIL_GEOMETRY, Geometry
 from hafis.weighting import (PseudoLabelWeighter, confident_pixels, detector_reliable, labelled_qualify_mask,
                              weighted_cross_entropy)
 
@@ -134,6 +135,9 @@ class Framework:
     #: every step calls the same networks and gives every trained parameter a gradient (DDP's ``static_graph``);
     #: a recipe whose steps may leave a trained parameter without gradient sets False
     static_graph: bool = True
+    #: how the release draws and applies the weak geometry of both streams (scale draw, padding side and colour,
+    #: flip order, antialiasing); label-like maps are resized pixel-centre whatever it is
+    geometry: Geometry = PIL_GEOMETRY
 
     def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
         self.config = config

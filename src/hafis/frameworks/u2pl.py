@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hafis.config import Config
+from hafis.data.transforms import TENSOR_GEOMETRY
 
 from .base import StepOutput
 from .losses import labelled_loss
@@ -209,6 +210,7 @@ def contrastive_term(anchors: Tensor, positive: Tensor, negatives: Tensor, tempe
 
 class U2PL(MeanTeacherFramework):
     name = "u2pl"
+    geometry = TENSOR_GEOMETRY
     #: the representation head takes no gradient during the supervised-only phase
     static_graph = False
 
