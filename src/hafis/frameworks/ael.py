@@ -34,7 +34,7 @@ Per iteration:
      conf_c'))^ael.sample_gamma`` and ``k_i`` the *student's* predicted class (as released).
 
    **Normaliser**: ``Σ_i r_i`` over all pixels, including those below the threshold (as released; ignored
-   padding pixels carry no loss but count, like in the released code, which has no padding mask).
+   padding pixels carry no loss but count; the released code has no padding mask, see "Data, as released").
    With the weighting on, ``W`` multiplies the unlabelled term's per-pixel loss after AEL's own sampling and
    re-weighting: ``Σ W r m ℓ / Σ r`` (``normalize: count``) or ``/ Σ W r`` (``normalize: weight``); the
    labelled-image consistency term is unchanged (its pixels have ground truth).
@@ -49,6 +49,26 @@ terms and gradients equal a transcription of the released step given the same pa
 (released: train mode; see :mod:`hafis.frameworks.teacher`); equalization sampling draws one uniform per pixel
 (released: one map per class shared by a GPU's images). The released losses are divided by the world size before
 DDP averages the gradients (an 8x smaller step on its 8 GPUs): the paper configs divide the learning rate instead.
+
+**Data, as released** (:data:`~hafis.data.transforms.TENSOR_GEOMETRY`; ``tests/data/test_released_tensor_pipelines.py``
+compares both streams' samples pixel by pixel with a transcription of ``semseg/dataset/augmentation.py``, U2PL's
+code, on 500x375 and 2048x1024 images): normalise, rescale by a factor drawn half the time in [0.5, 1) and half in
+[1, 2) (sides truncated), flip, pad around the image to the crop (513 VOC, 769 Cityscapes), crop at random; no
+blur, no rotation (the released configs). Departures, with their measured sizes:
+
+* labels are resized pixel-centre (PIL ``NEAREST``); the release's torch ``nearest`` puts them about half a source
+  pixel up and left of their pixels: 0.3-1.6 % of a crop's labelled pixels differ (a VOC-like mask; all on label
+  boundaries);
+* padding is ignored (255). The released ``Crop`` labels it 0 (background) in the labelled crops, and ``train.py``
+  drops the unlabelled labels, so unlabelled padding carries the consistency loss of its pseudo-labels. Padding is
+  on average 31.8 % of a VOC crop over the scale draw (68 % of the crops have some) and 4.2 % of a Cityscapes crop
+  (25 %);
+* images are resized as uint8 (rounded) and padded with the uint8 mean colour (124, 116, 104) rather than the exact
+  mean (0 after the release's ``Normalize``): at most half a grey level, 0.0088 in normalised units (0.0082 on the
+  padding);
+* evaluation follows ``eval`` (VOC whole image; Cityscapes 769 windows at stride 512, one scale). The released
+  train-time validation scores a centre crop: 513 on VOC, its padding labelled background; 769 on Cityscapes, the
+  image's centre only. ``eval.py`` slides 769 windows at stride 513 over six scales (0.5-2.0) by default.
 """
 
 from __future__ import annotations

@@ -65,6 +65,27 @@ teacher runs in eval mode for the entropy / contrastive pass (released: train mo
 With the weighting on, ``W`` is computed from the teacher's decoder features of the weak view (the view the
 pseudo-labels come from) and the bank is fed from the teacher's labelled and weak-view outputs; the contrastive
 term is unchanged.
+
+**Data, as released** (:data:`~hafis.data.transforms.TENSOR_GEOMETRY`; ``tests/data/test_released_tensor_pipelines.py``
+compares both streams' samples pixel by pixel with a transcription of ``u2pl/dataset/augmentation.py`` on 500x375
+and 2048x1024 images): normalise, rescale by a factor drawn half the time in [0.5, 1) and half in [1, 2) (sides
+truncated), flip, pad around the image to the crop (513 VOC, 769 Cityscapes), crop at random; no blur, no rotation
+(the released configs). Departures, with their measured sizes:
+
+* labels are resized pixel-centre (PIL ``NEAREST``); the release's torch ``nearest`` puts them about half a source
+  pixel up and left of their pixels: 0.3-1.6 % of a crop's labelled pixels differ (a VOC-like mask; all on label
+  boundaries);
+* padding is ignored (255). The released ``Crop`` labels it 0 (background) in the labelled crops, and
+  ``train_semi.py`` drops the unlabelled labels, so unlabelled padding is trained on with its pseudo-labels.
+  Padding is on average 31.8 % of a VOC crop over the scale draw (68 % of the crops have some) and 4.2 % of a
+  Cityscapes crop (25 %);
+* images are resized as uint8 (rounded) and padded with the uint8 mean colour (124, 116, 104) rather than the exact
+  mean (0 after the release's ``Normalize``): at most half a grey level, 0.0088 in normalised units (0.0082 on the
+  padding);
+* evaluation follows ``eval`` (VOC whole image; Cityscapes 769 windows at stride 512, softmax averaged). The
+  released train-time validation scores a centre crop: 513 on VOC, its padding labelled background (28.8 % of the
+  scored pixels of a 500x375 image); 769 on Cityscapes, the image's centre only. ``eval.py`` slides 769 windows at
+  stride 513 over Cityscapes and averages their logits.
 """
 
 from __future__ import annotations
