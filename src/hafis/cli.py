@@ -310,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from hafis.data.splits import add_prepare_arguments
 
-    p = sub.add_parser("prepare", help="check a dataset tree (every problem, with paths) and write seeded split "
-                                       "lists: hafis prepare DATASET ROOT --labelled N|FRACTION --seed S")
+    p = sub.add_parser("prepare", help="check a dataset tree (every problem, with paths) and write split lists: "
+                                       "seeded (--labelled N|FRACTION --seed S) or the published ones "
+                                       "(--published unimatch|u2pl)")
     add_prepare_arguments(p)
     p.set_defaults(func=_prepare)
 

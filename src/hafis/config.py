@@ -96,11 +96,11 @@ def parse_yaml(text: str, source: str) -> Any:
 @dataclass
 class DataConfig:
     #: synthetic = the built-in scenes; garments = Fashion-MNIST garments on real photographs (section
-    #: ``garments``); voc / cityscapes / coco = the datasets' official trees; folder = your own
-    #: ``images/ + masks/ + classes.txt`` (formats: hafis.data.voc, .cityscapes, .coco, .folder)
+    #: ``garments``); voc / cityscapes / coco / ade20k = the datasets' official trees; folder = your own
+    #: ``images/ + masks/ + classes.txt`` (formats: hafis.data.voc, .cityscapes, .coco, .ade20k, .folder)
     dataset: str = registry("synthetic", "hafis.data:DATASETS")
     #: the dataset's folder (VOC: the VOC2012 folder; Cityscapes: holds leftImg8bit/ and gtFine/; COCO: holds
-    #: train2017/, val2017/, annotations/)
+    #: train2017/, val2017/, annotations/; ADE20K: the ADEChallengeData2016 folder)
     root: Optional[str] = None
     #: split files, one image id a line (published lists or ``hafis prepare`` output); relative paths are relative to
     #: ``root``. null: labelled = every image that can be labelled, unlabelled = the other training images,

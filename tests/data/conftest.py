@@ -1,4 +1,5 @@
-"""Hand-written mini trees in exactly the official on-disk formats (VOC, Cityscapes, COCO, the folder format).
+"""Hand-written mini trees in exactly the official on-disk formats (VOC, Cityscapes, COCO, ADE20K, the folder
+format).
 
 Every mask is built from a few rectangles whose pixel counts the tests know exactly; images are noise (JPEG where
 the dataset uses JPEG, PNG where it uses PNG). The builders are fixtures returning functions, so a test can build a
@@ -224,6 +225,46 @@ def build_coco(root: Path) -> Path:
     return root
 
 
+# -------------------------------------------------------------------------------------------------------- ADE20K
+ADE_H, ADE_W = 12, 16
+ADE_TRAIN = ("ADE_train_00000001", "ADE_train_00000002")
+ADE_TRAIN_NO_GT = ("ADE_train_00000003",)
+ADE_VAL = ("ADE_val_00000001",)
+
+
+def ade_annotation() -> np.ndarray:
+    """As the dataset ships it: 0 = other; 1 = wall (left top), 13 = person (left bottom), 150 = flag (right), with a
+    2x2 'other' hole in the flag and a 1-pixel 2 (building) at its corner."""
+    m = np.zeros((ADE_H, ADE_W), np.uint8)
+    m[0:6, 0:8] = 1
+    m[6:12, 0:8] = 13
+    m[:, 8:16] = 150
+    m[4:6, 10:12] = 0
+    m[0, 15] = 2
+    return m
+
+
+def ade_labels() -> np.ndarray:
+    """:func:`ade_annotation` as labels, written out by hand: other -> 255, wall 0, person 12, flag 149, building 1."""
+    m = np.full((ADE_H, ADE_W), 255, np.uint8)
+    m[0:6, 0:8] = 0
+    m[6:12, 0:8] = 12
+    m[:, 8:16] = 149
+    m[4:6, 10:12] = 255
+    m[0, 15] = 1
+    return m
+
+
+def build_ade20k(root: Path) -> Path:
+    root = root / "ADEChallengeData2016"
+    for k, id in enumerate(ADE_TRAIN + ADE_TRAIN_NO_GT + ADE_VAL):
+        split = "validation" if id in ADE_VAL else "training"
+        save_jpeg(root / "images" / split / f"{id}.jpg", ADE_H, ADE_W, seed=200 + k)
+        if id not in ADE_TRAIN_NO_GT:
+            save_grey(root / "annotations" / split / f"{id}.png", ade_annotation())
+    return root
+
+
 # -------------------------------------------------------------------------------------------------------- folder
 FOLDER_CLASSES = ("background", "leaf", "stem")
 
@@ -267,6 +308,11 @@ def cityscapes_tree(tmp_path):
 @pytest.fixture
 def coco_tree(tmp_path):
     return build_coco(tmp_path)
+
+
+@pytest.fixture
+def ade20k_tree(tmp_path):
+    return build_ade20k(tmp_path)
 
 
 @pytest.fixture

@@ -32,8 +32,9 @@ def train(config, root, tmp_path, *extra):
 
 
 def test_voc_prepare_train_and_eval_table(voc_tree, tmp_path, capsys):
-    # the paper config's split files are where `hafis prepare` writes them (a 2-image stand-in for the 92)
-    assert main(["prepare", "voc", str(voc_tree), "--labelled", "2", "--out", str(voc_tree / "splits/classic/92")]) == 0
+    # the paper config reads its split files where `hafis prepare --published` writes them (a 2-image stand-in)
+    assert main(["prepare", "voc", str(voc_tree), "--labelled", "2", "--out",
+                 str(voc_tree / "splits/unimatch/classic/92")]) == 0
     run_dir, steps, result = train(CONFIGS / "voc/classic/92/unimatch_weighting.yaml", voc_tree, tmp_path)
     assert "weight_mean" in steps[0]
     assert len(result["iou"]) == 21 and list(result["iou_by_class"])[:2] == ["background", "aeroplane"]
@@ -48,7 +49,8 @@ def test_voc_prepare_train_and_eval_table(voc_tree, tmp_path, capsys):
 
 
 def test_cityscapes_sliding_window_and_ohem(cityscapes_tree, tmp_path):
-    assert main(["prepare", "cityscapes", str(cityscapes_tree), "--labelled", "1/16"]) == 0
+    assert main(["prepare", "cityscapes", str(cityscapes_tree), "--labelled", "1/16", "--out",
+                 str(cityscapes_tree / "splits/unimatch/1_16")]) == 0
     _, steps, result = train(CONFIGS / "cityscapes/1_16/unimatch.yaml", cityscapes_tree, tmp_path,
                              "loss.ohem_min_kept=50")
     assert len(result["iou"]) == 19
@@ -59,7 +61,8 @@ def test_cityscapes_sliding_window_and_ohem(cityscapes_tree, tmp_path):
 
 def test_coco_train(coco_tree, tmp_path):
     cache = tmp_path / "cache"
-    assert main(["prepare", "coco", str(coco_tree), "--labelled", "1/512", "--cache-dir", str(cache)]) == 0
+    assert main(["prepare", "coco", str(coco_tree), "--labelled", "1/512", "--cache-dir", str(cache), "--out",
+                 str(coco_tree / "splits/unimatch/1_512")]) == 0
     _, _, result = train(CONFIGS / "coco/1_512/unimatch.yaml", coco_tree, tmp_path, f"data.cache_dir={cache}",
                          "eval.window=24")
     assert len(result["iou"]) == 81
@@ -72,8 +75,20 @@ def test_folder_train(folder_tree, tmp_path):
 
 
 def test_segformer_on_voc(voc_tree, tmp_path):
-    assert main(["prepare", "voc", str(voc_tree), "--labelled", "3", "--out", str(voc_tree / "splits/classic/92")]) == 0
+    assert main(["prepare", "voc", str(voc_tree), "--labelled", "3", "--out",
+                 str(voc_tree / "splits/unimatch/classic/92")]) == 0
     _, steps, result = train(CONFIGS / "voc/classic/92/segformer_unimatch_weighting.yaml", voc_tree, tmp_path,
                              "model.backbone=mit_tiny", "model.pretrained_path=null")
     assert "weight_mean" in steps[0]  # the weighting ran on the segmenter's 32-d features
     assert len(result["iou"]) == 21
+
+
+def test_ade20k_unimatch_v2_as_released(ade20k_tree, tmp_path):
+    # a 1-image stand-in for the published 1/64, where the paper config reads it (encoder frozen, as released)
+    assert main(["prepare", "ade20k", str(ade20k_tree), "--labelled", "1", "--out",
+                 str(ade20k_tree / "splits/unimatch/1_64")]) == 0
+    run_dir, _, result = train(CONFIGS / "ade20k/1_64/unimatch_v2_weighting.yaml", ade20k_tree, tmp_path,
+                               "data.crop_size=28", "model.backbone=dinov2_tiny", "model.feature_dim=16")
+    assert len(result["iou"]) == 150 and list(result["iou_by_class"])[:2] == ["wall", "building"]
+    # wall, building, person and flag are in the val mask; "other" (255) is ignored
+    assert [n for n, iou in result["iou_by_class"].items() if iou is not None] == ["wall", "building", "person", "flag"]

@@ -24,7 +24,7 @@ def _garments(data_config) -> Sources:
 
 
 def _on_disk(data_config) -> Sources:
-    """A dataset tree on disk (voc, cityscapes, coco, folder) and its split files."""
+    """A dataset tree on disk (voc, cityscapes, coco, ade20k, folder) and its split files."""
     from .layout import LayoutSource
     from .splits import make_layout, missing_images, split_ids
 

@@ -1,8 +1,8 @@
 """The one interface every dataset reader implements: a list of samples, each loaded as plain numpy arrays.
 
-Readers (synthetic scenes, Pascal VOC, Cityscapes, COCO, a user's folder) only decode files; augmentation lives in
-:mod:`hafis.data.transforms` and the labelled / unlabelled streams in :mod:`hafis.data.ssl`. Keeping readers free of
-torch and of augmentation lets `hafis prepare` validate a tree and the detector reuse the same boxes.
+Readers (synthetic scenes, Pascal VOC, Cityscapes, COCO, ADE20K, a user's folder) only decode files; augmentation
+lives in :mod:`hafis.data.transforms` and the labelled / unlabelled streams in :mod:`hafis.data.ssl`. Keeping readers
+free of torch and of augmentation lets `hafis prepare` validate a tree and the detector reuse the same boxes.
 """
 
 from __future__ import annotations

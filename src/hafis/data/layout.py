@@ -1,7 +1,7 @@
 """The on-disk layout of a real dataset: which image ids exist, where their files are, how to read and check them.
 
-One :class:`DatasetLayout` subclass per format (Pascal VOC, Cityscapes, COCO, a user's folder). A layout knows three
-id pools:
+One :class:`DatasetLayout` subclass per format (Pascal VOC, Cityscapes, COCO, ADE20K, a user's folder). A layout
+knows three id pools:
 
 - ``labelled_pool()``: training images that *can* be labelled (their mask exists or can be made); published
   labelled splits and ``hafis prepare --labelled`` draw from it;

@@ -12,6 +12,12 @@ sorted labelled pool, so it depends on the seed and the pool only, and with one 
 subsets of the larger ones. A fraction gives ``ceil(fraction * pool)`` images: 1/16 of VOC's 10,582 is 662, of
 Cityscapes' 2,975 is 186, 1/512 of COCO's 118,287 is 232 (the published counts).
 
+``hafis prepare DATASET ROOT --published unimatch|u2pl [--split NAME]`` writes the releases' own splits instead
+(:mod:`hafis.data.published`, shipped with hafis) into ``ROOT/splits/PROTOCOL/[SETTING/]SPLIT``, where the paper
+configs read them: ``labelled.txt`` holds the release's lines, ``unlabelled.txt`` the rest of the training set (as
+every release's unlabelled list is). It first checks that every image the lists name exists (one line naming the
+first missing one and the count, exit 2), and refuses to replace a split file that differs from what it would write.
+
 Before writing anything it checks the tree: every missing or unreadable image or mask, mask of the wrong size, and
 label value outside the class range is reported, all at once, with its path.
 """
@@ -35,6 +41,7 @@ from hafis.files import atomic_write, write_json
 from .base import DataError
 from .io import Problem
 from .layout import DatasetLayout
+from . import published
 
 def _voc(root, voc_setting, classes, cache_dir) -> DatasetLayout:
     from .voc import PascalVOC
@@ -54,6 +61,12 @@ def _coco(root, voc_setting, classes, cache_dir) -> DatasetLayout:
     return COCO(root, cache_dir=cache_dir)
 
 
+def _ade20k(root, voc_setting, classes, cache_dir) -> DatasetLayout:
+    from .ade20k import ADE20K
+
+    return ADE20K(root)
+
+
 def _folder(root, voc_setting, classes, cache_dir) -> DatasetLayout:
     from .folder import ImageFolder
 
@@ -63,7 +76,7 @@ def _folder(root, voc_setting, classes, cache_dir) -> DatasetLayout:
 #: the datasets stored as trees on disk: name -> ``(root, voc_setting, classes, cache_dir) -> DatasetLayout``
 #: (each reader imported only when used)
 DATASETS: dict[str, Callable[..., DatasetLayout]] = {"voc": _voc, "cityscapes": _cityscapes, "coco": _coco,
-                                                     "folder": _folder}
+                                                     "ade20k": _ade20k, "folder": _folder}
 
 
 def make_layout(name: str, root, voc_setting: str = "classic", classes: Optional[str] = None,
@@ -274,6 +287,85 @@ def prepare(layout: DatasetLayout, labelled: Optional[str] = None, seed: int = 0
     return [], folder
 
 
+# ------------------------------------------------------------------------------------------- published splits
+def published_folder(layout: DatasetLayout, protocol: str, split) -> Path:
+    """``ROOT/splits/<protocol>/[<setting>/]<split>``: where ``--published`` writes a split, and the paper configs
+    read it (``splits/unimatch/classic/92``, ``splits/u2pl/1_16``)."""
+    return layout.root.joinpath("splits", *[p for p in (protocol, split.setting, split.folder) if p])
+
+
+def published_lists(layout: DatasetLayout, protocol: str, name: Optional[str] = None):
+    """``(release, [(split, labelled, unlabelled)])``: each chosen split's labelled lines as released and its
+    unlabelled lines (the rest of the release's training list, or of the tree's training images where the release
+    has none), both as ``{id: line}`` in list order."""
+    release = published.release(protocol, layout.name)
+    chosen = published.select(release, layout.split_subdir() or None, name)
+    lists = published.read_lists(release)
+
+    def keyed(lines) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in lines:
+            out.setdefault(layout.normalize_id(line.split()[0]), line)
+        return out
+
+    train = keyed(line for member in release.train for line in lists[member]) if release.train else \
+        {i: i for i in layout.train_pool()}
+    result = []
+    for split in chosen:
+        labelled = keyed(lists[split.member])
+        result.append((split, labelled, {i: line for i, line in train.items() if i not in labelled}))
+    return release, result
+
+
+def prepare_published(layout: DatasetLayout, protocol: str, name: Optional[str] = None, out=None, check: bool = True,
+                      log: Optional[TextIO] = None) -> tuple[list[Problem], list[tuple[Path, str, dict]]]:
+    """Write ``protocol``'s published splits of the layout's dataset (one, with ``name``): ``labelled.txt`` (the
+    release's lines), ``unlabelled.txt`` (the rest of the training set), ``val.txt`` (the tree's val set) and
+    ``prepare.json``. First every image the lists name must exist (else a ``FileNotFoundError`` naming the first
+    missing one and the count), then the tree passes :func:`validate` (unless ``check`` is False), and no split file
+    already there may differ from what would be written (a ``ValueError``: nothing is overwritten). Returns
+    ``(problems, [(folder, source of its labelled list, counts)])``."""
+    release, splits = published_lists(layout, protocol, name)
+    if out is not None and len(splits) > 1:
+        raise ValueError("--out names the folder of one split: give --split too")
+    listed: dict[tuple[str, str], None] = {}  # every listed image once, in list order
+    for _, labelled, unlabelled in splits:
+        listed.update(dict.fromkeys((i, "labelled") for i in labelled))
+        listed.update(dict.fromkeys((i, "unlabelled") for i in unlabelled))
+    images = dict.fromkeys(layout.image_path(i, part) for i, part in listed)
+    missing = [p for p in images if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(images)} images of {release.title}'s {layout.name} lists "
+                                f"are missing, the first: {missing[0]}; nothing written")
+    problems = validate(layout, log) if check else []
+    if problems:
+        return problems, []
+    val = layout.val_ids()
+    plans = []
+    for split, labelled, unlabelled in splits:
+        folder = Path(out) if out is not None else published_folder(layout, protocol, split)
+        texts = {f"{part}.txt": "".join(f"{line}\n" for line in lines) for part, lines in
+                 (("labelled", labelled.values()), ("unlabelled", unlabelled.values()), ("val", val))}
+        counts = {"labelled": len(labelled), "unlabelled": len(unlabelled), "val": len(val)}
+        plans.append((split, folder, texts, counts))
+    differ = [folder / n for _, folder, texts, _ in plans for n, text in texts.items()
+              if (folder / n).is_file() and (folder / n).read_bytes() != text.encode()]
+    if differ:
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        raise ValueError(f"{differ[0]}{more} exists and differs from the published list; nothing written (remove it, "
+                         f"or write elsewhere with --split and --out)")
+    written = []
+    for split, folder, texts, counts in plans:
+        for n, text in texts.items():
+            atomic_write(folder / n, text)
+        source = release.source(split.member)
+        write_json(folder / "prepare.json", {"dataset": layout.name, "root": str(layout.root), "published": protocol,
+                                             "split": split.folder, "setting": split.setting, "source": source,
+                                             "counts": counts}, indent=2)
+        written.append((folder, source, counts))
+    return [], written
+
+
 # -------------------------------------------------------------------------------------------------- the command
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
@@ -282,12 +374,19 @@ EXIT_USAGE = 2
 def add_prepare_arguments(parser) -> None:
     parser.add_argument("dataset", choices=DATASETS, help="the tree's format")
     parser.add_argument("root", help="the dataset folder (VOC: VOC2012; Cityscapes: holds leftImg8bit and gtFine; "
-                                     "COCO: holds train2017, val2017, annotations; folder: holds classes.txt)")
-    parser.add_argument("--labelled", help="labelled images to draw: a count (92) or a fraction of the labelled "
-                                           "pool (1/16 or 0.0625); omit to only check the tree")
+                                     "COCO: holds train2017, val2017, annotations; ADE20K: ADEChallengeData2016; "
+                                     "folder: holds classes.txt)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--labelled", help="labelled images to draw: a count (92) or a fraction of the labelled "
+                                          "pool (1/16 or 0.0625); omit to only check the tree")
+    which.add_argument("--published", choices=published.PROTOCOLS,
+                       help="write a release's published splits instead (unimatch: UniMatch V2's lists, u2pl: U2PL's) "
+                            "into ROOT/splits/PROTOCOL/[SETTING/]SPLIT, where the paper configs read them")
+    parser.add_argument("--split", help="with --published: only this split (1_16, 92; U2PL's names work too: 662)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the labelled draw (default 0)")
     parser.add_argument("--out", help="folder for labelled.txt / unlabelled.txt / val.txt "
-                                      "(default ROOT/splits/[SETTING/]LABEL, e.g. ROOT/splits/classic/92)")
+                                      "(default ROOT/splits/[SETTING/]LABEL, e.g. ROOT/splits/classic/92; "
+                                      "--published: ROOT/splits/PROTOCOL/[SETTING/]SPLIT)")
     parser.add_argument("--setting", choices=("classic", "blended"), default="classic",
                         help="Pascal VOC: draw labelled images from the 1,464 fine (classic) or 10,582 (blended)")
     parser.add_argument("--classes", help="folder format: the class list (default ROOT/classes.txt)")
@@ -299,12 +398,19 @@ def add_prepare_arguments(parser) -> None:
 def prepare_command(args, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
     """``hafis prepare``: 0 = fine (splits written if asked), 1 = problems found (all listed), 2 = usage error."""
     out, err = out or sys.stdout, err or sys.stderr
+    written, folder = [], None
     try:
+        if args.split is not None and args.published is None:
+            raise ValueError("--split chooses one of the published splits: give --published too")
         if args.labelled is not None:
             LabelledCount.parse(args.labelled)
         layout = make_layout(args.dataset, args.root, voc_setting=args.setting, classes=args.classes,
                              cache_dir=args.cache_dir)
-        problems, folder = prepare(layout, args.labelled, args.seed, args.out, check=not args.no_check, log=err)
+        if args.published is not None:
+            problems, written = prepare_published(layout, args.published, args.split, args.out,
+                                                  check=not args.no_check, log=err)
+        else:
+            problems, folder = prepare(layout, args.labelled, args.seed, args.out, check=not args.no_check, log=err)
     except (ValueError, FileNotFoundError) as exc:
         print(f"hafis prepare: error: {exc}", file=err)
         return EXIT_USAGE
@@ -322,9 +428,15 @@ def prepare_command(args, out: Optional[TextIO] = None, err: Optional[TextIO] = 
               f"{counts['unlabelled']} unlabelled, {counts['val']} val (seed {args.seed})", file=out)
         print(f"use them with: data.labelled_split={folder / 'labelled.txt'} "
               f"data.unlabelled_split={folder / 'unlabelled.txt'} data.val_split={folder / 'val.txt'}", file=out)
+    for folder, source, counts in written:
+        print(f"wrote {folder}/{{labelled,unlabelled,val}}.txt: {counts['labelled']} labelled, "
+              f"{counts['unlabelled']} unlabelled, {counts['val']} val ({source})", file=out)
+    if written:
+        print("the paper configs read them from there (configs/README.md); any other config: "
+              "data.labelled_split=FOLDER/labelled.txt data.unlabelled_split=FOLDER/unlabelled.txt", file=out)
     return 0
 
 
 __all__ = ["DATASETS", "SPLIT_KEYS", "LabelledCount", "choose_labelled", "default_out", "make_layout", "prepare",
-           "read_split", "resolve_split_path", "split_digests", "split_ids", "validate", "write_split",
-           "add_prepare_arguments", "prepare_command"]
+           "prepare_published", "published_folder", "published_lists", "read_split", "resolve_split_path",
+           "split_digests", "split_ids", "validate", "write_split", "add_prepare_arguments", "prepare_command"]
