@@ -163,7 +163,8 @@ def _pad_rgb(image: Tensor, border: tuple[int, int, int, int], fill: Tensor) -> 
 
 def resize_image(image: Tensor, size: tuple[int, int], antialias: bool = True) -> Tensor:
     """Bilinear resize of a uint8 ``(3, H, W)`` image (pixel-centre, ``align_corners=False``). With ``antialias`` it
-    follows PIL's ``BILINEAR`` (whose filter widens when it shrinks), to within one grey level."""
+    follows PIL's ``BILINEAR`` (whose filter widens when it shrinks): within 2 grey levels, on 0.3 % of the pixels on
+    average over the long sides of a 500 × 375 image (7.9 % at worst; PIL's own resize is about twice as slow)."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     if antialias:
@@ -195,7 +196,9 @@ def strong_colour(image: Tensor, rng: np.random.Generator) -> Tensor:
     """UniMatch's strong intensity augmentation of a uint8 ``(3, H, W)`` image, with the released operations:
     torchvision's ``ColorJitter(0.5, 0.5, 0.5, 0.25)`` (p 0.8, factors in a random order) and ``RandomGrayscale``
     (p 0.2) on a PIL image, then PIL's ``GaussianBlur`` (p 0.5, radius σ ∈ U(0.1, 2)). Only the draws come from
-    ``rng``; given them, the output equals the release's pixel for pixel."""
+    ``rng``, in this order: the jitter's coin; its brightness, contrast and saturation factors ∈ U(0.5, 1.5) and
+    hue factor ∈ U(−0.25, 0.25); the order it applies them in (a permutation of the four); the grey coin; the blur's
+    coin; σ. Given them, the output equals the release's pixel for pixel."""
     pil = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
     if rng.random() < 0.8:
         factors = [rng.uniform(0.5, 1.5) for _ in range(3)] + [rng.uniform(-0.25, 0.25)]
@@ -215,6 +218,7 @@ def cutmix_box(size: int, rng: np.random.Generator, p: float = 0.5,
 
     As UniMatch's ``obtain_cutmix_box``: the area is drawn once, and only the aspect ratio and the position are
     redrawn until the box fits. Redrawing the area too would reject large areas more often and skew boxes small.
+    Draws from ``rng``, in this order: the coin; the area; then the ratio, the column and the row, until it fits.
     """
     box = torch.zeros(size, size, dtype=torch.uint8)
     if rng.random() >= p:

@@ -30,6 +30,12 @@ unlabelled pixels from the teacher's weak view.
 
 Departures from the release: one process's batch is CutMixed with its own reverse (as released per GPU); the
 student's buffers (none in the dpt segmenter) are averaged like its parameters, integer buffers copied.
+
+**Data, as released**: UniMatch's pipeline (its ``dataset/semi.py`` makes the same ``resize``, ``crop``, ``hflip``,
+``blur`` and ``obtain_cutmix_box`` calls with the same arguments), so the same geometry and strong views, checked
+pixel for pixel at its crops 518 (500 × 375 images) and 798 (2048 × 1024), with UniMatch's measured departure (the
+weak image within 2 grey levels of PIL's ``BILINEAR``; see :mod:`hafis.frameworks.unimatch`). Its unlabelled mask
+is all zeros rather than read from disk, so the ignore region is the padding, as in hafis.
 """
 
 from __future__ import annotations
