@@ -367,6 +367,12 @@ class WeightingConfig:
     #: a class gets a prototype only when its labelled queue is non-empty (the authors' code); false = when either
     #: queue is (hafis: a class found only by reliable unlabelled pixels is weighted too)
     require_labelled: bool = False
+    #: what W is computed from: ``similarity`` = offset + s/k (the method); ``confidence`` = offset + the pixel's
+    #: confidence, the softmax maximum of the pseudo-labelling prediction (a control: no prototype; docs/method.md, 5)
+    signal: str = registry("similarity", "hafis.weighting.controls:SIGNALS")
+    #: a control (docs/method.md, 5): W permuted at random among the pixels of each pseudo-label class that a loss term
+    #: counts, so each class keeps its weights but which pixel gets which is lost
+    shuffle: bool = False
 
 
 @dataclass

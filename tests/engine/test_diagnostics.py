@@ -38,6 +38,8 @@ def test_quality_numbers_by_hand():
     # classes 0 and 1 have right and wrong pseudo-labels: class 0 right 0.2 / wrong 0.4, class 1 right 0.6 / wrong 0.8
     assert stats["weight_right_within_class"] == pytest.approx((0.2 + 0.6) / 2)
     assert stats["weight_wrong_within_class"] == pytest.approx((0.4 + 0.8) / 2)
+    # mean W per pseudo-label class over the non-ignored pixels: class 0 = pixels 0, 3; 1 = 1, 2; 2 = 4
+    assert [stats[f"weight_class_{c}"] for c in range(3)] == pytest.approx([0.3, 0.7, 1.0])
 
 
 def test_weighted_error_auroc_and_bank_precision_by_hand():

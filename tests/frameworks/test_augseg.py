@@ -125,7 +125,7 @@ def test_weight_normaliser_leaves_out_ignored_pixels(monkeypatch, stub_segmenter
     fw = AugSeg(config, stub_segmenter(scale=5), 3)
     g = torch.Generator().manual_seed(3)
     w = torch.randint(1, 5, (2, 8, 8), generator=g).float() / 4
-    monkeypatch.setattr(fw.weighting, "weights", lambda features, pseudo: w)
+    monkeypatch.setattr(fw.weighting, "weights", lambda features, pseudo, confidence=None: w)
     seen = []
     real_forward = fw.model.forward
     monkeypatch.setattr(fw.model, "forward", lambda x, feature_perturbation=False: seen.append(

@@ -142,7 +142,7 @@ def test_unsupervised_loss_normaliser(u2pl, monkeypatch, weighted, normalize):
     g = torch.Generator().manual_seed(1)
     w = torch.randint(0, 3, (2, 4, 4), generator=g).float() / 2
     if weighted:
-        monkeypatch.setattr(fw.weighting, "weights", lambda features, pseudo: w)
+        monkeypatch.setattr(fw.weighting, "weights", lambda features, pseudo, confidence=None: w)
     out = fw.train_step(labelled, unlabelled, 0)
     with torch.no_grad():
         logits = fw.model.conv(unlabelled["weak"])  # teacher = student at the first semi-supervised step

@@ -98,7 +98,7 @@ def test_known_weights_scale_each_unsupervised_term(framework, normalize, monkey
     labelled, unlabelled = make_batch(seed=1)
     g = torch.Generator().manual_seed(7)
     w = torch.randint(0, 3, (2, 4, 4), generator=g).float() / 2  # known W in {0, 0.5, 1}
-    monkeypatch.setattr(fw.weighting, "weights", lambda features, pseudo: w)
+    monkeypatch.setattr(fw.weighting, "weights", lambda features, pseudo, confidence=None: w)
     out = fw.train_step(labelled, unlabelled, 0)
     expected, terms = hand_loss(fw.model, labelled, unlabelled, weight=w, normalize=normalize)
     for name, t in zip(("loss_s1", "loss_s2", "loss_fp"), terms):
@@ -110,7 +110,7 @@ def test_constant_weight_halves_the_unsupervised_terms(framework, monkeypatch):
     labelled, unlabelled = make_batch(seed=2)
     plain = framework(threshold=0.0).train_step(labelled, unlabelled, 0)
     fw = framework(threshold=0.0, enabled="true")
-    monkeypatch.setattr(fw.weighting, "weights", lambda features, pseudo: torch.full((2, 4, 4), 0.5))
+    monkeypatch.setattr(fw.weighting, "weights", lambda features, pseudo, confidence=None: torch.full((2, 4, 4), 0.5))
     weighted = fw.train_step(labelled, unlabelled, 0)
     for name in ("loss_s1", "loss_s2", "loss_fp"):
         assert weighted.terms[name].item() == pytest.approx(0.5 * plain.terms[name].item(), rel=1e-6)

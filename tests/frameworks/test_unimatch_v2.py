@@ -211,7 +211,7 @@ def test_weights_come_from_the_teacher_and_follow_cutmix():
     assert not torch.allclose(teacher.features, student.features)
     seen, losses = [], []
     weights, loss = fw.weighting.weights, fw.weighting.loss
-    fw.weighting.weights = lambda f, p: seen.append((f.clone(), p.clone())) or weights(f, p)
+    fw.weighting.weights = lambda f, p, c=None: seen.append((f.clone(), p.clone())) or weights(f, p, c)
     fw.weighting.loss = lambda logits, t, w, *a: losses.append(w) or loss(logits, t, w, *a)
     # the bank must not change between computing the expected W and the step's: fill it, then freeze it
     fw.weighting.update = lambda *a, **k: None

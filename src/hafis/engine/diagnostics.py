@@ -40,7 +40,8 @@ def pseudo_label_quality(framework, images: torch.Tensor, gt: torch.Tensor, batc
     - ``pseudo_error`` / ``confident_error`` / ``reliable_error``: wrong share over all non-ignored pixels / the
       confident ones (>= ``tau_seg``) / the ones the configured rule lets into the bank; ``*_share``: their share;
     - with ``W``: ``pseudo_error_weighted`` / ``confident_error_weighted`` = Σ W·wrong / Σ W (what the weighted loss
-      sees), mean W on right and wrong pixels (pooled and within a class), ``auroc_weight`` (``_within_class``);
+      sees), mean W on right and wrong pixels (pooled and within a class), ``auroc_weight`` (``_within_class``),
+      ``weight_class_{c}``: the mean W of the pixels pseudo-labelled ``c``;
     - ``auroc_confidence`` (``_within_class``): the confidence as a predictor of a right pseudo-label; within a class =
       the mean over classes with right and wrong pixels, since classes differ in both (the class mix alone moves the
       pooled numbers);
@@ -108,6 +109,8 @@ def pseudo_label_quality(framework, images: torch.Tensor, gt: torch.Tensor, batc
         if bool(both.any()):
             stats["weight_right_within_class"] = float(within_class(w, right)[both].mean())
             stats["weight_wrong_within_class"] = float(within_class(w, wrong)[both].mean())
+        by_class = within_class(w, torch.ones_like(w))
+        stats.update({f"weight_class_{c}": float(by_class[c]) for c in range(framework.num_classes)})
         stats["auroc_weight"] = float(auroc(w, ~px["wrong"]))
         stats["auroc_weight_within_class"] = _nanmean(auroc(w, ~px["wrong"], cls, framework.num_classes))
     return stats

@@ -235,7 +235,7 @@ class AEL(MeanTeacherFramework):
             conf_u, pseudo_u = out_tu.logits.softmax(dim=1).max(dim=1)
             self.weighting.update(out_tl.features, out_tl.logits, y, out_tu.features, conf_u, pseudo_u, ignore,
                                   unlabelled.get("box_mask"))
-            w = self.weighting.weights(out_tu.features, pseudo_u)
+            w = self.weighting.weights(out_tu.features, pseudo_u, conf_u)
             if cfg.cutmix:
                 box, source = self.cutmix_boxes(pseudo_u)
             else:

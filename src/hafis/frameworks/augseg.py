@@ -419,7 +419,7 @@ class AugSeg(MeanTeacherFramework):
                 out_tl = self.teacher(x)
                 self.weighting.update(out_tl.features, out_tl.logits, y, out_t.features, conf, pseudo, ignore,
                                       unlabelled.get("box_mask"))
-                w = self.weighting.weights(out_t.features, pseudo)
+                w = self.weighting.weights(out_t.features, pseudo, conf)
         u_s = self.strong_view(u_w)
 
         maps = {"image": u_s, "target": pseudo, "conf": conf, "ignore": ignore}

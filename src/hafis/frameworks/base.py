@@ -9,16 +9,19 @@ published).
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from hafis.config import Config, ConfigError, WeightingConfig
 from hafis.data.transforms import PIL_GEOMETRY, Geometry
-from hafis.weighting import (PseudoLabelWeighter, confident_pixels, detector_reliable, labelled_qualify_mask,
-                             weighted_cross_entropy)
+from hafis.weighting import (PseudoLabelWeighter, confidence_weights, confident_pixels, detector_reliable,
+                             labelled_qualify_mask, shuffle_within_classes, weighted_cross_entropy)
 
 
 @dataclass
@@ -38,6 +41,12 @@ class PseudoLabelWeighting:
     ``reliable: detector`` (the paper) needs the unlabelled batch's per-class box mask ``box_mask_u``
     ``(B, C, H, W)``, geometrically aligned with (and CutMixed like) ``pseudo_u``, and ``thing_classes`` (the classes
     the detector has a class for; the trainer sets it from the dataset).
+
+    The controls (docs/method.md, 5): ``signal: confidence`` makes ``weights`` return ``offset + q`` from the
+    confidences the framework passes (the bank is still fed, and unused by ``W``); ``shuffle: true`` makes ``loss``
+    permute ``W`` among the pixels of each pseudo-label class that the term counts (mask > 0, target not ignored),
+    each term with its own permutation, drawn from a generator seeded by (seed, rank, the terms shuffled so far):
+    that count is checkpointed, so a resumed run and every rank replay their draws.
     """
 
     def __init__(self, config: WeightingConfig, num_classes: int, feature_dim: int, seed: int,
@@ -45,6 +54,9 @@ class PseudoLabelWeighting:
         self.config = config
         self.enabled = config.enabled
         self.thing_classes = tuple(thing_classes)
+        self.seed = int(seed)
+        #: loss terms whose W was shuffled so far (``shuffle: true``): the next permutation's generator seed
+        self.shuffle_draws = 0
         self.weighter: Optional[PseudoLabelWeighter] = None
         if self.enabled:
             self.weighter = PseudoLabelWeighter(
@@ -89,22 +101,52 @@ class PseudoLabelWeighting:
                              "(CutMixed like its pseudo-labels) to PseudoLabelWeighting.update / reliable")
         return detector_reliable(confidence_u, pseudo_u, valid, box_mask_u, self.thing_classes, c.tau_seg, c.stuff)
 
-    def weights(self, features_u: Tensor, pseudo_u: Tensor) -> Optional[Tensor]:
+    def weights(self, features_u: Tensor, pseudo_u: Tensor, confidence_u: Optional[Tensor] = None) -> Optional[Tensor]:
+        """``W`` of the pseudo-labels ``pseudo_u`` (``None`` with the method off); ``confidence_u``, the softmax
+        maximum of the prediction that gave them, is what ``signal: confidence`` weights by."""
         if self.weighter is None:
             return None
+        if self.config.signal == "confidence":
+            if confidence_u is None:
+                raise ValueError("weighting.signal is 'confidence' but the framework passed no confidence to "
+                                 "PseudoLabelWeighting.weights")
+            return confidence_weights(confidence_u, self.config.offset)
         return self.weighter.weights(features_u, pseudo_u)
 
     def loss(self, logits: Tensor, target: Tensor, weight: Optional[Tensor], mask: Tensor,
              denominator_mask: Optional[Tensor] = None) -> Tensor:
-        """The framework's per-pixel CE times ``W``; ``normalize: weight`` swaps the framework's ``Z`` for ``Σ W``."""
+        """The framework's per-pixel CE times ``W``; ``normalize: weight`` swaps the framework's ``Z`` for ``Σ W``;
+        ``shuffle: true`` permutes ``W`` first among the counted pixels (``mask > 0``, target not ignored) of each
+        target class."""
         normalize = self.config.normalize if weight is not None else "count"
+        if weight is not None and self.config.shuffle:
+            eligible = mask.bool() & (target != 255)
+            weight = shuffle_within_classes(weight, target, eligible, self._shuffle_generator(weight.device))
         return weighted_cross_entropy(logits, target, weight, mask, normalize, denominator_mask)
 
+    def _shuffle_generator(self, device: torch.device) -> torch.Generator:
+        """A generator for the next shuffle, seeded by (seed, rank, shuffles so far) and counted."""
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        key = hashlib.blake2b(f"{self.seed}/{rank}/{self.shuffle_draws}".encode(), digest_size=8).digest()
+        self.shuffle_draws += 1
+        return torch.Generator(device=device).manual_seed(int.from_bytes(key, "little") >> 1)
+
     def state_dict(self) -> dict:
-        return self.weighter.state_dict() if self.weighter is not None else {}
+        if self.weighter is None:
+            return {}
+        state = self.weighter.state_dict()
+        if self.config.shuffle:
+            state["shuffle_draws"] = torch.tensor(self.shuffle_draws)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if self.weighter is not None:
+            if "shuffle_draws" in state:
+                metadata = getattr(state, "_metadata", None)
+                state = OrderedDict(state)
+                self.shuffle_draws = int(state.pop("shuffle_draws"))
+                if metadata is not None:
+                    state._metadata = metadata
             self.weighter.load_state_dict(state)
 
 
@@ -191,7 +233,7 @@ class Framework:
         ignore = torch.zeros_like(pseudo)
         result = {"pseudo": pseudo, "confidence": conf,
                   "reliable": self.weighting.reliable(conf, pseudo, ignore, box_mask)}
-        w = self.weighting.weights(out.features, pseudo)
+        w = self.weighting.weights(out.features, pseudo, conf)
         if w is not None:
             result["weight"] = w
         return result

@@ -351,7 +351,7 @@ class U2PL(MeanTeacherFramework):
             logits_tl, logits_tu = out_t.logits.split([n_l, n_u])
             self.weighting.update(out_t.features[:n_l], logits_tl, y, out_w.features, conf_w, pseudo_w, ignore,
                                   unlabelled.get("box_mask"))
-            w = self.weighting.weights(out_w.features, pseudo_w)
+            w = self.weighting.weights(out_w.features, pseudo_w, conf_w)
             w_mix = None if w is None else mix(w)
 
             alpha = self.alpha(iteration)

@@ -136,11 +136,11 @@ class UniMatch(Framework):
                                       torch.cat([m["ignore"] for m in mixed]), bank_box)
             else:
                 self.weighting.update(feat_l, pred_x.detach(), y, feat_w, conf_w, mask_w, ignore, box_mask)
-            w = self.weighting.weights(feat_w, mask_w)
+            w = self.weighting.weights(feat_w, mask_w, conf_w)
             w_mix = None
             if w is not None:
                 # W inside a box: of the mixed-in image's weak-view features and pseudo-labels
-                w_mix = self.weighting.weights(mix["features"], mix["mask"]) if self.mix_batch else \
+                w_mix = self.weighting.weights(mix["features"], mix["mask"], mix["conf"]) if self.mix_batch else \
                     w[partner_index(n_u, w.device)]
 
         loss_x = supervised_loss(pred_x, y, self.config.loss)

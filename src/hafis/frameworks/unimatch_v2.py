@@ -112,7 +112,7 @@ class UniMatchV2(MeanTeacherFramework):
                      for box in (box1, box2)]
             self.weighting.update(out_x.features.detach(), pred_x.detach(), y, feat_w, conf_w, mask_w, ignore,
                                   unlabelled.get("box_mask"))
-            w = self.weighting.weights(feat_w, mask_w)
+            w = self.weighting.weights(feat_w, mask_w, conf_w)
 
         loss_x = supervised_loss(pred_x, y, self.config.loss)
         terms = {"loss_x": loss_x.detach()}

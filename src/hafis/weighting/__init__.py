@@ -8,6 +8,7 @@
 """
 
 from .bank import PrototypeBank
+from .controls import confidence_weights, shuffle_within_classes
 from .loss import weighted_cross_entropy
 from .reliable import box_mask_from_detections, confident_pixels, detector_reliable, labelled_qualify_mask
 from .similarity import topk_index_similarity, topk_indices, topk_mask
@@ -17,9 +18,11 @@ __all__ = [
     "PrototypeBank",
     "PseudoLabelWeighter",
     "box_mask_from_detections",
+    "confidence_weights",
     "confident_pixels",
     "detector_reliable",
     "labelled_qualify_mask",
+    "shuffle_within_classes",
     "topk_index_similarity",
     "topk_indices",
     "topk_mask",
