@@ -8,6 +8,9 @@ method's published settings (k = 5, τ = 0.95, detector-verified bank, memory 25
 
     python benchmarks/realistic.py --stage calibrate  # 1/32: supervised and unimatch, seed 0
     python benchmarks/realistic.py --stage core       # 1/32: supervised, unimatch, unimatch+W (paper, authors); 5 seeds
+    python benchmarks/realistic.py --stage evidence   # 1/32: the core arms and the weighting's four controls (5 seeds),
+                                                      # then augseg, u2pl and ael, each bare, +W, +W(authors) (3 seeds,
+                                                      # --more-seeds 0,1,2,3,4 where time allows)
     python benchmarks/realistic.py --stage convergence  # 1/32: supervised on twice the schedule (its plateau?)
     python benchmarks/realistic.py --stage all        # + the other arms (3 seeds), fully supervised and 1/8
     python benchmarks/realistic.py --stage core --arms 'unimatch+W,unimatch+W(authors)'  # some arms only
@@ -25,10 +28,18 @@ The protocol:
   arm of a split trains ``passes x unlabelled / unlabelled batch`` iterations (rounded up to whole evaluation
   intervals);
 - **records**: each finished run's config, ``metrics.jsonl`` and status, and each detector's log, are copied to
-  ``benchmarks/results/realistic_runs/`` (committed; checkpoints are not), with the commit and the CPU of every
-  invocation that trained it (``provenance.jsonl`` of the split's folder).
+  ``benchmarks/results/realistic_runs/`` (committed; checkpoints are not), with the commit, the CPU model and its
+  AVX-512 / bf16 / AMX flags, the precision and the threads of every invocation that trained it
+  (``provenance.jsonl`` of the split's folder);
+- **one precision per pair**: the config trains with bf16 autocast; ``--fp32`` trains float32 steps (for a CPU
+  without native bf16, where bf16 is slower) into folders of their own (``1_32_fp32``), and a paired difference only
+  pairs runs of one precision;
+- **a protocol version** (:data:`PROTOCOL`): the runs of this one go to ``bench_out/realistic_v3`` and
+  ``benchmarks/results/realistic.{json,md}`` / ``realistic_runs/``; the second protocol's (before the data-pipeline
+  fix that aligned masks with their images) are kept as ``realistic_v2.{json,md}`` / ``realistic_v2_runs/``, the
+  first's as ``realistic_v1.{json,md}``; no run of one is reused in another.
 
-Runs go to ``--out`` (default ``bench_out/realistic``), two at a time with one thread each; every call reuses the
+Runs go to ``--out`` (default ``bench_out/realistic_v3``), two at a time with one thread each; every call reuses the
 finished runs and resumes unfinished ones, so the benchmark can be stopped and continued at any point. Archived runs
 are put back into ``--out`` when missing, so a fresh checkout continues where the committed results stop.
 """
@@ -43,6 +54,7 @@ import platform
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -52,9 +64,13 @@ from typing import NamedTuple, Optional
 
 import yaml
 
+from hafis.config import load_config
 from hafis.engine.compare.report import mean_std, paired_interval
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the protocol's version, in the default output folder (``bench_out/NAME_vPROTOCOL``), so that a checkout's runs of an
+#: earlier protocol are never reused: 3 = the data pipeline with masks aligned with their images
+PROTOCOL = 3
 CONFIG = ROOT / "configs" / "realistic" / "base.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
 #: the finished runs' records (config, metrics, status; detector logs) of the CPU preset, committed so that a fresh
@@ -69,6 +85,10 @@ SPLIT_SEED = 0
 #: unlabelled images per labelled one (the pool is cut down to this to afford many passes)
 UNLABELLED_PER_LABELLED = 15
 EVALS = 20  # evaluations per run (1/4 and 1/2 of the schedule are evaluation points)
+#: the folder suffix of float32 runs (``--fp32``)
+FP32 = "_fp32"
+#: the folders of the benchmark's splits, in the report's order
+FOLDERS = ("1_32", "1_32_x2", "1_8", "full")
 
 
 @dataclass(frozen=True)
@@ -110,10 +130,22 @@ ARMS = {
     "unimatch": "train.framework=unimatch",
     "unimatch+W": f"train.framework=unimatch {PAPER}",
     "unimatch+W(authors)": f"train.framework=unimatch {AUTHORS}",
-    "augseg": "train.framework=augseg",
-    "augseg+W": f"train.framework=augseg {PAPER}",
+    # the weighting's controls (docs/method.md, 5): each one key away from unimatch+W(authors)
+    "unimatch+W(authors,shuffled)": f"train.framework=unimatch {AUTHORS} weighting.shuffle=true",
+    "unimatch+confidence-weight(authors)": f"train.framework=unimatch {AUTHORS} weighting.signal=confidence",
+    "unimatch+W(authors,confidence-bank)": f"train.framework=unimatch {AUTHORS} weighting.reliable=confidence",
+    "unimatch+W(paper,weight-normalised)": "train.framework=unimatch weighting.enabled=true weighting.offset=0 "
+                                           "weighting.normalize=weight",
+    **{arm: f"train.framework={fw}{form}" for fw in ("augseg", "u2pl", "ael")
+       for arm, form in ((fw, ""), (f"{fw}+W", f" {PAPER}"), (f"{fw}+W(authors)", f" {AUTHORS}"))},
 }
 CORE = ("supervised", "unimatch", "unimatch+W", "unimatch+W(authors)")
+CONTROLS = ("unimatch+W(authors,shuffled)", "unimatch+confidence-weight(authors)",
+            "unimatch+W(authors,confidence-bank)", "unimatch+W(paper,weight-normalised)")
+#: the mean-teacher frameworks of stage ``evidence``, each bare, with the paper's W and with the authors', in order
+FRAMEWORK_ARMS = tuple((fw, f"{fw}+W", f"{fw}+W(authors)") for fw in ("augseg", "u2pl", "ael"))
+#: the arms of stage ``all`` (the second protocol's) beyond the core
+MORE = ("augseg", "augseg+W")
 #: the detector of the weighting arms, chosen on its own box precision and recall on held-out labelled images
 #: (benchmarks/detector_tuning.py): an ImageNet EfficientNet-Lite0 trunk, Adam; its schedule is counted in epochs
 #: over the labelled images, so it scales with the split
@@ -124,8 +156,13 @@ LONG = "supervised (2x schedule)"
 #: (arm, compared with): the semi-supervised effect, the weighting's effect in each framework, the headroom, the
 #: convergence check and UniMatch against the supervised arm at its plateau
 CONTRASTS = [("unimatch", "supervised"), ("unimatch+W", "unimatch"), ("unimatch+W(authors)", "unimatch"),
-             ("augseg", "supervised"), ("augseg+W", "augseg"), ("fully-supervised", "supervised"),
-             (LONG, "supervised"), ("unimatch", LONG)]
+             # the controls against the form they change and against no weighting; W(paper, weight-normalised)
+             # against W(paper) too: the normaliser's share of W(authors) − W(paper), the offset's is the rest
+             *((arm, base) for arm in CONTROLS for base in ("unimatch+W(authors)", "unimatch")),
+             ("unimatch+W(paper,weight-normalised)", "unimatch+W"),
+             *(pair for fw, w, authors in FRAMEWORK_ARMS
+               for pair in ((fw, "supervised"), (w, fw), (authors, fw))),
+             ("fully-supervised", "supervised"), (LONG, "supervised"), ("unimatch", LONG)]
 
 
 def schedule(labelled: int, passes: float, unlabelled_batch: int = 4) -> dict:
@@ -164,8 +201,9 @@ class Call(NamedTuple):
 def plan(stage: str, passes: float, preset: Preset = PRESETS["cpu"]) -> list[Call]:
     """The ``hafis compare`` calls of a stage, core runs first. The fully supervised arm trains on the whole pool on
     the smallest split's schedule; stage ``convergence`` trains the supervised arm of the smallest split on twice its
-    schedule (folder ``1_32_x2``), to see whether the schedule is its plateau. The core arms and the convergence check
-    run :attr:`Preset.seeds`, the others :attr:`Preset.more_seeds`."""
+    schedule (folder ``1_32_x2``), to see whether the schedule is its plateau. Stage ``evidence`` trains the smallest
+    split's UniMatch arms (the core and :data:`CONTROLS`), then each of :data:`FRAMEWORK_ARMS` in turn. The core arms,
+    the controls and the convergence check run :attr:`Preset.seeds`, the others :attr:`Preset.more_seeds`."""
     def split(labelled: int, sched: dict) -> str:
         return " ".join(filter(None, [preset.overrides, split_overrides(labelled, sched)]))
 
@@ -176,15 +214,24 @@ def plan(stage: str, passes: float, preset: Preset = PRESETS["cpu"]) -> list[Cal
         return [Call("1_32", ["supervised", "unimatch"], core, "0")]
     if stage == "core":
         return [Call("1_32", list(CORE), core, seeds)]
+    if stage == "evidence":
+        return [Call("1_32", [*CORE, *CONTROLS], core, seeds),
+                *(Call("1_32", list(arms), core, more) for arms in FRAMEWORK_ARMS)]
     long = Call("1_32_x2", ["supervised"], split(SPLITS["1_32"], schedule(SPLITS["1_32"], 2 * passes,
                                                                            preset.unlabelled_batch)), seeds)
     if stage == "convergence":
         return [long]
     return [Call("1_32", list(CORE), core, seeds), long,
-            Call("1_32", [a for a in ARMS if a not in CORE], core, more),
+            Call("1_32", list(MORE), core, more),
             Call("full", ["fully-supervised"], split(POOL, small), more),
-            Call("1_8", list(ARMS), split(SPLITS["1_8"], schedule(SPLITS["1_8"], passes, preset.unlabelled_batch)),
-                 more)]
+            Call("1_8", [*CORE, *MORE], split(SPLITS["1_8"], schedule(SPLITS["1_8"], passes,
+                                                                    preset.unlabelled_batch)), more)]
+
+
+def in_fp32(calls: list[Call]) -> list[Call]:
+    """The calls with float32 steps (``train.amp=off``), each into a folder of its own (``NAME_fp32``), so that no
+    run of one precision is reused, reported or paired as a run of the other."""
+    return [call._replace(folder=f"{call.folder}{FP32}", common=f"{call.common} train.amp=off") for call in calls]
 
 
 def merged(calls: list[Call]) -> list[Call]:
@@ -204,11 +251,12 @@ def merged(calls: list[Call]) -> list[Call]:
 
 
 def arm_overrides(name: str, common: str = "") -> str:
-    """An arm's overrides; an arm with the weighting also gets the detector recipe of its split (the labelled
-    images of ``common``), set on those arms only so that the other arms' configs do not change with it."""
+    """An arm's overrides; an arm whose weighting needs the detector (the detector-verified bank) also gets the
+    detector recipe of its split (the labelled images of ``common``), set on those arms only so that the other arms'
+    configs do not change with it."""
     if name == "fully-supervised":
         return ARMS["supervised"]
-    if "weighting.enabled=true" not in ARMS[name]:
+    if "weighting.enabled=true" not in ARMS[name] or "weighting.reliable=confidence" in ARMS[name]:
         return ARMS[name]
     labelled = int(re.search(r"data\.garments\.num_labelled=(\d+)", common).group(1))
     return f"{ARMS[name]} {detector_overrides(labelled)}"
@@ -226,9 +274,14 @@ def compare(folder: str, arms: list[str], common: str, seeds: str, jobs: int, ou
     return subprocess.run(command).returncode
 
 
+#: what the archive keeps of an invocation for each run it trained (older invocations lack the newer keys)
+PROVENANCE_KEYS = ("time", "commit", "cpu", "cores", "avx512", "bf16", "avx512_bf16", "amx_bf16", "torch",
+                   "precision", "threads")
+
+
 def provenance() -> dict:
     """The code and the machine of this invocation: commit (``+dirty`` when the checkout has uncommitted changes),
-    CPU model, its AVX-512 / native bf16 flags, torch."""
+    CPU model, its ISA flags (AVX-512; native bf16: ``bf16`` = AVX512-BF16 or AMX-BF16, and each), torch."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -248,7 +301,8 @@ def provenance() -> dict:
         pass
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit, "cpu": cpu,
             "cores": os.cpu_count(), "avx512": "avx512f" in flags,
-            "bf16": bool(flags & {"avx512_bf16", "amx_bf16"}), "torch": torch_version()}
+            "bf16": bool(flags & {"avx512_bf16", "amx_bf16"}), "avx512_bf16": "avx512_bf16" in flags,
+            "amx_bf16": "amx_bf16" in flags, "torch": torch_version()}
 
 
 def torch_version() -> str:
@@ -278,8 +332,7 @@ def archive(out: Path, target: Path) -> int:
                        set(map(slug, p["arms"]))]
             archived.mkdir(parents=True, exist_ok=True)
             (archived / "provenance.json").write_text(json.dumps(
-                [{k: p[k] for k in ("time", "commit", "cpu", "cores", "avx512", "bf16", "torch")} for p in planned],
-                indent=1) + "\n")
+                [{k: p[k] for k in PROVENANCE_KEYS if k in p} for p in planned], indent=1) + "\n")
         _copy(run, archived, RECORDS)
         count += 1
     for detector in sorted(out.glob("*/detectors/*/detector.pt")):
@@ -317,32 +370,44 @@ def restore(out: Path, source: Path) -> None:
         _merge_lines(path, out / path.relative_to(source))
 
 
-def collect(out: Path, command: str, stem: str = "realistic", archived: Path = ARCHIVE) -> tuple[dict, list[str]]:
-    """One results file for the whole benchmark: every finished run of every split, in the issue's schema."""
-    runs, machine, sections = [], "", []
-    for folder in ("1_32", "1_32_x2", "1_8", "full"):
+def collect(out: Path, command: str, stem: str = "realistic",
+            archived: Path = ARCHIVE) -> tuple[dict, list[str], dict]:
+    """One results file for the whole benchmark: every finished run of every split (and of its float32 folder), in
+    the issue's schema; the folders' reports as sections; and the figure of the UniMatch arms of each 1/32 folder,
+    by ``(labelled, precision)``."""
+    runs, machine, sections, figures = [], "", [], {}
+    for folder in (name + suffix for name in FOLDERS for suffix in ("", FP32)):
         path = out / folder / "results.json"
         if not path.is_file():
             continue
         data = json.loads(path.read_text())
         machine = data.get("machine", machine)
         rows = [{**row, **run_fields(out / folder, archived / folder, row)} for row in data["runs"]]
-        if folder == "1_32_x2":  # its own arm in the tables of the split
+        split = folder.removesuffix(FP32)
+        if split == "1_32_x2":  # its own arm in the tables of the split
             rows = [{**row, "arm": LONG} for row in rows]
         runs += rows
+        name = f"{stem}_{folder}_unimatch_arms_miou.png"
+        if split == "1_32" and plot_arms(rows, [*CORE, *CONTROLS], RESULTS / name):
+            figures[(SPLITS["1_32"], rows[0]["precision"])] = name
         report = (out / folder / "report.md").read_text()
         for plot in ("miou.png", "diagnostics.png"):
             if (out / folder / plot).is_file():
                 shutil.copyfile(out / folder / plot, RESULTS / f"{stem}_{folder}_{plot}")
             report = report.replace(f"({plot})", f"({stem}_{folder}_{plot})")
         title = {"full": "fully supervised", "1_32_x2": "supervised on split 1/32, twice the schedule"}.get(
-            folder, f"split {folder.replace('_', '/')}")
+            split, f"split {split.replace('_', '/')}") + (", float32 steps" if folder != split else "")
         sections.append(f"## The runs of {title} (`hafis compare` report)\n\n" + report.split("\n", 1)[1])
         detectors = RESULTS / f"detector_unlabelled_{folder}.md"  # benchmarks/detector_tuning.py --evaluate
         if stem == "realistic" and detectors.is_file():
             sections.append(f"### The detectors of {title} on its unlabelled images\n\n"
                             + detectors.read_text().split("\n", 1)[1])
-    return {"command": command, "machine": machine, "runs": runs}, sections
+    return {"command": command, "machine": machine, "runs": runs}, sections, figures
+
+
+def split_arms(text: str) -> list[str]:
+    """``--arms``: arm names separated by commas outside parentheses (``unimatch+W(authors,shuffled)`` is one)."""
+    return [name.strip() for name in re.split(r",(?![^()]*\))", text) if name.strip()]
 
 
 def slug(arm: str) -> str:
@@ -352,7 +417,8 @@ def slug(arm: str) -> str:
 
 def run_fields(folder: Path, archived: Path, row: dict) -> dict:
     """The protocol's fields of one finished run, from its folder: unlabelled images, passes over them, the split
-    seed, the mIoU at every evaluation (``miou_at``) and the code and machine that trained it (``provenance``)."""
+    seed, the precision of its steps (``train.amp``), the mIoU at every evaluation (``miou_at``), the IoU per class
+    at the end (``iou_by_class``) and the code and machine that trained it (``provenance``)."""
     run = folder / "runs" / slug(row["arm"]) / f"seed_{row['seed']}"
     config = yaml.safe_load((run / "config.yaml").read_text())
     garments, train = config["data"]["garments"], config["train"]
@@ -360,11 +426,15 @@ def run_fields(folder: Path, archived: Path, row: dict) -> dict:
     if unlabelled is None:
         unlabelled = garments["num_train"] - garments["num_labelled"]
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    evals = [e for e in evals if e.get("event") == "eval"]
+    final = [e for e in evals if e["iteration"] == train["iterations"]]
     prov = archived / run.relative_to(folder) / "provenance.json"
     return {"unlabelled": unlabelled,
             "passes": train["iterations"] * train["unlabelled_batch_size"] / unlabelled if unlabelled else 0.0,
             "split_seed": garments["seed"] if garments["split_seed"] is None else garments["split_seed"],
-            "miou_at": {str(e["iteration"]): e["miou"] for e in evals if e.get("event") == "eval"},
+            "precision": train.get("amp"),
+            "miou_at": {str(e["iteration"]): e["miou"] for e in evals},
+            "iou_by_class": final[-1].get("iou_by_class") if final else None,
             "provenance": json.loads(prov.read_text()) if prov.is_file() else []}
 
 
@@ -374,23 +444,113 @@ def miou_at(run: dict, fraction: float) -> Optional[float]:
     return max(points)[1] if points else None
 
 
-def headline(runs: list[dict]) -> list[str]:
-    """Per split: mean ± std of final and best mIoU per arm, and the paired differences of :data:`CONTRASTS` with
-    95 % t intervals over the seeds both arms finished (the fully supervised arm pairs with every split's runs)."""
-    by = {}
-    for r in runs:
-        by.setdefault(r["arm"], {})[(r["labelled"], r["seed"])] = r
-    full = {seed: r for (n, seed), r in by.get("fully-supervised", {}).items()}
-    seeds = sorted({r["seed"] for r in runs})
-    lines = []
-    for labelled in sorted({r["labelled"] for r in runs if r["arm"] != "fully-supervised"}):
-        def get(arm, seed):
-            return full.get(seed) if arm == "fully-supervised" else by.get(arm, {}).get((labelled, seed))
+def plot_arms(runs: list[dict], arms: list[str], path: Path) -> bool:
+    """Validation mIoU against iteration of ``arms``: the mean over seeds (line) and min..max over them (band);
+    False (nothing written) when none of them has a run."""
+    from hafis.extras import require
 
-        lines += [f"**{labelled} labelled images** of {POOL} (final / best mIoU %, mean ± std over seeds, n; last "
-                  "quarter = final mIoU minus the mIoU at 3/4 of the schedule, near 0 when converged):", "",
+    Figure = require("matplotlib.figure", "viz", "the benchmark's figures").Figure
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for arm in arms:
+        curves = [r["miou_at"] for r in runs if r["arm"] == arm and r.get("miou_at")]
+        if not curves:
+            continue
+        its = sorted({int(i) for c in curves for i in c})
+        at = [[100 * c[str(i)] for c in curves if str(i) in c] for i in its]
+        (line,) = ax.plot(its, [statistics.fmean(v) for v in at], marker="o", ms=2.5, lw=1.2,
+                          label=f"{arm} (n = {len(curves)})")
+        ax.fill_between(its, [min(v) for v in at], [max(v) for v in at], color=line.get_color(), alpha=0.15, lw=0)
+    if not ax.lines:
+        return False
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("val mIoU (%)")
+    ax.set_title("UniMatch arms: mean over seeds, band = min..max", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return True
+
+
+#: the final evaluation's diagnostics in the benchmark's table: (key, heading, percent?)
+FINAL_DIAGNOSTICS = [("auroc_weight", "AUROC W", False), ("auroc_weight_within_class", "AUROC W within class", False),
+                     ("auroc_confidence", "AUROC conf", False),
+                     ("auroc_confidence_within_class", "AUROC conf within class", False),
+                     ("bank_detector_precision", "bank precision: detector %", True),
+                     ("bank_confidence_precision", "bank precision: confidence %", True)]
+
+
+def per_arm_tables(rows: list[dict], arms: list[str]) -> list[str]:
+    """Per arm, over its finished seeds: the IoU of every class at the end (mean ± std), and the final evaluation's
+    pseudo-label diagnostics (mean): AUROC of W and of the confidence, pooled and within a class, the bank's
+    precision by rule, and the mean W of each pseudo-label class."""
+    classes = next((list(r["iou_by_class"]) for r in rows if r.get("iou_by_class")), [])
+    lines = []
+    if classes:
+        lines += ["IoU per class (%, final evaluation, mean ± std over seeds):", "",
+                  "| arm | n | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
+        for arm in arms:
+            got = [r["iou_by_class"] for r in rows if r["arm"] == arm and r.get("iou_by_class")]
+            if got:
+                cells = []
+                for c in classes:
+                    m, sd = mean_std([100 * g[c] for g in got])
+                    cells.append(f"{m:.1f} ± {sd:.1f}" if sd is not None else f"{m:.1f}")
+                lines.append(f"| {arm} | {len(got)} | {' | '.join(cells)} |")
+        lines.append("")
+    diag = {arm: [r["diagnostics"] for r in rows if r["arm"] == arm and r.get("diagnostics")] for arm in arms}
+    if any(diag.values()):
+        heads = [h for _, h, _ in FINAL_DIAGNOSTICS] + [f"mean W: {c}" for c in classes]
+        lines += ["Pseudo-label diagnostics at the final evaluation (the probe's unlabelled images, mean over seeds): "
+                  "AUROC = how well W or the confidence ranks right pseudo-labels above wrong ones (0.5 = not at "
+                  "all; within class = mean over classes with both), bank precision = right share of the pixels "
+                  "each rule would let into the bank, mean W = over the pixels pseudo-labelled with the class (W "
+                  "before any shuffle):", "",
+                  "| arm | n | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
+        keys = [(k, pct, 3) for k, _, pct in FINAL_DIAGNOSTICS] + [(f"weight_class_{i}", False, 2)
+                                                                   for i in range(len(classes))]
+        for arm in arms:
+            if not diag[arm]:
+                continue
+            cells = []
+            for key, pct, digits in keys:
+                values = [d[key] for d in diag[arm] if d.get(key) is not None]
+                if not values:
+                    cells.append("–")
+                else:
+                    m = statistics.fmean(values)
+                    cells.append(f"{100 * m:.1f}" if pct else f"{m:.{digits}f}")
+            lines.append(f"| {arm} | {len(diag[arm])} | {' | '.join(cells)} |")
+        lines.append("")
+    return lines
+
+
+def headline(runs: list[dict], figures: Optional[dict] = None) -> list[str]:
+    """Per split and precision: mean ± std of final and best mIoU per arm, the paired differences of
+    :data:`CONTRASTS` with 95 % t intervals over the seeds both arms finished (the fully supervised arm pairs with
+    every split's runs of its precision; runs of two precisions never pair), the IoU per class and the final
+    diagnostics (:func:`per_arm_tables`), and the figure of the group's UniMatch arms (``figures``)."""
+    by: dict = {}
+    for r in runs:
+        by.setdefault(r["arm"], {})[(r["labelled"], r.get("precision"), r["seed"])] = r
+    full = {(precision, seed): r for (n, precision, seed), r in by.get("fully-supervised", {}).items()}
+    seeds = sorted({r["seed"] for r in runs})
+    order = [*ARMS, LONG, "fully-supervised"]
+    lines = []
+    groups = sorted({(r["labelled"], r.get("precision")) for r in runs if r["arm"] != "fully-supervised"},
+                    key=lambda g: (g[0], g[1] == "off", str(g[1])))
+    for labelled, precision in groups:
+        def get(arm, seed):
+            return full.get((precision, seed)) if arm == "fully-supervised" else \
+                by.get(arm, {}).get((labelled, precision, seed))
+
+        steps = " (float32 steps)" if precision == "off" else f" ({precision} steps)" if precision else ""
+        lines += [f"**{labelled} labelled images** of {POOL}{steps} (final / best mIoU %, mean ± std over seeds, n; "
+                  "last quarter = final mIoU minus the mIoU at 3/4 of the schedule, near 0 when converged):", "",
                   "| arm | n | final mIoU | best mIoU | last quarter |", "|---|---|---|---|---|"]
-        for arm in [*ARMS, LONG, "fully-supervised"]:
+        for arm in order:
             rows = [r for seed in seeds if (r := get(arm, seed)) is not None]
             if rows:
                 cells = []
@@ -423,39 +583,68 @@ def headline(runs: list[dict]) -> list[str]:
                 cells.append(f"{m:+.1f} ({ci[0]:+.1f}, {ci[1]:+.1f})" if ci else f"{m:+.1f} (n = 1)")
             lines.append(f"| {arm} − {base} | {len(pairs)} | {' | '.join(cells)} |")
         lines.append("")
+        lines += per_arm_tables([r for arm in order for seed in seeds if (r := get(arm, seed)) is not None], order)
+        figure = (figures or {}).get((labelled, precision))
+        if figure:
+            lines += [f"![the UniMatch arms' mIoU against iteration]({figure})", "",
+                      f"`{figure}`: the UniMatch arms' validation mIoU against iteration, mean over seeds (line) and "
+                      "min..max over them (band).", ""]
     return lines
+
+
+def mechanism(stem: str) -> list[str]:
+    """The report's paragraph on what the controls say about the mechanism: ``benchmarks/results/STEM_mechanism.md``
+    (written by hand once the runs are in, so that a rebuilt report keeps it), or a placeholder naming that file."""
+    path = RESULTS / f"{stem}_mechanism.md"
+    text = path.read_text().strip() if path.is_file() else \
+        (f"*To be written once the runs of `--stage evidence` have finished, in `benchmarks/results/{path.name}`: "
+         "what the four controls say about why the weighting helps where it helps.*")
+    return ["## What the controls say about the mechanism", "", text, ""]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=("calibrate", "core", "convergence", "all"), default="core")
+    parser.add_argument("--stage", choices=("calibrate", "core", "convergence", "evidence", "all"), default="core")
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
     parser.add_argument("--seeds", default=None,
                         help="comma-separated, for every call of the stage (default: 0 for calibrate; the preset's "
-                             "seeds for the core arms and the convergence check, its more_seeds for the others)")
+                             "seeds for the core arms, the controls and the convergence check, its more_seeds for "
+                             "the others)")
+    parser.add_argument("--more-seeds", default=None,
+                        help="comma-separated: the seeds of the arms beyond the core, the controls and the "
+                             "convergence check (augseg, u2pl, ael, fully supervised, 1/8; default: --seeds, else "
+                             "the preset's more_seeds: cpu 0,1,2)")
     parser.add_argument("--arms", default=None,
-                        help="comma-separated: only these arms of the stage (e.g. two processes, one per arm group)")
+                        help="comma-separated: only these arms of the stage (e.g. two processes, one per arm group; "
+                             "a comma inside an arm's parentheses is part of its name)")
     parser.add_argument("--passes", type=float, default=None, help="passes over the unlabelled set (cpu: 20, gpu: 40)")
     parser.add_argument("--jobs", type=int, default=None, help="runs side by side (cpu: 2, gpu: 1)")
     parser.add_argument("--device", default=None, help="train.device of every run (to try the gpu preset on a CPU)")
-    parser.add_argument("--out", type=Path, default=None, help="default: bench_out/NAME of the preset")
+    parser.add_argument("--fp32", action="store_true",
+                        help="float32 steps (train.amp=off) into folders of their own (1_32_fp32, ...), for a CPU "
+                             "without native bf16; pairs are made within one precision only")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench_out/NAME_v3 of the preset")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--archive-only", action="store_true", help="copy the finished runs' records and stop")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     if args.device:
         preset = replace(preset, overrides=f"{preset.overrides} train.device={args.device}".strip())
+    preset = replace(preset, seeds=args.seeds or preset.seeds,
+                     more_seeds=args.more_seeds or args.seeds or preset.more_seeds)
     passes = preset.passes if args.passes is None else args.passes
-    out = args.out or ROOT / "bench_out" / preset.name
+    out = args.out or ROOT / "bench_out" / f"{preset.name}_v{PROTOCOL}"
     if args.archive_only:
         print(f"{archive(out, preset.archive)} finished runs' records in {preset.archive}")
         return 0
     planned = plan(args.stage, passes, preset)
-    if args.seeds:
+    if args.seeds and args.stage == "calibrate":
         planned = [call._replace(seeds=args.seeds) for call in planned]
+    if args.fp32:
+        planned = in_fp32(planned)
     calls = planned
     if args.arms:
-        chosen = args.arms.split(",")
+        chosen = split_arms(args.arms)
         unknown = sorted(set(chosen) - {a for call in calls for a in call.arms})
         if unknown:
             parser.error(f"--arms: {', '.join(unknown)} not in stage {args.stage}'s arms")
@@ -463,11 +652,17 @@ def main() -> int:
         calls = [call for call in calls if call.arms]
     RESULTS.mkdir(parents=True, exist_ok=True)
     restore(out, preset.archive)
+    machine = provenance()
+    precision = "off" if args.fp32 else load_config(CONFIG, preset.overrides.split()).train.amp
+    if precision == "bf16" and not machine["bf16"] and not args.report_only:
+        print("warning: this CPU has no native bf16 (AVX512-BF16 / AMX-BF16): bf16 steps are emulated and slower "
+              "than float32; --fp32 trains float32 steps into folders of their own", flush=True)
     status = 0
     for folder, arms, common, seeds in ([] if args.report_only else calls):
         (out / folder).mkdir(parents=True, exist_ok=True)
         with open(out / folder / "provenance.jsonl", "a") as fh:
-            fh.write(json.dumps({**provenance(), "arms": arms, "seeds": seeds, "set": common}) + "\n")
+            fh.write(json.dumps({**provenance(), "precision": precision, "threads": preset.threads, "arms": arms,
+                                 "seeds": seeds, "set": common}) + "\n")
         status |= compare(folder, arms, common, seeds, args.jobs or preset.jobs, out, False, preset.threads)
         archive(out, preset.archive)  # after every call, so that a session cut short keeps what finished
     # each folder's report: every arm and seed the stage plans there (all of them, whatever --arms trained), of the
@@ -476,15 +671,19 @@ def main() -> int:
         if (out / folder / "runs").is_dir():
             compare(folder, arms, common, seeds, 1, out, True, preset.threads)
     command = (f"python benchmarks/realistic.py --preset {args.preset} --stage {args.stage}"
-               f"{' --seeds ' + args.seeds if args.seeds else ''} --passes {passes:g}")
-    results, sections = collect(out, command, preset.name, preset.archive)
+               f"{' --seeds ' + args.seeds if args.seeds else ''}"
+               f"{' --more-seeds ' + args.more_seeds if args.more_seeds else ''}"
+               f"{' --fp32' if args.fp32 else ''} --passes {passes:g}")
+    results, sections, figures = collect(out, command, preset.name, preset.archive)
     (RESULTS / f"{preset.name}.json").write_text(json.dumps(results, indent=1) + "\n")
     (RESULTS / f"{preset.name}.md").write_text(
-        "# Realistic benchmark (garments on photographs, EfficientNet-Lite0 DeepLabV3+)\n\n"
+        f"# Realistic benchmark, protocol {PROTOCOL} (garments on photographs, EfficientNet-Lite0 DeepLabV3+)\n\n"
         f"`{results['command']}` on {results['machine']}; settings: `configs/realistic/base.yaml`"
         f"{' with ' + chr(96) + preset.overrides + chr(96) if preset.overrides else ''}; load average "
-        f"{os.getloadavg()[0]:.2f} when this report was written.\n\n"
-        + "\n".join(headline(results["runs"])) + "\n" + "\n".join(sections))
+        f"{os.getloadavg()[0]:.2f} when this report was written. The earlier protocols' runs: "
+        "`realistic_v2.md` (before the data-pipeline fix), `realistic_v1.md`.\n\n"
+        + "\n".join(headline(results["runs"], figures)) + "\n" + "\n".join(mechanism(preset.name)) + "\n"
+        + "\n".join(sections))
     print(f"wrote {RESULTS / (preset.name + '.json')} ({len(results['runs'])} runs) and "
           f"{RESULTS / (preset.name + '.md')}; {archive(out, preset.archive)} finished runs' records in "
           f"{preset.archive}")

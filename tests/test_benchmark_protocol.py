@@ -1,5 +1,6 @@
 """The realistic benchmark's protocol: its records are committed, its schedule is counted in unlabelled passes."""
 
+import math
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def test_every_arm_of_a_split_gets_the_same_schedule():
 def test_a_folder_trained_by_several_calls_is_reported_as_one():
     merged = realistic.merged(realistic.plan("all", 20))
     assert [c.folder for c in merged] == ["1_32", "1_32_x2", "full", "1_8"]
-    assert merged[0].arms == list(realistic.ARMS) and merged[0].seeds == "0,1,2,3,4"
+    assert merged[0].arms == [*realistic.CORE, *realistic.MORE] and merged[0].seeds == "0,1,2,3,4"
     a = realistic.Call("f", ["x"], "k=1", "0,1")
     b = realistic.Call("f", ["y", "x"], "k=1", "2,1")
     assert realistic.merged([a, b]) == [("f", ["x", "y"], "k=1", "0,1,2")]
@@ -72,21 +73,27 @@ def test_every_planned_run_of_both_presets_is_a_valid_config():
     from dataclasses import replace
 
     from hafis.config import load_config
+    from hafis.engine.compare.plan import needs_detector
 
     gpu = replace(realistic.PRESETS["gpu"], overrides=realistic.PRESETS["gpu"].overrides + " train.device=cpu")
+    base_detector = load_config(realistic.CONFIG).detector
     for preset in (realistic.PRESETS["cpu"], gpu):
-        for folder, arms, common, _ in realistic.plan("all", preset.passes, preset):
-            for arm in arms:
-                config = load_config(realistic.CONFIG,
-                                     [*common.split(), *realistic.arm_overrides(arm, common).split()])
-                assert config.train.unlabelled_batch_size == preset.unlabelled_batch
-                assert config.data.garments.split_seed == realistic.SPLIT_SEED
-                if config.weighting.enabled:  # the detector: DETECTOR_EPOCHS epochs over the split's labelled images
-                    labelled = config.data.garments.num_labelled
-                    assert config.detector.iterations == realistic.DETECTOR_EPOCHS * -(-labelled // 8)
-                    assert (config.detector.arch, config.detector.batch_size) == ("efficientnet_lite0", 8)
-                else:  # the arms without a detector keep the config's detector section (their configs do not move)
-                    assert config.detector == load_config(realistic.CONFIG).detector
+        calls = realistic.plan("all", preset.passes, preset)
+        if preset is realistic.PRESETS["cpu"]:  # the evidence stage's arms and a float32 folder, once
+            calls += realistic.plan("evidence", preset.passes, preset) + realistic.in_fp32(calls[:1])
+        planned = {(c.folder, c.common, arm): None for c in calls for arm in c.arms}
+        for folder, common, arm in planned:  # each distinct run config once
+            config = load_config(realistic.CONFIG,
+                                 [*common.split(), *realistic.arm_overrides(arm, common).split()])
+            assert config.train.unlabelled_batch_size == preset.unlabelled_batch
+            assert config.data.garments.split_seed == realistic.SPLIT_SEED
+            assert config.train.amp == ("off" if folder.endswith(realistic.FP32) else "bf16")
+            if needs_detector(config):  # the detector: DETECTOR_EPOCHS epochs over the split's labelled images
+                labelled = config.data.garments.num_labelled
+                assert config.detector.iterations == realistic.DETECTOR_EPOCHS * -(-labelled // 8)
+                assert (config.detector.arch, config.detector.batch_size) == ("efficientnet_lite0", 8)
+            else:  # the arms without a detector keep the config's detector section (their configs do not move)
+                assert config.detector == base_detector
     config = load_config(realistic.CONFIG, realistic.plan("core", 40, gpu)[0].common.split())
     assert (config.data.garments.image_size, config.data.garments.classes) == (128, "fine")
     assert config.train.iterations * 16 / config.data.garments.num_unlabelled >= 40
@@ -181,3 +188,148 @@ def test_archiving_and_restoring_never_drop_an_invocations_provenance(tmp_path):
     assert (archive / "provenance.jsonl").read_text().splitlines() == [line["t1"], line["t2"], line["t3"]]
     realistic.restore(out.parent, archive.parent)
     assert (out / "provenance.jsonl").read_text() == (archive / "provenance.jsonl").read_text()
+
+
+def _weighting_of(arm, common):
+    from hafis.config import load_config
+
+    config = load_config(realistic.CONFIG, [*common.split(), *realistic.arm_overrides(arm, common).split()])
+    w = config.weighting
+    return config, (config.train.framework, w.enabled, w.offset, w.normalize, w.reliable, w.signal, w.shuffle)
+
+
+def test_the_evidence_stage_trains_the_unimatch_arms_then_each_framework_in_both_forms():
+    calls = realistic.plan("evidence", 20)
+    assert [c.arms for c in calls] == [
+        ["supervised", "unimatch", "unimatch+W", "unimatch+W(authors)", "unimatch+W(authors,shuffled)",
+         "unimatch+confidence-weight(authors)", "unimatch+W(authors,confidence-bank)",
+         "unimatch+W(paper,weight-normalised)"],
+        ["augseg", "augseg+W", "augseg+W(authors)"], ["u2pl", "u2pl+W", "u2pl+W(authors)"],
+        ["ael", "ael+W", "ael+W(authors)"]]
+    # today's 1/32 split, schedule and settings for every arm; 5 seeds for the UniMatch arms, 3 for the others
+    core = realistic.plan("core", 20)[0]
+    assert all(c.folder == "1_32" and c.common == core.common for c in calls)
+    assert [c.seeds for c in calls] == ["0,1,2,3,4", "0,1,2", "0,1,2", "0,1,2"]
+    assert realistic.merged(calls)[0].arms == [a for c in calls for a in c.arms]
+    # (framework, enabled, offset, normalize, reliable, signal, shuffle)
+    expected = {
+        "supervised": ("supervised", False, 0.0, "count", "detector", "similarity", False),
+        "unimatch+W": ("unimatch", True, 0.0, "count", "detector", "similarity", False),
+        "unimatch+W(authors)": ("unimatch", True, 1.0, "weight", "detector", "similarity", False),
+        "unimatch+W(authors,shuffled)": ("unimatch", True, 1.0, "weight", "detector", "similarity", True),
+        "unimatch+confidence-weight(authors)": ("unimatch", True, 1.0, "weight", "detector", "confidence", False),
+        "unimatch+W(authors,confidence-bank)": ("unimatch", True, 1.0, "weight", "confidence", "similarity", False),
+        "unimatch+W(paper,weight-normalised)": ("unimatch", True, 0.0, "weight", "detector", "similarity", False),
+    }
+    for fw in ("augseg", "u2pl", "ael"):
+        expected[fw] = (fw, False, 0.0, "count", "detector", "similarity", False)
+        expected[f"{fw}+W"] = (fw, True, 0.0, "count", "detector", "similarity", False)
+        expected[f"{fw}+W(authors)"] = (fw, True, 1.0, "weight", "detector", "similarity", False)
+    for arm, want in expected.items():
+        assert _weighting_of(arm, core.common)[1] == want, arm
+    # each control is one key away from unimatch+W(authors) (the confidence bank needs no detector recipe either)
+    from hafis.config import config_changes, to_dict
+
+    authors = to_dict(_weighting_of("unimatch+W(authors)", core.common)[0])
+    moved = {arm: sorted(k for k in config_changes(authors, _weighting_of(arm, core.common)[0])
+                         if not k.startswith("detector."))
+             for arm in realistic.CONTROLS}
+    assert moved == {"unimatch+W(authors,shuffled)": ["weighting.shuffle"],
+                     "unimatch+confidence-weight(authors)": ["weighting.signal"],
+                     "unimatch+W(authors,confidence-bank)": ["weighting.reliable"],
+                     "unimatch+W(paper,weight-normalised)": ["weighting.offset"]}
+    # every control is paired with the form it changes, and the frameworks' forms with the bare framework
+    for arm in realistic.CONTROLS:
+        assert (arm, "unimatch+W(authors)") in realistic.CONTRASTS
+    for fw in ("augseg", "u2pl", "ael"):
+        assert {(fw, "supervised"), (f"{fw}+W", fw), (f"{fw}+W(authors)", fw)} <= set(realistic.CONTRASTS)
+
+
+def test_the_stage_runs_its_calls_in_order_with_the_seed_flags(tmp_path, monkeypatch):
+    """``main`` with ``hafis compare`` stubbed: the calls of ``--stage evidence``, their seeds and precision."""
+    import json
+
+    calls = []
+    monkeypatch.setattr(realistic, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(realistic, "compare", lambda folder, arms, common, seeds, jobs, out, report_only, threads:
+                        calls.append((folder, arms, seeds, report_only, "train.amp=off" in common)) or 0)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["realistic.py", "--stage", "evidence", "--more-seeds", "0,1,2,3,4", "--fp32",
+                                      "--out", str(out)])
+    assert realistic.main() == 0
+    trained = [c for c in calls if not c[3]]
+    assert [c[1][0] for c in trained] == ["supervised", "augseg", "u2pl", "ael"]
+    assert {c[0] for c in calls} == {"1_32_fp32"} and all(c[4] for c in calls)
+    assert [c[2] for c in trained] == ["0,1,2,3,4"] * 4
+    line = json.loads((out / "1_32_fp32" / "provenance.jsonl").read_text().splitlines()[0])
+    assert line["precision"] == "off" and line["threads"] == 1
+    assert {"commit", "cpu", "avx512", "bf16", "avx512_bf16", "amx_bf16"} <= set(line)
+    report = (tmp_path / "results" / "realistic.md").read_text()
+    assert "--stage evidence --more-seeds 0,1,2,3,4 --fp32" in report
+    assert "## What the controls say about the mechanism" in report and "realistic_mechanism.md" in report
+
+
+def test_runs_of_two_precisions_never_pair_and_the_per_arm_tables():
+    def row(arm, seed, miou, precision="bf16", **kw):
+        return {"arm": arm, "seed": seed, "labelled": 62, "iterations": 8, "precision": precision, "miou": miou,
+                "best_miou": miou, "last_quarter_change": None, "miou_at": {"8": miou}, **kw}
+
+    iou = {"background": 0.9, "top": 0.5}
+    diag = {"auroc_weight": 0.4, "auroc_confidence": 0.9, "bank_detector_precision": 0.8, "weight_class_0": 1.2,
+            "weight_class_1": 1.6}
+    runs = [row("unimatch", 0, 0.50, iou_by_class=iou), row("unimatch", 1, 0.54, iou_by_class={"background": 0.8,
+                                                                                                "top": 0.7}),
+            row("unimatch+W(authors)", 0, 0.53, diagnostics=diag),
+            row("unimatch+W(authors)", 1, 0.60, diagnostics={**diag, "auroc_weight": 0.5, "weight_class_1": None}),
+            row("unimatch", 0, 0.40, "off"), row("unimatch+W(authors)", 0, 0.45, "off")]
+    lines = realistic.headline(runs)
+    pairs = [line for line in lines if line.startswith("| unimatch+W(authors) − unimatch |")]
+    # bf16: seeds 0 and 1 (+3, +6); float32: seed 0 alone (+5), never paired with the bf16 runs
+    assert len(pairs) == 2 and pairs[0].startswith("| unimatch+W(authors) − unimatch | 2 | ")
+    assert "| +4.5 (" in pairs[0]
+    assert pairs[1] == "| unimatch+W(authors) − unimatch | 1 | – | – | +5.0 (n = 1) | +5.0 (n = 1) |"
+    assert any("(float32 steps)" in line for line in lines)
+    # IoU per class: mean ± std over the two seeds (90, 80 -> 85.0 ± 7.1; 50, 70 -> 60.0 ± 14.1)
+    assert "| unimatch | 2 | 85.0 ± 7.1 | 60.0 ± 14.1 |" in lines
+    # final diagnostics, mean over seeds: AUROC W (0.4 + 0.5) / 2; bank precision 80 %; mean W per class, a missing
+    # value left out of its mean
+    table = [line for line in lines if line.startswith("| unimatch+W(authors) | 2 |")]
+    assert table[1:] == ["| unimatch+W(authors) | 2 | 0.450 | – | 0.900 | – | 80.0 | – | 1.20 | 1.60 |"]
+
+
+def test_each_control_arm_trains_a_few_tiny_steps(tmp_path, tiny_config):
+    """The controls' weighting keys on the tiny config (confidence bank: no detector there), two steps each, with
+    every pixel counted and the bank filled from the first step, so that W is not the same everywhere."""
+    from hafis.config import load_config
+    from hafis.engine.run_log import read_metrics
+    from hafis.engine.trainer import Trainer
+
+    for arm in realistic.CONTROLS:
+        keys = [o for o in realistic.ARMS[arm].split() if o.startswith("weighting.")]
+        config = load_config(tiny_config, [*keys, "weighting.reliable=confidence", "weighting.labelled_threshold=0",
+                                           "weighting.tau_seg=0", "unimatch.threshold=0", "train.iterations=2",
+                                           "train.tensorboard=false", f"output_dir={tmp_path / realistic.slug(arm)}"])
+        trainer = Trainer(config)
+        trainer.train()
+        records = read_metrics(tmp_path / realistic.slug(arm) / "metrics.jsonl")
+        steps = [r for r in records if "loss" in r]
+        assert [r["iteration"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) for r in steps), arm
+        assert records[-1]["event"] == "eval" and records[-1]["iteration"] == 2, arm
+        weighting = trainer.framework.weighting
+        if config.weighting.shuffle:  # the three pseudo-label terms of each step, each shuffled
+            assert weighting.shuffle_draws == 6
+        if config.weighting.signal == "confidence":  # W = 1 + q with q in [1/C, 1]: above 1 + 1/4 on 4 classes
+            assert all(1.25 <= r["weight_mean"] <= 2.0 for r in steps)
+        else:
+            assert weighting.weighter.bank.labelled.count.sum() > 0, arm
+
+
+def test_arm_lists_keep_the_commas_inside_an_arms_parentheses_and_the_figure(tmp_path):
+    assert realistic.split_arms("unimatch,unimatch+W(authors,shuffled), ael+W(authors)") == [
+        "unimatch", "unimatch+W(authors,shuffled)", "ael+W(authors)"]
+    assert set(realistic.split_arms(",".join(realistic.ARMS))) == set(realistic.ARMS)
+    rows = [{"arm": "unimatch", "seed": s, "miou_at": {"2": 0.3 + s / 10, "4": 0.4}} for s in (0, 1)]
+    assert not realistic.plot_arms(rows, ["supervised"], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+    assert realistic.plot_arms(rows, ["supervised", "unimatch"], tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -114,7 +114,7 @@ def test_compare_end_to_end_reuses_and_resumes(tmp_path, capsys, tiny_config, mo
     tiny = load_config(tiny_config)
     for row in results["runs"]:
         assert keys <= set(row)
-        assert set(row["weighting"]) == {"enabled", "offset", "normalize", "reliable"}
+        assert set(row["weighting"]) == {"enabled", "offset", "normalize", "reliable", "signal", "shuffle"}
         assert row["weighting"]["enabled"] == (row["arm"] == "w") and row["labelled"] == 8
         assert row["iterations"] == 3 and row["wall_s"] > 0 and isinstance(row["seed"], int)
         # the tiny config's unlabelled images, seen 3 iterations x its unlabelled batch times over
@@ -258,3 +258,13 @@ def test_an_interrupted_runner_keeps_the_time_its_run_trained(tmp_path, capsys, 
     assert main(args) == 0
     run = json.loads((out / "results.json").read_text())["runs"][0]
     assert run["wall_s"] > ticks[0]  # the interrupted invocation's time is in the total
+
+
+def test_the_report_names_the_weightings_controls():
+    control = {"enabled": True, "offset": 1.0, "normalize": "weight", "reliable": "detector", "signal": "confidence",
+               "shuffle": True}
+    runs = [RunData("c", 0, "unimatch", control, 10, [{"iteration": 10, "event": "eval", "miou": 0.5,
+                                                       "best_miou": 0.5}], 1.0)]
+    text = report_markdown(summarise(runs, ["c"], [0], "c"), runs, {"config": "x.yaml", "command": "hafis compare",
+                                                                    "machine": "m", "seeds": [0]}, ["c"])
+    assert "| c | unimatch | offset 1, weight, detector, W from confidence, shuffled | 1 |" in text

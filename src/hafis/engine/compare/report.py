@@ -198,7 +198,9 @@ def report_markdown(summary: dict, runs: Sequence[RunData], header: dict, arms: 
     for row in summary["arms"]:
         r = first.get(row["arm"])
         w = r.weighting if r else {}
-        weighting = (f"offset {w['offset']:g}, {w['normalize']}, {w['reliable']}" if w.get("enabled") else "off")
+        weighting = (f"offset {w['offset']:g}, {w['normalize']}, {w['reliable']}"
+                     f"{', W from confidence' if w.get('signal') == 'confidence' else ''}"
+                     f"{', shuffled' if w.get('shuffle') else ''}" if w.get("enabled") else "off")
         wall = f"{statistics.fmean(walls[row['arm']]):.0f}" if row["arm"] in walls else "–"
         lines.append(f"| {row['arm']} | {r.framework if r else '–'} | {weighting} | {row['n']} | "
                      f"{_pm(row.get('miou'))} | {_pm(row.get('best_miou'))} | "

@@ -81,6 +81,7 @@ def run_data(spec: RunSpec, problem: Optional[str] = None) -> RunData:
     w = spec.config.weighting
     status = read_status(spec)
     return RunData(spec.arm.name, spec.seed, spec.config.train.framework,
-                   {"enabled": w.enabled, "offset": w.offset, "normalize": w.normalize, "reliable": w.reliable},
+                   {"enabled": w.enabled, "offset": w.offset, "normalize": w.normalize, "reliable": w.reliable,
+                    "signal": w.signal, "shuffle": w.shuffle},
                    spec.config.train.iterations, read_records(spec.run_dir), status.get("wall_s"),
                    problem or status.get("problem"), spec.config.train.unlabelled_batch_size)
