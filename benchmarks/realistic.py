@@ -40,8 +40,11 @@ The protocol:
   first's as ``realistic_v1.{json,md}``; no run of one is reused in another.
 
 Runs go to ``--out`` (default ``bench_out/realistic_v3``), two at a time with one thread each; every call reuses the
-finished runs and resumes unfinished ones, so the benchmark can be stopped and continued at any point. Archived runs
-are put back into ``--out`` when missing, so a fresh checkout continues where the committed results stop.
+finished runs and resumes unfinished ones, so the benchmark can be stopped and continued at any point. The finished
+runs' records are copied into the archive every few minutes while a call trains (and after it), ready to commit;
+archived runs are put back into ``--out`` when missing, so a fresh checkout continues where the committed results
+stop. ``hafis compare`` runs from the repository with repository-relative paths, so records and reports name no
+machine's folders.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ SPLIT_SEED = 0
 #: unlabelled images per labelled one (the pool is cut down to this to afford many passes)
 UNLABELLED_PER_LABELLED = 15
 EVALS = 20  # evaluations per run (1/4 and 1/2 of the schedule are evaluation points)
+#: seconds between two copies of the finished runs' records while a ``hafis compare`` call trains
+ARCHIVE_EVERY = 300
 #: the folder suffix of float32 runs (``--fp32``)
 FP32 = "_fp32"
 #: the folders of the benchmark's splits, in the report's order
@@ -263,15 +268,29 @@ def arm_overrides(name: str, common: str = "") -> str:
 
 
 def compare(folder: str, arms: list[str], common: str, seeds: str, jobs: int, out: Path, report_only: bool,
-            threads: Optional[int] = None) -> int:
-    """One ``hafis compare`` call; ``report_only``: its report of the planned runs that finished, training none."""
-    command = [sys.executable, "-m", "hafis", "compare", str(CONFIG), "--seeds", seeds, "--jobs", str(jobs),
-               "--out", str(out / folder), *(["--threads", str(threads)] if threads else []),
+            threads: Optional[int] = None, archive_to: Optional[Path] = None) -> int:
+    """One ``hafis compare`` call, run from the repository with its paths relative to it where they lie inside
+    (so that the records and reports name no machine's folders); ``report_only``: its report of the planned runs
+    that finished, training none; ``archive_to``: the finished runs' records are copied there every
+    :data:`ARCHIVE_EVERY` seconds while it trains, so that each run's records can be committed once it finishes."""
+    command = [sys.executable, "-m", "hafis", "compare", str(_relative(CONFIG)), "--seeds", seeds, "--jobs",
+               str(jobs), "--out", str(_relative(out / folder)), *(["--threads", str(threads)] if threads else []),
                *(["--report-only"] if report_only else []), "--set", *common.split()]
     for name in arms:
         command += ["--arm", f"{name}: {arm_overrides(name, common)}"]
     print("$", shlex.join(command), flush=True)
-    return subprocess.run(command).returncode
+    proc = subprocess.Popen(command, cwd=ROOT)
+    while True:
+        try:
+            return proc.wait(timeout=ARCHIVE_EVERY if archive_to is not None else None)
+        except subprocess.TimeoutExpired:
+            archive(out, archive_to)
+
+
+def _relative(path: Path) -> Path:
+    """``path`` relative to the repository when it lies inside it."""
+    path = path.resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 #: what the archive keeps of an invocation for each run it trained (older invocations lack the newer keys)
@@ -663,8 +682,9 @@ def main() -> int:
         with open(out / folder / "provenance.jsonl", "a") as fh:
             fh.write(json.dumps({**provenance(), "precision": precision, "threads": preset.threads, "arms": arms,
                                  "seeds": seeds, "set": common}) + "\n")
-        status |= compare(folder, arms, common, seeds, args.jobs or preset.jobs, out, False, preset.threads)
-        archive(out, preset.archive)  # after every call, so that a session cut short keeps what finished
+        status |= compare(folder, arms, common, seeds, args.jobs or preset.jobs, out, False, preset.threads,
+                          archive_to=preset.archive)
+        archive(out, preset.archive)  # after every call too, so that a session cut short keeps what finished
     # each folder's report: every arm and seed the stage plans there (all of them, whatever --arms trained), of the
     # runs that finished
     for folder, arms, common, seeds in merged(planned):

@@ -251,8 +251,9 @@ def test_the_stage_runs_its_calls_in_order_with_the_seed_flags(tmp_path, monkeyp
 
     calls = []
     monkeypatch.setattr(realistic, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(realistic, "compare", lambda folder, arms, common, seeds, jobs, out, report_only, threads:
-                        calls.append((folder, arms, seeds, report_only, "train.amp=off" in common)) or 0)
+    monkeypatch.setattr(realistic, "compare", lambda folder, arms, common, seeds, jobs, out, report_only, threads,
+                        archive_to=None: calls.append((folder, arms, seeds, report_only, "train.amp=off" in common,
+                                                       archive_to)) or 0)
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["realistic.py", "--stage", "evidence", "--more-seeds", "0,1,2,3,4", "--fp32",
                                       "--out", str(out)])
@@ -261,6 +262,7 @@ def test_the_stage_runs_its_calls_in_order_with_the_seed_flags(tmp_path, monkeyp
     assert [c[1][0] for c in trained] == ["supervised", "augseg", "u2pl", "ael"]
     assert {c[0] for c in calls} == {"1_32_fp32"} and all(c[4] for c in calls)
     assert [c[2] for c in trained] == ["0,1,2,3,4"] * 4
+    assert all(c[5] == tmp_path / "results" / "realistic_runs" for c in trained)  # archived while they train
     line = json.loads((out / "1_32_fp32" / "provenance.jsonl").read_text().splitlines()[0])
     assert line["precision"] == "off" and line["threads"] == 1
     assert {"commit", "cpu", "avx512", "bf16", "avx512_bf16", "amx_bf16"} <= set(line)
@@ -333,3 +335,28 @@ def test_arm_lists_keep_the_commas_inside_an_arms_parentheses_and_the_figure(tmp
     assert not (tmp_path / "none.png").exists()
     assert realistic.plot_arms(rows, ["supervised", "unimatch"], tmp_path / "f.png")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_compare_call_names_repository_paths_and_archives_while_it_trains(monkeypatch):
+    seen, archived = {}, []
+
+    class FakeRun:
+        def __init__(self, command, cwd):
+            seen.update(command=command, cwd=cwd)
+            self.waits = 0
+
+        def wait(self, timeout=None):
+            self.waits += 1
+            if self.waits < 3:  # still training at the first two looks
+                raise subprocess.TimeoutExpired("hafis", timeout)
+            return 0
+
+    monkeypatch.setattr(realistic.subprocess, "Popen", FakeRun)
+    monkeypatch.setattr(realistic, "archive", lambda out, target: archived.append((out, target)))
+    out = realistic.ROOT / "bench_out" / "x"
+    assert realistic.compare("1_32", ["unimatch"], "train.iterations=8", "0", 2, out, False, 1, Path("/a")) == 0
+    command = seen["command"]
+    assert seen["cwd"] == realistic.ROOT and archived == [(out, Path("/a"))] * 2
+    assert command[command.index("compare") + 1] == "configs/realistic/base.yaml"
+    assert command[command.index("--out") + 1] == "bench_out/x/1_32"
+    assert command[command.index("--arm") + 1] == "unimatch: train.framework=unimatch"
