@@ -7,16 +7,51 @@ worker count), and resuming at iteration ``t`` replays exactly the batches an un
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NotRequired, Optional, TypedDict
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from .base import IGNORE_INDEX, SegmentationSource, load_checked
 from .transforms import PIL_GEOMETRY, Geometry, cutmix_box, normalize, strong_colour, to_tensor_image, weak_geometry
 
 LABELLED_STREAM, UNLABELLED_STREAM, MIX_STREAM = 1, 2, 3
+
+
+class LabelledBatch(TypedDict):
+    """A labelled batch as a framework's ``train_step`` receives it, on the run's device (``B`` crops of ``c`` px;
+    one :class:`LabelledDataset` item is the same without the batch dimension)."""
+
+    #: ``(B, 3, c, c)`` float, normalised
+    image: Tensor
+    #: ``(B, c, c)`` long class indices, 255 = ignored (padding, unlabelled pixels)
+    mask: Tensor
+    #: ``(B,)`` the images' indices in the labelled source
+    index: Tensor
+
+
+class UnlabelledBatch(TypedDict):
+    """An unlabelled batch as a framework's ``train_step`` receives it: views of the same ``B`` images, aligned
+    pixel for pixel (one :class:`UnlabelledDataset` item is the same without the batch dimension). It carries no
+    ground truth: reports that measure pseudo-labels read it from the source (:mod:`hafis.engine.diagnostics`)."""
+
+    #: ``(B, 3, c, c)`` float, normalised: the weak view (geometry only) and two strong views (colour on top of it)
+    weak: Tensor
+    strong1: Tensor
+    strong2: Tensor
+    #: ``(B, c, c)`` long: 255 on padding, else 0
+    ignore: Tensor
+    #: ``(B, c, c)`` bool CutMix boxes of the strong views (``Traits.cutmix_prob``; all False when not drawn)
+    box1: Tensor
+    box2: Tensor
+    #: ``(B,)`` the images' indices in the unlabelled source
+    index: Tensor
+    #: ``(B, C, c, c)`` bool per-class detection box masks (``weighting.reliable: detector``), aligned with the views
+    box_mask: NotRequired[Tensor]
+    #: the second batch of ``Traits.mix_batch`` (UniMatch's mixed-in images), with the same keys
+    mix: NotRequired["UnlabelledBatch"]
 
 
 class InfiniteSampler(Sampler):
@@ -79,8 +114,7 @@ class UnlabelledDataset(Dataset):
     """UniMatch-style unlabelled views of one image.
 
     ``weak``, ``strong1``, ``strong2``: ``(3, c, c)`` float; ``ignore``: 255 on padding, else 0; ``box1``/``box2``:
-    CutMix boxes; ``gt``: the ground truth through the same geometry when the source has it (255 otherwise). ``gt``
-    exists only to *measure* pseudo-label quality; no framework may read it.
+    CutMix boxes (:class:`UnlabelledBatch`); no ground truth.
     ``box_masks``: optional ``(index, (H, W)) -> (C, H, W)`` uint8 per-class detection box mask of an image (e.g. a
     :class:`hafis.engine.detections.BoxMaskProvider`); it goes through the same geometry as the pixels (nearest,
     padding 0) and comes out as ``box_mask`` ``(C, c, c)`` bool. It draws no random numbers, so the views are the
@@ -107,18 +141,18 @@ class UnlabelledDataset(Dataset):
         rng = sample_rng(self.seed, self.stream, epoch, index)
         h, w = sample.image.shape[:2]
         ignore = torch.zeros(h, w, dtype=torch.uint8)
-        maps = [(ignore, 255), (_mask_tensor(sample.mask, (h, w)), 255)]
+        maps = [(ignore, 255)]
         if self.box_masks is not None:
             maps.append((self.box_masks(index, (h, w)), 0))
-        weak, (ignore, gt, *box_mask) = weak_geometry(to_tensor_image(sample.image), maps, self.crop_size,
-                                                      self.scale_range, rng, self.geometry)
+        weak, (ignore, *box_mask) = weak_geometry(to_tensor_image(sample.image), maps, self.crop_size,
+                                                  self.scale_range, rng, self.geometry)
         strong1 = strong_colour(weak, rng)
         box1 = cutmix_box(self.crop_size, rng, self.cutmix_prob)
         strong2 = strong_colour(weak, rng)
         box2 = cutmix_box(self.crop_size, rng, self.cutmix_prob)
         out = {
             "weak": normalize(weak), "strong1": normalize(strong1), "strong2": normalize(strong2),
-            "ignore": ignore.long(), "box1": box1.bool(), "box2": box2.bool(), "gt": gt.long(), "index": index,
+            "ignore": ignore.long(), "box1": box1.bool(), "box2": box2.bool(), "index": index,
         }
         if box_mask:
             out["box_mask"] = box_mask[0].bool()

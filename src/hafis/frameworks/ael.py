@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from hafis.config import Config
 from hafis.data.transforms import TENSOR_GEOMETRY
 
-from .base import StepOutput
+from .base import LabelledBatch, StepOutput, UnlabelledBatch
 from .losses import labelled_loss
 from .teacher import MeanTeacherFramework
 from .mixing import partner_index, paste
@@ -204,7 +204,7 @@ class AEL(MeanTeacherFramework):
         return self.weighting.loss(pred, target, weight, reweight * keep, reweight)
 
     # --------------------------------------------------------------------------------------------- step
-    def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
+    def train_step(self, labelled: LabelledBatch, unlabelled: Optional[UnlabelledBatch], iteration: int) -> StepOutput:
         cfg = self.config.ael
         x, y = self.copy_paste(labelled["image"], labelled["mask"])
         u, ignore = unlabelled["weak"], unlabelled["ignore"]

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from hafis.config import Config
 from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Geometry
 
-from .base import StepOutput
+from .base import LabelledBatch, StepOutput, UnlabelledBatch
 from .losses import labelled_loss
 from .mixing import paste
 from .teacher import MeanTeacherFramework, softmax_entropy
@@ -207,7 +207,7 @@ class AugSeg(MeanTeacherFramework):
                for img in images]
         return from_uint8(torch.stack(out))
 
-    def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
+    def train_step(self, labelled: LabelledBatch, unlabelled: Optional[UnlabelledBatch], iteration: int) -> StepOutput:
         cfg = self.config.augseg
         x, y = labelled["image"], labelled["mask"]
         u_w, ignore = unlabelled["weak"], unlabelled["ignore"]

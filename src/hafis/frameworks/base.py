@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from hafis.config import Config, ConfigError, WeightingConfig
+from hafis.data.ssl import LabelledBatch, UnlabelledBatch
 from hafis.data.transforms import PIL_GEOMETRY, Geometry
 from hafis.weighting import (PseudoLabelWeighter, confident_pixels, detector_reliable, labelled_qualify_mask,
                              weighted_cross_entropy)
@@ -153,7 +154,9 @@ class Framework:
         self.weighting.to(device)
         return self
 
-    def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
+    def train_step(self, labelled: LabelledBatch, unlabelled: Optional[UnlabelledBatch],
+                   iteration: int) -> StepOutput:
+        """The loss of iteration ``iteration`` (``unlabelled``: None when the framework reads no unlabelled images)."""
         raise NotImplementedError
 
     def param_groups(self, lr: float, head_lr_multiplier: float, weight_decay: float) -> list[dict]:

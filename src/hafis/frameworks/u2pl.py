@@ -80,7 +80,7 @@ from torch import Tensor, nn
 from hafis.config import Config
 from hafis.data.transforms import TENSOR_GEOMETRY
 
-from .base import StepOutput
+from .base import LabelledBatch, StepOutput, UnlabelledBatch
 from .losses import labelled_loss
 from .teacher import MeanTeacherFramework, softmax_entropy
 from .mixing import partner_index, paste
@@ -294,7 +294,7 @@ class U2PL(MeanTeacherFramework):
         return torch.cat([q[ptr:], q[:ptr]])
 
     # --------------------------------------------------------------------------------------------- step
-    def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
+    def train_step(self, labelled: LabelledBatch, unlabelled: Optional[UnlabelledBatch], iteration: int) -> StepOutput:
         cfg = self.config.u2pl
         x, y = labelled["image"], labelled["mask"]
         t0 = self.sup_only_iterations()

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import Framework, StepOutput
+from .base import Framework, LabelledBatch, StepOutput, UnlabelledBatch
 from .mixing import partner_index, paste
 from .losses import supervised_loss
 
@@ -67,7 +67,7 @@ class UniMatch(Framework):
         self.cutmix_prob = config.unimatch.cutmix_prob
 
     @torch.no_grad()
-    def _second_batch(self, unlabelled: dict) -> dict:
+    def _second_batch(self, unlabelled: UnlabelledBatch) -> dict:
         """What the CutMix boxes take from a second batch: its strong views, and pseudo-labels,
         confidences and features of an eval-mode pass over its weak view."""
         mix = unlabelled.get("mix")
@@ -83,14 +83,14 @@ class UniMatch(Framework):
                 **{k: mix[k] for k in ("strong1", "strong2", "box_mask") if k in mix}}
 
     @staticmethod
-    def _in_batch(unlabelled: dict, weak: dict) -> dict:
+    def _in_batch(unlabelled: UnlabelledBatch, weak: dict) -> dict:
         """What the CutMix boxes take under ``in_batch``: image ``i + 1`` of this batch, with its train-mode
         predictions (``weak``)."""
         partner = partner_index(unlabelled["weak"].shape[0], unlabelled["weak"].device)
         src = {**weak, **{k: unlabelled[k] for k in ("strong1", "strong2", "box_mask") if k in unlabelled}}
         return {k: v[partner] for k, v in src.items()}
 
-    def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
+    def train_step(self, labelled: LabelledBatch, unlabelled: Optional[UnlabelledBatch], iteration: int) -> StepOutput:
         cfg = self.config.unimatch
         x, y = labelled["image"], labelled["mask"]
         u_w, ignore = unlabelled["weak"], unlabelled["ignore"]

@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .base import StepOutput
+from .base import LabelledBatch, StepOutput, UnlabelledBatch
 from .losses import supervised_loss
 from .teacher import MeanTeacherFramework
 from .mixing import paste
@@ -81,7 +81,7 @@ class UniMatchV2(MeanTeacherFramework):
         """Both networks are evaluated, as released (the teacher is :meth:`eval_model`)."""
         return {"teacher": self.teacher.module, "student": self.model} if self.ema_updates > 0 else {}
 
-    def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
+    def train_step(self, labelled: LabelledBatch, unlabelled: Optional[UnlabelledBatch], iteration: int) -> StepOutput:
         cfg = self.config.unimatch_v2
         x, y = labelled["image"], labelled["mask"]
         u_w, ignore = unlabelled["weak"], unlabelled["ignore"]
