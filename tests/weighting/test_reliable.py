@@ -6,7 +6,7 @@ from hafis.config import load_config
 from hafis.data.ssl import UnlabelledDataset
 from hafis.data.synthetic import SyntheticConfig, SyntheticScenes
 from hafis.data.transforms import GeometryDraw, apply_geometry
-from hafis.frameworks.base import PseudoLabelWeighting
+from hafis.frameworks.base import FrameworkContext, PseudoLabelWeighting
 from hafis.frameworks.mixing import partner_index, paste
 from hafis.frameworks.unimatch import UniMatch
 from hafis.models import SegOutput
@@ -202,8 +202,7 @@ class _Stub(nn.Module):
 def test_unimatch_feeds_the_bank_only_detector_verified_pixels(covered):
     config = load_config(None, ["model.feature_dim=3", "weighting.k=1", "weighting.enabled=true",
                                 "weighting.tau_seg=0.0", "weighting.labelled_threshold=1.0", "unimatch.mix=in_batch"])
-    fw = UniMatch(config, _Stub(), 3)
-    fw.weighting.thing_classes = (0, 1, 2)
+    fw = UniMatch(config, _Stub(), FrameworkContext(3, thing_classes=(0, 1, 2)))
     g = torch.Generator().manual_seed(1)
     n, s = 2, 4
     labelled = {"image": torch.randn(n, 3, s, s, generator=g), "mask": torch.randint(0, 3, (n, s, s), generator=g)}

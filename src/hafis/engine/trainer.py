@@ -25,7 +25,7 @@ from hafis.data.splits import split_digests
 from hafis.errors import short
 from hafis.files import atomic_write
 from hafis.data.ssl import MIX_STREAM, InfiniteSampler, LabelledDataset, UnlabelledDataset
-from hafis.frameworks import Framework, build_framework
+from hafis.frameworks import Framework, FrameworkContext, build_framework
 from hafis.models.fast_conv import use_fast_convs
 
 from . import distributed
@@ -100,20 +100,22 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         if config.train.compile:
             self.model.compile()  # in place: state-dict keys and the frameworks' calls stay unchanged
+        ctx = FrameworkContext(self.num_classes,
+                               epoch_length=max(1, len(self.unlabelled_source) // config.train.unlabelled_batch_size),
+                               thing_classes=tuple(detected_classes(config, self.unlabelled_source)))
         try:
-            self.framework: Framework = build_framework(config, self.model, self.num_classes).to(self.device)
+            self.framework: Framework = build_framework(config, self.model, ctx).to(self.device)
         except ValueError as exc:  # a key that does not fit the dataset, e.g. a class index beyond its classes
             raise ConfigError(f"{config.train.framework}: {exc}") from None
+        traits = self.framework.traits
         if self.dist.enabled and config.train.sync_bn:  # every trained network, framework-owned heads included
-            for name in self.framework.networks:
+            for name in traits.networks:
                 distributed.convert_sync_batchnorm(getattr(self.framework, name), self.device)
         if self.dist.enabled:  # the framework's networks are called through one DDP from here on
-            distributed.wrap(self.framework, self.framework.networks, self.device, self.framework.static_graph)
+            distributed.wrap(self.framework, traits.networks, self.device, traits.static_graph)
             for teacher in self.framework.teachers():
                 distributed.broadcast_buffers(teacher, parameters=True)
         self._check_not_empty()
-        self.framework.epoch_iterations = max(1, len(self.unlabelled_source) // config.train.unlabelled_batch_size)
-        self.framework.weighting.thing_classes = tuple(detected_classes(config, self.unlabelled_source))
         #: detection box masks of the unlabelled images (weighting.reliable: detector), else None
         self.box_masks = self._box_masks()
         #: images, ground truth and box masks probed by the diagnostics (eval.diagnostics_images), loaded once
@@ -141,7 +143,7 @@ class Trainer:
         """The cached detections' box masks when the weighting uses the detector; a missing or stale cache stops
         here with the ``hafis detect`` command to run (nothing has been written yet)."""
         w = self.config.weighting
-        if not (w.enabled and w.reliable == "detector" and self.framework.uses_unlabelled):
+        if not (w.enabled and w.reliable == "detector" and self.framework.traits.uses_unlabelled):
             return None
         return box_mask_provider(self.config, self.labelled_source, self.unlabelled_source, self.num_classes)
 
@@ -167,23 +169,23 @@ class Trainer:
         return value
 
     def _streams(self) -> tuple[Iterator[dict], Optional[Iterator[dict]]]:
-        c = self.config
-        geometry = self.framework.geometry
+        c, traits = self.config, self.framework.traits
+        geometry = traits.geometry
         labelled = self._stream(LabelledDataset(self.labelled_source, c.data.crop_size, c.data.scale_range, c.seed,
                                                 geometry), self.batch_size, c.seed)
         unlabelled = None
-        if self.framework.uses_unlabelled:
+        if traits.uses_unlabelled:
             dataset = UnlabelledDataset(self.unlabelled_source, c.data.crop_size, c.data.scale_range, c.seed,
-                                        self.framework.cutmix_prob, box_masks=self.box_masks, geometry=geometry)
+                                        traits.cutmix_prob, box_masks=self.box_masks, geometry=geometry)
             unlabelled = self._stream(dataset, self.unlabelled_batch_size, c.seed + 1)
-            if self.framework.mix_batch:
+            if traits.mix_batch:
                 # a second unlabelled stream (own augmentations; the main stream's order for same_images, its own
                 # for other_images) for the mixed-in images; it advances in step with the first, so a resumed run
                 # replays it too
                 mix = UnlabelledDataset(self.unlabelled_source, c.data.crop_size, c.data.scale_range, c.seed,
-                                        self.framework.cutmix_prob, box_masks=self.box_masks, stream=MIX_STREAM,
+                                        traits.cutmix_prob, box_masks=self.box_masks, stream=MIX_STREAM,
                                         geometry=geometry)
-                order = c.seed + 1 if self.framework.mix_batch == "same_images" else c.seed + 2
+                order = c.seed + 1 if traits.mix_batch == "same_images" else c.seed + 2
                 unlabelled = _with_mix(unlabelled, self._stream(mix, self.unlabelled_batch_size, order))
         return labelled, unlabelled
 
@@ -212,9 +214,9 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.framework.load_state_dict(state["framework"])
-            generators, weighter = state.get("bank_generators"), self.framework.weighting.weighter
-            if generators and weighter is not None:  # this rank's own draws (a rank the run lacked starts afresh)
-                weighter.bank.set_extra_state(generators[self.dist.rank] if self.dist.rank < len(generators) else {})
+            generators = state.get("bank_generators")
+            if generators:  # this rank's own draws (a rank the run lacked starts afresh)
+                self.framework.load_rank_state(generators[self.dist.rank] if self.dist.rank < len(generators) else {})
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["torch_rng"])
@@ -280,7 +282,7 @@ class Trainer:
         try:
             while self.iteration < total:
                 it = self.iteration
-                schedule_it = max(it - self.framework.lr_lag, 0)
+                schedule_it = max(it - self.framework.traits.lr_lag, 0)
                 for group in self.optimizer.param_groups:
                     group["lr"] = poly_lr(group["initial_lr"], schedule_it, total, c.optim.poly_power)
                 batch_l = next(labelled)
@@ -322,7 +324,7 @@ class Trainer:
 
     def _check_not_empty(self) -> None:
         parts = [("labelled", self.labelled_source), ("val", self.val_source)]
-        if self.framework.uses_unlabelled:
+        if self.framework.traits.uses_unlabelled:
             parts.append(("unlabelled", self.unlabelled_source))
         for part, source in parts:
             if len(source) == 0:
@@ -339,15 +341,15 @@ class Trainer:
         """Before an evaluation or a checkpoint: rank 0's BatchNorm buffers on every rank (DDP broadcasts them only
         before a forward pass), then check that every rank holds the same networks, teachers and prototype bank.
         Returns every rank's bank generator state, for the checkpoint."""
-        modules = [self.model, *(distributed.unwrap(getattr(self.framework, n)) for n in self.framework.networks),
-                   *self.framework.teachers()]
+        fw = self.framework
+        modules = [self.model, *(distributed.unwrap(getattr(fw, n)) for n in fw.traits.networks), *fw.teachers()]
         modules = list({id(m): m for m in modules}.values())
         for module in modules:
             distributed.broadcast_buffers(module)
-        weighter = self.framework.weighting.weighter
-        for module in modules + ([weighter] if weighter is not None else []):
+        for module in modules + fw.replicated_modules():
             distributed.check_replicas(module, self.device)
-        return None if weighter is None else distributed.gather_objects(weighter.bank.get_extra_state())
+        state = fw.rank_state()
+        return None if state is None else distributed.gather_objects(state)
 
     def _autocast(self):
         amp = self.config.train.amp

@@ -53,6 +53,7 @@ DDP averages the gradients (an 8x smaller step on its 8 GPUs): the paper configs
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -64,7 +65,7 @@ from torch import Tensor, nn
 from hafis.config import Config
 from hafis.data.transforms import TENSOR_GEOMETRY
 
-from .base import LabelledBatch, StepOutput, UnlabelledBatch
+from .base import FrameworkContext, LabelledBatch, StepOutput, UnlabelledBatch
 from .losses import labelled_loss
 from .teacher import MeanTeacherFramework
 from .mixing import partner_index, paste
@@ -123,10 +124,11 @@ def component_box(mask: np.ndarray, min_area: float, generator: torch.Generator)
 
 class AEL(MeanTeacherFramework):
     name = "ael"
-    geometry = TENSOR_GEOMETRY
+    traits = replace(MeanTeacherFramework.traits, geometry=TENSOR_GEOMETRY)
 
-    def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
-        super().__init__(config, model, num_classes)
+    def __init__(self, config: Config, model: nn.Module, ctx: FrameworkContext) -> None:
+        super().__init__(config, model, ctx)
+        num_classes = ctx.num_classes
         init = config.ael.confidence_init
         self.confidence = (torch.rand(num_classes, generator=self.generator) if init is None
                            else torch.full((num_classes,), float(init)))

@@ -41,6 +41,7 @@ come from a teacher pass over the labelled batch (only then).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -51,7 +52,7 @@ from torch import Tensor, nn
 from hafis.config import Config
 from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Geometry
 
-from .base import LabelledBatch, StepOutput, UnlabelledBatch
+from .base import FrameworkContext, LabelledBatch, StepOutput, UnlabelledBatch
 from .losses import labelled_loss
 from .mixing import paste
 from .teacher import MeanTeacherFramework, softmax_entropy
@@ -186,10 +187,10 @@ def label_aided_cutmix(u: dict[str, Tensor], lab: dict[str, Tensor], take_labell
 class AugSeg(MeanTeacherFramework):
     name = "augseg"
     #: the released ``Crop`` pads with ``np.uint8(255 · ImageNet mean)`` = (123, 116, 103), bottom and right
-    geometry = Geometry(image_fill=(123, 116, 103))
+    traits = replace(MeanTeacherFramework.traits, geometry=Geometry(image_fill=(123, 116, 103)))
 
-    def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
-        super().__init__(config, model, num_classes)
+    def __init__(self, config: Config, model: nn.Module, ctx: FrameworkContext) -> None:
+        super().__init__(config, model, ctx)
 
     def teacher_copy_iterations(self) -> int:
         n = self.config.augseg.teacher_copy_iterations

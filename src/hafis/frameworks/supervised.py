@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .base import Framework, LabelledBatch, StepOutput, UnlabelledBatch
+from .base import Framework, LabelledBatch, StepOutput, Traits, UnlabelledBatch
 from .losses import labelled_loss
 
 
 class Supervised(Framework):
     name = "supervised"
-    uses_unlabelled = False
+    traits = Traits(uses_unlabelled=False)
 
     def train_step(self, labelled: LabelledBatch, unlabelled: Optional[UnlabelledBatch], iteration: int) -> StepOutput:
         out = self.model(labelled["image"])

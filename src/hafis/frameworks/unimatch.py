@@ -33,12 +33,13 @@ CutMixed pseudo-labels, confidences, ignore masks and box masks (the authors' co
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .base import Framework, LabelledBatch, StepOutput, UnlabelledBatch
+from .base import Framework, FrameworkContext, LabelledBatch, StepOutput, Traits, UnlabelledBatch
 from .mixing import partner_index, paste
 from .losses import supervised_loss
 
@@ -58,13 +59,12 @@ def confidence_terms(conf: Tensor, ignore: Tensor, threshold: float, w: Optional
 
 class UniMatch(Framework):
     name = "unimatch"
-    strong_bank_view = True
-    lr_lag = 1
+    traits = Traits(lr_lag=1, strong_bank_view=True)
 
-    def __init__(self, config, model, num_classes: int) -> None:
-        super().__init__(config, model, num_classes)
-        self.mix_batch = None if config.unimatch.mix == "in_batch" else config.unimatch.mix
-        self.cutmix_prob = config.unimatch.cutmix_prob
+    def __init__(self, config, model, ctx: FrameworkContext) -> None:
+        super().__init__(config, model, ctx)
+        self.traits = replace(self.traits, cutmix_prob=config.unimatch.cutmix_prob,
+                              mix_batch=None if config.unimatch.mix == "in_batch" else config.unimatch.mix)
 
     @torch.no_grad()
     def _second_batch(self, unlabelled: UnlabelledBatch) -> dict:
@@ -72,8 +72,8 @@ class UniMatch(Framework):
         confidences and features of an eval-mode pass over its weak view."""
         mix = unlabelled.get("mix")
         if mix is None:
-            raise ValueError(f"unimatch.mix is {self.mix_batch!r} but the unlabelled batch has no 'mix' batch: the "
-                             "trainer supplies it; in a loop of your own pass one, or set unimatch.mix=in_batch")
+            raise ValueError(f"unimatch.mix is {self.traits.mix_batch!r} but the unlabelled batch has no 'mix' batch: "
+                             "the trainer supplies it; in a loop of your own pass one, or set unimatch.mix=in_batch")
         was_training = self.model.training
         self.model.eval()
         out = self.model(mix["weak"])
@@ -97,7 +97,7 @@ class UniMatch(Framework):
         box1, box2 = unlabelled["box1"], unlabelled["box2"]
         n_l, n_u = x.shape[0], u_w.shape[0]
         # the second batch's eval-mode pass comes first, as released: its BatchNorm statistics are the step's start
-        mix = self._second_batch(unlabelled) if self.mix_batch else None
+        mix = self._second_batch(unlabelled) if self.traits.mix_batch else None
 
         out = self.model(torch.cat([x, u_w]), feature_perturbation=True)
         pred_x, pred_w = out.logits.split([n_l, n_u])
@@ -130,7 +130,7 @@ class UniMatch(Framework):
             w_mix = None
             if w is not None:
                 # W inside a box: of the mixed-in image's weak-view features and pseudo-labels
-                w_mix = self.weighting.weights(mix["features"], mix["mask"]) if self.mix_batch else \
+                w_mix = self.weighting.weights(mix["features"], mix["mask"]) if self.traits.mix_batch else \
                     w[partner_index(n_u, w.device)]
 
         loss_x = supervised_loss(pred_x, y, self.config.loss)

@@ -34,12 +34,13 @@ student's buffers (none in the dpt segmenter) are averaged like its parameters, 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from .base import LabelledBatch, StepOutput, UnlabelledBatch
+from .base import FrameworkContext, LabelledBatch, StepOutput, UnlabelledBatch
 from .losses import supervised_loss
 from .teacher import MeanTeacherFramework
 from .mixing import paste
@@ -65,11 +66,11 @@ def reverse_paste(base: Tensor, box: Tensor) -> Tensor:
 
 class UniMatchV2(MeanTeacherFramework):
     name = "unimatch_v2"
-    lr_lag = 1
+    traits = replace(MeanTeacherFramework.traits, lr_lag=1)
 
-    def __init__(self, config, model: nn.Module, num_classes: int) -> None:
-        super().__init__(config, model, num_classes)
-        self.cutmix_prob = config.unimatch.cutmix_prob  # the stream's box1 / box2
+    def __init__(self, config, model: nn.Module, ctx: FrameworkContext) -> None:
+        super().__init__(config, model, ctx)
+        self.traits = replace(self.traits, cutmix_prob=config.unimatch.cutmix_prob)  # the stream's box1 / box2
         #: encoder channels the complementary dropout masks
         self.channels = model.backbone.embed_dim if hasattr(model, "backbone") and \
             hasattr(model.backbone, "embed_dim") else None
