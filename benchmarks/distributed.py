@@ -36,7 +36,7 @@ from step import PRESETS, make_batch
 from hafis.config import load_config
 from hafis.engine import distributed
 from hafis.engine.build import build_model
-from hafis.frameworks import build_framework
+from hafis.frameworks import FrameworkContext, build_framework
 
 
 def make_config(preset: str, device: str, world: int):
@@ -63,8 +63,9 @@ def worker(args) -> None:
     torch.manual_seed(0)
     model = build_model(cfg, classes).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    via_ddp, hand = build_framework(cfg, model, classes).to(device), build_framework(cfg, model, classes).to(device)
-    distributed.wrap(via_ddp, via_ddp.networks, device, via_ddp.static_graph)
+    fw_ctx = FrameworkContext(classes)
+    via_ddp, hand = build_framework(cfg, model, fw_ctx).to(device), build_framework(cfg, model, fw_ctx).to(device)
+    distributed.wrap(via_ddp, via_ddp.traits.networks, device, via_ddp.traits.static_graph)
     labelled, unlabelled = make_batch(cfg, classes, device, seed=ctx.rank)
     params = list(model.parameters())
 

@@ -33,7 +33,7 @@ from _reference import mask_weights
 from hafis.config import load_config
 from hafis.data.transforms import cutmix_box
 from hafis.engine.build import build_model
-from hafis.frameworks import build_framework
+from hafis.frameworks import FrameworkContext, build_framework
 from hafis.frameworks.mixing import partner_index, paste
 from hafis.weighting import labelled_qualify_mask
 
@@ -109,8 +109,8 @@ def run_variant(preset: str, variant: str, args) -> tuple[list, list]:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    on, off = build_framework(cfg_on, model, C).to(device), build_framework(cfg_off, model, C).to(device)
-    on.weighting.thing_classes = tuple(range(1, C))
+    fw_ctx = FrameworkContext(C, thing_classes=tuple(range(1, C)))
+    on, off = build_framework(cfg_on, model, fw_ctx).to(device), build_framework(cfg_off, model, fw_ctx).to(device)
     weighter = on.weighting.weighter
     prefill_bank(weighter, C, cfg_on.model.feature_dim, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)

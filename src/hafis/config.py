@@ -176,7 +176,7 @@ class OptimConfig:
     betas: tuple[float, float] = bounded((0.9, 0.999), 0, 1, hi_open=True)
     weight_decay: float = nonneg(1e-4)
     #: the poly schedule lr·(1 - t/T)^power; step t uses it at t, or at t-1 for a framework whose release sets the
-    #: rate after the step (UniMatch; ``Framework.lr_lag``)
+    #: rate after the step (UniMatch; ``Traits.lr_lag``)
     poly_power: float = nonneg(0.9)
 
 

@@ -50,7 +50,7 @@ def trainer_networks(config_path: Path, out: Path) -> dict:
     trainer = Trainer(config)
     fw = trainer.framework
     kinds = {name: sorted({type(m).__name__ for m in distributed.unwrap(getattr(fw, name)).modules()
-                           if isinstance(m, nn.modules.batchnorm._BatchNorm)}) for name in fw.networks}
+                           if isinstance(m, nn.modules.batchnorm._BatchNorm)}) for name in fw.traits.networks}
     labelled, unlabelled = trainer._streams()
     step = fw.train_step(next(labelled), next(unlabelled), 0)
     trainer.optimizer.zero_grad(set_to_none=True)

@@ -124,14 +124,14 @@ def test_a_segmenter_key_of_another_segmenter_is_refused_by_name():
 
 
 def test_only_unimatch_asks_the_stream_for_cutmix_boxes():
-    from hafis.frameworks import build_framework
+    from hafis.frameworks import FrameworkContext, build_framework
     from hafis.models import DeepLabV3Plus
 
     model = DeepLabV3Plus(3, backbone="resnet_tiny", feature_dim=16, aspp_channels=16)
     for framework, expected in (("unimatch", 0.3), ("unimatch_v2", 0.3), ("u2pl", 0.0), ("supervised", 0.0)):
         config = load_config(None, [f"train.framework={framework}", "unimatch.cutmix_prob=0.3",
                                     "unimatch_v2.complementary_dropout=false"])
-        assert build_framework(config, model, 3).cutmix_prob == expected
+        assert build_framework(config, model, FrameworkContext(3)).traits.cutmix_prob == expected
 
 
 @pytest.mark.parametrize("files", [

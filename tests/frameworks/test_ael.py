@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from hafis.frameworks.ael import (AEL, category_confidence, component_box, cutmix_class_probabilities,
                                   equalization_rates, paste_class_probabilities, random_half_box)
+from hafis.frameworks.base import FrameworkContext
 
 
 @pytest.fixture
@@ -14,7 +15,8 @@ def ael(stub_segmenter, stub_config):
     """``ael(classes=3, **overrides)``: AEL on the stub segmenter."""
 
     def make(classes=3, **overrides):
-        return AEL(stub_config(*(f"{k}={v}" for k, v in overrides.items())), stub_segmenter(classes), classes)
+        config = stub_config(*(f"{k}={v}" for k, v in overrides.items()))
+        return AEL(config, stub_segmenter(classes), FrameworkContext(classes))
 
     return make
 

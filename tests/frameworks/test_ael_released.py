@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from hafis.config import load_config
 from hafis.frameworks.ael import AEL
+from hafis.frameworks.base import FrameworkContext
 from hafis.models.released import ReleasedDeepLabV3Plus
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -104,7 +105,7 @@ def test_loss_terms_and_gradients_equal_the_released_step(threshold, monkeypatch
     config = load_config(None, ["train.framework=ael", f"ael.threshold={threshold}", "ael.confidence_init=0.5",
                                 "ael.momentum=1.0", "model.decoder=released", "model.aux_weight=0.4",
                                 "loss.labelled=ohem", "loss.ohem_min_kept=300", "ael.area_thresh=0.01"])
-    fw = AEL(config, model, C)
+    fw = AEL(config, model, FrameworkContext(C))
     teacher = copy.deepcopy(fw.teacher.module)
     seen = {}
     paste, boxes = fw.copy_paste, fw.cutmix_boxes

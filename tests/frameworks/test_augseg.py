@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from hafis.data.transforms import normalize
+from hafis.frameworks.base import FrameworkContext
 from hafis.frameworks.augseg import (OP_NAMES, AugSeg, apply_intensity_ops, from_uint8, image_reliability,
                                      label_aided_cutmix, rand_boxes, sample_intensity_ops, to_uint8)
 
@@ -98,7 +99,8 @@ def test_label_aided_cutmix_follows_the_released_order():
 
 def test_adaptive_mixing_probability_is_one_minus_reliability(monkeypatch, stub_segmenter, stub_config):
     """A fully reliable unlabelled image never receives labelled pixels; an unreliable one always does."""
-    fw = AugSeg(stub_config("augseg.extra_weak=false", "augseg.threshold=0"), stub_segmenter(scale=5), 3)
+    fw = AugSeg(stub_config("augseg.extra_weak=false", "augseg.threshold=0"), stub_segmenter(scale=5),
+                FrameworkContext(3))
     calls = []
     import hafis.frameworks.augseg as mod
     real = mod.label_aided_cutmix
@@ -122,7 +124,7 @@ def test_adaptive_mixing_probability_is_one_minus_reliability(monkeypatch, stub_
 def test_weight_normaliser_leaves_out_ignored_pixels(monkeypatch, stub_segmenter, stub_config):
     config = stub_config("augseg.extra_weak=false", "augseg.threshold=0", "augseg.cutmix=false",
                          "weighting.enabled=true", "weighting.normalize=weight")
-    fw = AugSeg(config, stub_segmenter(scale=5), 3)
+    fw = AugSeg(config, stub_segmenter(scale=5), FrameworkContext(3))
     g = torch.Generator().manual_seed(3)
     w = torch.randint(1, 5, (2, 8, 8), generator=g).float() / 4
     monkeypatch.setattr(fw.weighting, "weights", lambda features, pseudo, confidence=None: w)

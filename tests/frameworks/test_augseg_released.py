@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import hafis.frameworks.augseg as augseg_module
 from hafis.config import load_config
 from hafis.frameworks.augseg import AugSeg
+from hafis.frameworks.base import FrameworkContext
 
 C, S = 3, 33
 
@@ -95,7 +96,7 @@ def test_loss_and_gradients_equal_the_released_step(threshold, cutmix, monkeypat
     labelled, unlabelled, strong = batch()
     config = load_config(None, ["train.framework=augseg", f"augseg.threshold={threshold}",
                                 f"augseg.cutmix_prob={cutmix}"])
-    fw = AugSeg(config, model, C)
+    fw = AugSeg(config, model, FrameworkContext(C))
     teacher = copy.deepcopy(fw.teacher.module)
     monkeypatch.setattr(fw, "strong_view", lambda weak: strong.clone())
     seen = {"rand": []}

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hafis.frameworks.base import FrameworkContext
 from hafis.frameworks.u2pl import (U2PL, class_ranks, contrastive_term, entropy_masks, half_area_boxes,
                                    negative_masks, percentile)
 
@@ -15,7 +16,7 @@ def u2pl(stub_segmenter, stub_config):
 
     def make(classes=3, **overrides):
         config = stub_config("u2pl.rep_dim=2", *(f"{k}={v}" for k, v in overrides.items()))
-        return U2PL(config, stub_segmenter(classes, scale=3), classes)
+        return U2PL(config, stub_segmenter(classes, scale=3), FrameworkContext(classes))
 
     return make
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import hafis.frameworks.u2pl as u2pl_module
 from hafis.config import load_config
+from hafis.frameworks.base import FrameworkContext
 from hafis.frameworks.u2pl import U2PL
 from hafis.models.released import ReleasedDeepLabV3Plus
 
@@ -162,7 +163,7 @@ def test_supervised_and_unsupervised_terms_equal_the_released_step(kind, cutmix,
         overrides += ["loss.labelled=ohem", "loss.ohem_min_kept=500"]
     if kind == "unimatch":
         overrides.append("model.feature_dim=16")
-    fw = U2PL(load_config(None, overrides), model, C)
+    fw = U2PL(load_config(None, overrides), model, FrameworkContext(C))
     teacher = copy.deepcopy(fw.teacher.module.segmenter)
     seen = {}
     boxes = u2pl_module.half_area_boxes
@@ -193,7 +194,7 @@ def test_supervised_and_unsupervised_terms_equal_the_released_step(kind, cutmix,
 def test_released_network_feeds_the_contrastive_term_from_its_own_representation_head():
     model = network("released")
     fw = U2PL(load_config(None, ["train.framework=u2pl", "u2pl.sup_only_iterations=0", "model.aux_weight=0.4",
-                                 "u2pl.queue_size=64"]), model, C)
+                                 "u2pl.queue_size=64"]), model, FrameworkContext(C))
     assert fw.rep_head is None and fw.param_groups(0.1, 10, 0) == []
     labelled, unlabelled = batch()
     out = fw.train_step(labelled, unlabelled, 0)
@@ -208,7 +209,7 @@ def test_contrastive_term_reads_every_image(stub_segmenter, stub_config, monkeyp
     """hafis's side of the first difference: labelled image 1's class counts. The released one-hot helper fills
     image 0 only, so with class 0 in image 0 and class 1 in image 1 it sees one class and returns 0."""
     fw = U2PL(stub_config("train.framework=u2pl", "u2pl.num_anchors=2", "u2pl.num_negatives=2", "u2pl.low_rank=2",
-                          "u2pl.high_rank=2", "u2pl.rep_dim=4"), stub_segmenter(2), 2)
+                          "u2pl.high_rank=2", "u2pl.rep_dim=4"), stub_segmenter(2), FrameworkContext(2))
     terms = []
     term = u2pl_module.contrastive_term
     monkeypatch.setattr(u2pl_module, "contrastive_term", lambda *a: terms.append(a[1]) or term(*a))

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hafis.frameworks.base import FrameworkContext
 from hafis.frameworks.mixing import partner_index, paste
 from hafis.frameworks.unimatch import UniMatch
 
@@ -33,7 +34,7 @@ def framework(stub_segmenter, stub_config):
     def make(threshold=0.0, **weighting):
         config = stub_config(f"unimatch.threshold={threshold}", "unimatch.mix=in_batch",
                              *(f"weighting.{k}={v}" for k, v in weighting.items()))
-        return UniMatch(config, stub_segmenter(C, scale=20, fp_scale=0.5), C)
+        return UniMatch(config, stub_segmenter(C, scale=20, fp_scale=0.5), FrameworkContext(C))
 
     return make
 

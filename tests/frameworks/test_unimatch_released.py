@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hafis.config import load_config
+from hafis.frameworks.base import FrameworkContext
 from hafis.frameworks.unimatch import UniMatch
 from hafis.models import DeepLabV3Plus
 
@@ -100,8 +101,8 @@ def test_loss_and_gradients_equal_the_released_recipe(thresh):
     model = tiny_model()
     reference = copy.deepcopy(model)
     labelled, unlabelled = hand_batch()
-    fw = UniMatch(load_config(None, [f"unimatch.threshold={thresh}"]), model, C)
-    assert fw.mix_batch == "same_images"
+    fw = UniMatch(load_config(None, [f"unimatch.threshold={thresh}"]), model, FrameworkContext(C))
+    assert fw.traits.mix_batch == "same_images"
     torch.manual_seed(7)
     loss = fw.train_step(labelled, unlabelled, 0).loss
     torch.manual_seed(7)
@@ -132,7 +133,7 @@ class Recorder(nn.Module):
 def test_one_image_per_process_mixes_in_the_second_batch(mix):
     labelled, unlabelled = hand_batch(n_l=1, n_u=1)
     model = Recorder(tiny_model())
-    fw = UniMatch(load_config(None, [f"unimatch.mix={mix}"]), model, C)
+    fw = UniMatch(load_config(None, [f"unimatch.mix={mix}"]), model, FrameworkContext(C))
     fw.train_step(labelled, unlabelled, 0)
     s1 = model.seen[0][:1]
     box = unlabelled["box1"][0]
@@ -146,7 +147,7 @@ def test_one_image_per_process_mixes_in_the_second_batch(mix):
 def test_second_batch_without_a_mix_batch_names_the_key():
     labelled, unlabelled = hand_batch()
     del unlabelled["mix"]
-    fw = UniMatch(load_config(None), tiny_model(), C)
+    fw = UniMatch(load_config(None), tiny_model(), FrameworkContext(C))
     with pytest.raises(ValueError, match="unimatch.mix"):
         fw.train_step(labelled, unlabelled, 0)
 
@@ -211,8 +212,8 @@ def test_a_framework_released_with_the_rate_set_before_the_step_keeps_it(tmp_pat
 
 def test_strong_bank_view_is_unimatch_only():
     from hafis.config import ConfigError
-    from hafis.frameworks import build_framework
+    from hafis.frameworks import FrameworkContext, build_framework
 
     overrides = ["weighting.enabled=true", "weighting.bank_view=strong", "train.framework=u2pl"]
     with pytest.raises(ConfigError, match="bank_view"):
-        build_framework(load_config(None, overrides), tiny_model(), C)
+        build_framework(load_config(None, overrides), tiny_model(), FrameworkContext(C))

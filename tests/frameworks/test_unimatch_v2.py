@@ -15,7 +15,7 @@ from torch import nn
 from hafis.cli import main
 from hafis.config import ConfigError, load_config
 from hafis.engine.run_log import read_metrics
-from hafis.frameworks import build_framework
+from hafis.frameworks import FrameworkContext, build_framework
 from hafis.frameworks.unimatch_v2 import UniMatchV2, complementary_dropout_mask
 from hafis.models.dpt import DPT
 
@@ -53,7 +53,7 @@ def hand_batch(n_l=2, n_u=4, seed=1):
 def framework(overrides=(), model=None, teacher_noise=0.05):
     """A framework whose EMA teacher differs from the student (as after some steps), so that using the student
     where the teacher belongs changes the numbers."""
-    fw = build_framework(load_config(None, BASE + list(overrides)), model or tiny_model(), C)
+    fw = build_framework(load_config(None, BASE + list(overrides)), model or tiny_model(), FrameworkContext(C))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in fw.teacher.module.parameters():
@@ -230,7 +230,7 @@ def test_complementary_dropout_needs_the_dpt_segmenter():
     torch.manual_seed(0)
     model = DeepLabV3Plus(C, backbone="resnet_tiny", feature_dim=16, aspp_channels=16)
     with pytest.raises(ValueError, match="complementary_dropout"):
-        UniMatchV2(load_config(None, ["train.framework=unimatch_v2"]), model, C)
+        UniMatchV2(load_config(None, ["train.framework=unimatch_v2"]), model, FrameworkContext(C))
     with pytest.raises(ConfigError, match="threshold"):
         load_config(None, ["unimatch_v2.threshold=2"])
 

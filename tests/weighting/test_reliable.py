@@ -6,7 +6,7 @@ from hafis.config import load_config
 from hafis.data.ssl import UnlabelledDataset
 from hafis.data.synthetic import SyntheticConfig, SyntheticScenes
 from hafis.data.transforms import GeometryDraw, apply_geometry
-from hafis.frameworks.base import PseudoLabelWeighting
+from hafis.frameworks.base import FrameworkContext, PseudoLabelWeighting
 from hafis.frameworks.mixing import partner_index, paste
 from hafis.frameworks.unimatch import UniMatch
 from hafis.models import SegOutput
@@ -100,7 +100,8 @@ def test_box_mask_follows_a_forced_flip_and_a_rescaled_crop():
 
 def test_unlabelled_stream_carries_an_aligned_box_mask():
     """Boxes = the ground-truth instance boxes: after resize / pad / crop / flip, every ground-truth pixel of a
-    class must still lie inside that class's box mask, and the padding must have no box."""
+    class must still lie inside that class's box mask, and the padding must have no box. The ground truth goes
+    through the same geometry as a second per-class mask (nearest, padding 0): the batch carries none."""
     source = SyntheticScenes(SyntheticConfig(image_size=32, num_labelled=1, num_unlabelled=6, num_val=1,
                                              num_object_classes=3), "unlabelled", cache_dir=False)
 
@@ -110,22 +111,29 @@ def test_unlabelled_stream_carries_an_aligned_box_mask():
         return box_mask_from_detections(torch.from_numpy(s.boxes), torch.from_numpy(s.box_labels),
                                         torch.ones(len(s.boxes)), 4, size).to(torch.uint8)
 
+    def ground_truth(index, size):
+        mask = torch.from_numpy(source.load(index).mask).long()
+        return torch.stack([mask == c for c in range(4)]).to(torch.uint8)
+
     plain = UnlabelledDataset(source, 24, (0.5, 1.5), seed=3)
     with_boxes = UnlabelledDataset(source, 24, (0.5, 1.5), seed=3, box_masks=provider)
-    flips = 0
+    with_truth = UnlabelledDataset(source, 24, (0.5, 1.5), seed=3, box_masks=ground_truth)
+    flips = objects = 0
     for index in range(len(source)):
         a, b = plain[(0, index)], with_boxes[(0, index)]
-        assert "box_mask" not in a
-        for key in ("weak", "strong1", "strong2", "ignore", "box1", "box2", "gt"):
+        assert "box_mask" not in a and "gt" not in a and "gt" not in b
+        for key in ("weak", "strong1", "strong2", "ignore", "box1", "box2"):
             assert torch.equal(a[key], b[key]), key  # the box mask draws no random numbers
-        box_mask, gt = b["box_mask"], b["gt"]
+        box_mask, gt = b["box_mask"], with_truth[(0, index)]["box_mask"]
         assert box_mask.dtype == torch.bool and box_mask.shape == (4, 24, 24)
+        assert not gt[:, b["ignore"] == 255].any() and bool((gt.sum(dim=0) <= 1).all())
+        objects += int(gt[1:].sum())
         for c in (1, 2, 3):
-            assert bool(box_mask[c][gt == c].all())
+            assert bool(box_mask[c][gt[c]].all())
         assert not box_mask[:, b["ignore"] == 255].any()
-        assert box_mask[1:].any(dim=0).sum() < (gt != 0).sum() + 24 * 24  # not trivially all ones
+        assert box_mask[1:].any(dim=0).sum() < 24 * 24  # not trivially all ones
         flips += int(not torch.equal(box_mask, box_mask.flip(-1)))
-    assert flips > 0
+    assert flips > 0 and objects > 0
 
 
 def test_cutmix_moves_the_box_mask_with_the_pseudo_labels():
@@ -194,8 +202,7 @@ class _Stub(nn.Module):
 def test_unimatch_feeds_the_bank_only_detector_verified_pixels(covered):
     config = load_config(None, ["model.feature_dim=3", "weighting.k=1", "weighting.enabled=true",
                                 "weighting.tau_seg=0.0", "weighting.labelled_threshold=1.0", "unimatch.mix=in_batch"])
-    fw = UniMatch(config, _Stub(), 3)
-    fw.weighting.thing_classes = (0, 1, 2)
+    fw = UniMatch(config, _Stub(), FrameworkContext(3, thing_classes=(0, 1, 2)))
     g = torch.Generator().manual_seed(1)
     n, s = 2, 4
     labelled = {"image": torch.randn(n, 3, s, s, generator=g), "mask": torch.randint(0, 3, (n, s, s), generator=g)}

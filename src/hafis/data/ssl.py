@@ -7,16 +7,52 @@ worker count), and resuming at iteration ``t`` replays exactly the batches an un
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NotRequired, Optional, TypedDict
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from .base import IGNORE_INDEX, SegmentationSource, load_checked
 from .transforms import PIL_GEOMETRY, Geometry, cutmix_box, normalize, strong_colour, to_tensor_image, weak_geometry
 
 LABELLED_STREAM, UNLABELLED_STREAM, MIX_STREAM = 1, 2, 3
+
+
+class LabelledBatch(TypedDict):
+    """A labelled batch as a framework's ``train_step`` receives it, on the run's device (``B`` crops of ``c`` px;
+    one :class:`LabelledDataset` item is the same without the batch dimension)."""
+
+    #: ``(B, 3, c, c)`` float, normalised
+    image: Tensor
+    #: ``(B, c, c)`` long class indices, 255 = ignored (padding, unlabelled pixels)
+    mask: Tensor
+    #: ``(B,)`` the images' indices in the labelled source
+    index: Tensor
+
+
+class UnlabelledBatch(TypedDict):
+    """An unlabelled batch as a framework's ``train_step`` receives it: views of the same ``B`` images, aligned
+    pixel for pixel (one :class:`UnlabelledDataset` item is the same without the batch dimension). It carries no
+    ground truth: reports that measure pseudo-labels read it from the source (:mod:`hafis.engine.diagnostics`)."""
+
+    #: ``(B, 3, c, c)`` float, normalised: the weak view (geometry only) and two strong views (colour on top of it;
+    #: absent, like the boxes, for a framework whose ``Traits.strong_views`` is False)
+    weak: Tensor
+    strong1: NotRequired[Tensor]
+    strong2: NotRequired[Tensor]
+    #: ``(B, c, c)`` long: 255 on padding, else 0
+    ignore: Tensor
+    #: ``(B, c, c)`` bool CutMix boxes of the strong views (``Traits.cutmix_prob``; all False when not drawn)
+    box1: NotRequired[Tensor]
+    box2: NotRequired[Tensor]
+    #: ``(B,)`` the images' indices in the unlabelled source
+    index: Tensor
+    #: ``(B, C, c, c)`` bool per-class detection box masks (``weighting.reliable: detector``), aligned with the views
+    box_mask: NotRequired[Tensor]
+    #: the second batch of ``Traits.mix_batch`` (UniMatch's mixed-in images), with the same keys
+    mix: NotRequired["UnlabelledBatch"]
 
 
 class InfiniteSampler(Sampler):
@@ -79,21 +115,21 @@ class UnlabelledDataset(Dataset):
     """UniMatch-style unlabelled views of one image.
 
     ``weak``, ``strong1``, ``strong2``: ``(3, c, c)`` float; ``ignore``: 255 on padding, else 0; ``box1``/``box2``:
-    CutMix boxes; ``gt``: the ground truth through the same geometry when the source has it (255 otherwise). ``gt``
-    exists only to *measure* pseudo-label quality; no framework may read it.
+    CutMix boxes (:class:`UnlabelledBatch`); no ground truth.
     ``box_masks``: optional ``(index, (H, W)) -> (C, H, W)`` uint8 per-class detection box mask of an image (e.g. a
     :class:`hafis.engine.detections.BoxMaskProvider`); it goes through the same geometry as the pixels (nearest,
     padding 0) and comes out as ``box_mask`` ``(C, c, c)`` bool. It draws no random numbers, so the views are the
     same with and without it. ``geometry``: the framework's (:class:`~hafis.data.transforms.Geometry`).
+    ``strong_views``: False leaves out the strong views and their boxes (a recipe that reads the weak view only).
     ``stream``: the id that seeds the augmentations (a second stream over the same images, such as UniMatch's mixing
     batch, passes :data:`MIX_STREAM` so its views are drawn independently).
     """
 
     def __init__(self, source: SegmentationSource, crop_size: int, scale_range: tuple[float, float], seed: int,
                  cutmix_prob: float = 0.5, box_masks: Optional[Callable[[int, tuple[int, int]], torch.Tensor]] = None,
-                 stream: int = UNLABELLED_STREAM, geometry: Geometry = PIL_GEOMETRY):
+                 stream: int = UNLABELLED_STREAM, geometry: Geometry = PIL_GEOMETRY, strong_views: bool = True):
         self.source, self.crop_size, self.scale_range, self.seed = source, crop_size, scale_range, seed
-        self.geometry = geometry
+        self.geometry, self.strong_views = geometry, strong_views
         self.cutmix_prob = cutmix_prob
         self.box_masks = box_masks
         self.stream = stream
@@ -107,19 +143,18 @@ class UnlabelledDataset(Dataset):
         rng = sample_rng(self.seed, self.stream, epoch, index)
         h, w = sample.image.shape[:2]
         ignore = torch.zeros(h, w, dtype=torch.uint8)
-        maps = [(ignore, 255), (_mask_tensor(sample.mask, (h, w)), 255)]
+        maps = [(ignore, 255)]
         if self.box_masks is not None:
             maps.append((self.box_masks(index, (h, w)), 0))
-        weak, (ignore, gt, *box_mask) = weak_geometry(to_tensor_image(sample.image), maps, self.crop_size,
-                                                      self.scale_range, rng, self.geometry)
-        strong1 = strong_colour(weak, rng)
-        box1 = cutmix_box(self.crop_size, rng, self.cutmix_prob)
-        strong2 = strong_colour(weak, rng)
-        box2 = cutmix_box(self.crop_size, rng, self.cutmix_prob)
-        out = {
-            "weak": normalize(weak), "strong1": normalize(strong1), "strong2": normalize(strong2),
-            "ignore": ignore.long(), "box1": box1.bool(), "box2": box2.bool(), "gt": gt.long(), "index": index,
-        }
+        weak, (ignore, *box_mask) = weak_geometry(to_tensor_image(sample.image), maps, self.crop_size,
+                                                  self.scale_range, rng, self.geometry)
+        out = {"weak": normalize(weak), "ignore": ignore.long(), "index": index}
+        if self.strong_views:  # drawn after the geometry: the weak view is the same without them
+            strong1 = strong_colour(weak, rng)
+            box1 = cutmix_box(self.crop_size, rng, self.cutmix_prob)
+            strong2 = strong_colour(weak, rng)
+            box2 = cutmix_box(self.crop_size, rng, self.cutmix_prob)
+            out.update(strong1=normalize(strong1), strong2=normalize(strong2), box1=box1.bool(), box2=box2.bool())
         if box_mask:
             out["box_mask"] = box_mask[0].bool()
         return out

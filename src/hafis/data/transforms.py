@@ -44,7 +44,7 @@ def normalize(image: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class Geometry:
     """How a framework's release draws and applies the weak geometry; each framework names its own
-    (:attr:`hafis.frameworks.base.Framework.geometry`), so the recipe, not a user's switch, chooses it.
+    (:attr:`hafis.frameworks.base.Traits.geometry`), so the recipe, not a user's switch, chooses it.
 
     ``scale``: how the resized size is drawn from ``data.scale_range`` ``(lo, hi)``, one of :data:`SCALE_DRAWS`.
     ``pad``: where the padding up to the crop goes, one of :data:`PAD_SIDES`. ``image_fill``: the padding's RGB colour.

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from hafis.config import ConfigError, config_changes
 from hafis.errors import short
 from hafis.files import atomic_write
 from hafis.torch_files import CheckpointError, UnsafeCheckpointError, read_torch_file
@@ -120,3 +121,29 @@ def load_module_state(module: torch.nn.Module, state: dict, what: str) -> None:
     if problems:
         raise CheckpointError(f"{what} does not fit the model of this config: {'; '.join(problems)}")
     module.load_state_dict(state)
+
+
+def _content(digest: Optional[str]) -> str:
+    return f"file content {digest[:12]}" if isinstance(digest, str) else "<absent>"
+
+
+def _allowed(key: str, allow_change: tuple) -> bool:
+    return any(key == a or key.startswith(a + ".") for a in allow_change)
+
+
+def experiment_changes(state: dict, config: Any, digests: dict, allow_change: tuple, path: Any) -> dict:
+    """The keys that changed the experiment between checkpoint ``state`` and ``config`` (a key not declared
+    ``runtime``, or a split file's content, ``digests``), old -> new; a :class:`ConfigError` listing them unless each
+    is named in ``allow_change`` (a key or a whole section)."""
+    changes = config_changes(state.get("config"), config)
+    old_digests = state.get("split_digests")
+    if isinstance(old_digests, dict):  # a checkpoint from before split hashes has none to compare
+        for key in sorted(set(old_digests) | set(digests)):
+            if key not in changes and old_digests.get(key) != digests.get(key):
+                changes[key] = (_content(old_digests.get(key)), _content(digests.get(key)))
+    refused = {k: v for k, v in changes.items() if not _allowed(k, allow_change)}
+    if refused:
+        listed = "; ".join(f"{k}: {short(old)} -> {short(new)}" for k, (old, new) in refused.items())
+        raise ConfigError(f"cannot resume from {path}: the config changed the experiment ({listed}); start a "
+                          f"new run (another name or output_dir), or accept with --allow-change KEY")
+    return changes

@@ -6,7 +6,7 @@ from torch import nn
 
 from hafis.config import Config
 
-from .base import Framework, PseudoLabelWeighting, StepOutput
+from .base import Framework, FrameworkContext, PseudoLabelWeighting, StepOutput, Traits
 from .ael import AEL
 from .augseg import AugSeg
 from .supervised import Supervised
@@ -19,12 +19,12 @@ FRAMEWORKS: dict[str, type[Framework]] = {cls.name: cls for cls in (Supervised, 
                                                                     UniMatchV2)}
 
 
-def build_framework(config: Config, model: nn.Module, num_classes: int) -> Framework:
+def build_framework(config: Config, model: nn.Module, ctx: FrameworkContext) -> Framework:
     name = config.train.framework
     if name not in FRAMEWORKS:
         raise ValueError(f"unknown framework {name!r}; valid: {', '.join(FRAMEWORKS)}")
-    return FRAMEWORKS[name](config, model, num_classes)
+    return FRAMEWORKS[name](config, model, ctx)
 
 
-__all__ = ["FRAMEWORKS", "EMATeacher", "Framework", "MeanTeacherFramework", "PseudoLabelWeighting", "StepOutput",
-           "build_framework"]
+__all__ = ["FRAMEWORKS", "EMATeacher", "Framework", "FrameworkContext", "MeanTeacherFramework", "PseudoLabelWeighting",
+           "StepOutput", "Traits", "build_framework"]

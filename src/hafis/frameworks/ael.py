@@ -73,6 +73,7 @@ blur, no rotation (the released configs). Departures, with their measured sizes:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -84,7 +85,7 @@ from torch import Tensor, nn
 from hafis.config import Config
 from hafis.data.transforms import TENSOR_GEOMETRY
 
-from .base import StepOutput
+from .base import FrameworkContext, LabelledBatch, StepOutput, UnlabelledBatch
 from .losses import labelled_loss
 from .teacher import MeanTeacherFramework
 from .mixing import partner_index, paste
@@ -143,10 +144,11 @@ def component_box(mask: np.ndarray, min_area: float, generator: torch.Generator)
 
 class AEL(MeanTeacherFramework):
     name = "ael"
-    geometry = TENSOR_GEOMETRY
+    traits = replace(MeanTeacherFramework.traits, geometry=TENSOR_GEOMETRY, strong_views=False)
 
-    def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
-        super().__init__(config, model, num_classes)
+    def __init__(self, config: Config, model: nn.Module, ctx: FrameworkContext) -> None:
+        super().__init__(config, model, ctx)
+        num_classes = ctx.num_classes
         init = config.ael.confidence_init
         self.confidence = (torch.rand(num_classes, generator=self.generator) if init is None
                            else torch.full((num_classes,), float(init)))
@@ -224,7 +226,7 @@ class AEL(MeanTeacherFramework):
         return self.weighting.loss(pred, target, weight, reweight * keep, reweight)
 
     # --------------------------------------------------------------------------------------------- step
-    def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
+    def train_step(self, labelled: LabelledBatch, unlabelled: Optional[UnlabelledBatch], iteration: int) -> StepOutput:
         cfg = self.config.ael
         x, y = self.copy_paste(labelled["image"], labelled["mask"])
         u, ignore = unlabelled["weak"], unlabelled["ignore"]

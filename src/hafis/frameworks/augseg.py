@@ -43,7 +43,7 @@ come from a teacher pass over the labelled batch (only then).
 
 **Data, as released** (``augs_TIBA.py``: ``Resize``, ``RandomFlip``, ``Crop`` for both streams;
 tests/data/test_released_pipelines.py): the flip comes before the crop, so the padding (``np.uint8(255 · ImageNet
-mean)`` = (123, 116, 103), ignore 255) stays bottom / right (:attr:`AugSeg.geometry`); masks, box masks and the
+mean)`` = (123, 116, 103), ignore 255) stays bottom / right (``AugSeg.traits.geometry``); masks, box masks and the
 padding region equal the release's exactly, given the same draws. Departures, measured:
 
 - the weak image is torch's antialiased bilinear, not PIL's ``BILINEAR``: at most 2 grey levels apart, on 0.3 % of
@@ -65,6 +65,7 @@ padding region equal the release's exactly, given the same draws. Departures, me
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -75,7 +76,7 @@ from torch import Tensor, nn
 from hafis.config import Config
 from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Geometry
 
-from .base import StepOutput
+from .base import FrameworkContext, LabelledBatch, StepOutput, UnlabelledBatch
 from .losses import labelled_loss
 from .mixing import paste
 from .teacher import MeanTeacherFramework, softmax_entropy
@@ -382,10 +383,11 @@ def label_aided_cutmix(u: dict[str, Tensor], lab: dict[str, Tensor], take_labell
 class AugSeg(MeanTeacherFramework):
     name = "augseg"
     #: the released ``Crop`` pads with ``np.uint8(255 · ImageNet mean)`` = (123, 116, 103), bottom and right
-    geometry = Geometry(image_fill=(123, 116, 103), flip="before_pad")
+    traits = replace(MeanTeacherFramework.traits, geometry=Geometry(image_fill=(123, 116, 103), flip="before_pad"),
+                     strong_views=False)
 
-    def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
-        super().__init__(config, model, num_classes)
+    def __init__(self, config: Config, model: nn.Module, ctx: FrameworkContext) -> None:
+        super().__init__(config, model, ctx)
 
     def teacher_copy_iterations(self) -> int:
         n = self.config.augseg.teacher_copy_iterations
@@ -403,7 +405,7 @@ class AugSeg(MeanTeacherFramework):
                for img in images]
         return from_uint8(torch.stack(out))
 
-    def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
+    def train_step(self, labelled: LabelledBatch, unlabelled: Optional[UnlabelledBatch], iteration: int) -> StepOutput:
         cfg = self.config.augseg
         x, y = labelled["image"], labelled["mask"]
         u_w, ignore = unlabelled["weak"], unlabelled["ignore"]

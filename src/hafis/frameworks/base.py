@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from hafis.config import Config, ConfigError, WeightingConfig
+from hafis.data.ssl import LabelledBatch, UnlabelledBatch
 from hafis.data.transforms import PIL_GEOMETRY, Geometry
 from hafis.weighting import (PseudoLabelWeighter, confidence_weights, confident_pixels, detector_reliable,
                              labelled_qualify_mask, shuffle_within_classes, weighted_cross_entropy)
@@ -40,7 +41,7 @@ class PseudoLabelWeighting:
 
     ``reliable: detector`` (the paper) needs the unlabelled batch's per-class box mask ``box_mask_u``
     ``(B, C, H, W)``, geometrically aligned with (and CutMixed like) ``pseudo_u``, and ``thing_classes`` (the classes
-    the detector has a class for; the trainer sets it from the dataset).
+    the detector has a class for; the framework passes its context's).
 
     The controls (docs/method.md, 5): ``signal: confidence`` makes ``weights`` return ``offset + q`` from the
     confidences the framework passes (the bank is still fed, and unused by ``W``); ``shuffle: true`` makes ``loss``
@@ -150,14 +151,13 @@ class PseudoLabelWeighting:
             self.weighter.load_state_dict(state)
 
 
-class Framework:
-    """Base class of the loss recipes. Subclasses set ``name`` and implement :meth:`train_step`."""
+@dataclass(frozen=True)
+class Traits:
+    """What a framework declares to the trainer, once: which streams it reads, how they are drawn, how its networks
+    are trained. Every field has the plain default; a framework lists only where it differs."""
 
-    name = "base"
-    uses_unlabelled = True
-    #: iterations in one pass over the unlabelled images (the released codes' "epoch"); the trainer sets it, the
-    #: mean-teacher recipes read it for their epoch-based schedules (U2PL's supervised-only epoch, AugSeg's warm-up)
-    epoch_iterations: Optional[int] = None
+    #: the framework reads the unlabelled stream (False: the labelled images only, the supervised baseline)
+    uses_unlabelled: bool = True
     #: the framework mixes in a second unlabelled batch (UniMatch): the trainer then adds one as
     #: ``unlabelled["mix"]``, from a stream whose augmentations are drawn independently and whose images are the
     #: main stream's (``"same_images"``, as UniMatch's release) or in an order of their own (``"other_images"``)
@@ -180,22 +180,51 @@ class Framework:
     #: how the release draws and applies the weak geometry of both streams (scale draw, padding side and colour,
     #: flip order, antialiasing); label-like maps are resized pixel-centre whatever it is
     geometry: Geometry = PIL_GEOMETRY
+    #: the framework reads the unlabelled stream's strong views and CutMix boxes (False: the stream leaves them out,
+    #: for a recipe that augments the weak view itself or not at all: U2PL, AEL, AugSeg)
+    strong_views: bool = True
 
-    def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
+
+@dataclass(frozen=True)
+class FrameworkContext:
+    """What a framework is built with besides its config and model: facts of the run's data."""
+
+    #: classes of the dataset (the segmenter's outputs)
+    num_classes: int
+    #: iterations in one pass over the unlabelled images (the released codes' "epoch"), which the mean-teacher
+    #: recipes' epoch-based schedules read (U2PL's supervised-only epoch, AugSeg's warm-up); None when unknown (a
+    #: framework built outside a run: such a schedule must then be given in iterations)
+    epoch_length: Optional[int] = None
+    #: the classes the detector detects (``weighting.reliable: detector``; the dataset's thing classes)
+    thing_classes: tuple[int, ...] = ()
+
+
+class Framework:
+    """Base class of the loss recipes. Subclasses set ``name`` and ``traits`` and implement :meth:`train_step`;
+    docs/frameworks.md is the contract with the trainer."""
+
+    name = "base"
+    traits = Traits()
+
+    def __init__(self, config: Config, model: nn.Module, ctx: FrameworkContext) -> None:
         self.config = config
         self.model = model
-        self.num_classes = num_classes
-        if config.weighting.enabled and config.weighting.bank_view == "strong" and not self.strong_bank_view:
+        self.ctx = ctx
+        self.num_classes = ctx.num_classes
+        if config.weighting.enabled and config.weighting.bank_view == "strong" and not self.traits.strong_bank_view:
             raise ConfigError(f"weighting.bank_view=strong is implemented for unimatch (the authors' code), not for "
                               f"{self.name}; use weighting.bank_view=weak")
-        self.weighting = PseudoLabelWeighting(config.weighting, num_classes, config.model.feature_dim, config.seed,
+        self.weighting = PseudoLabelWeighting(config.weighting, ctx.num_classes, config.model.feature_dim,
+                                              config.seed, thing_classes=ctx.thing_classes,
                                               align_corners=getattr(model, "align_corners", True))
 
     def to(self, device: torch.device) -> "Framework":
         self.weighting.to(device)
         return self
 
-    def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
+    def train_step(self, labelled: LabelledBatch, unlabelled: Optional[UnlabelledBatch],
+                   iteration: int) -> StepOutput:
+        """The loss of iteration ``iteration`` (``unlabelled``: None when the framework reads no unlabelled images)."""
         raise NotImplementedError
 
     def param_groups(self, lr: float, head_lr_multiplier: float, weight_decay: float) -> list[dict]:
@@ -238,8 +267,26 @@ class Framework:
             result["weight"] = w
         return result
 
+    def replicated_modules(self) -> list[nn.Module]:
+        """Modules besides the networks and teachers that every rank computes identically from all-reduced inputs
+        (the weighting's bank); the trainer checks that the ranks agree on them at evaluations and checkpoints."""
+        weighter = self.weighting.weighter
+        return [] if weighter is None else [weighter]
+
     def state_dict(self) -> dict:
+        """The checkpointed state every rank holds alike (a checkpoint's ``framework`` entry)."""
         return {"weighting": self.weighting.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.weighting.load_state_dict(state.get("weighting", {}))
+
+    def rank_state(self) -> Optional[dict]:
+        """The checkpointed state each rank holds on its own (the bank's sampling generators: ranks draw from their
+        own seeds), None when there is none; the trainer stores every rank's (a checkpoint's ``bank_generators``)."""
+        weighter = self.weighting.weighter
+        return None if weighter is None else weighter.bank.get_extra_state()
+
+    def load_rank_state(self, state: dict) -> None:
+        """This rank's :meth:`rank_state` from a checkpoint (``{}``: a rank the checkpointed run lacked)."""
+        if self.weighting.weighter is not None:
+            self.weighting.weighter.bank.set_extra_state(state)

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .base import Framework, StepOutput
+from .base import Framework, LabelledBatch, StepOutput, Traits, UnlabelledBatch
 from .losses import labelled_loss
 
 
 class Supervised(Framework):
     name = "supervised"
-    uses_unlabelled = False
+    traits = Traits(uses_unlabelled=False)
 
-    def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
+    def train_step(self, labelled: LabelledBatch, unlabelled: Optional[UnlabelledBatch], iteration: int) -> StepOutput:
         out = self.model(labelled["image"])
         loss = labelled_loss(out.logits, out.aux, labelled["mask"], self.config)
         return StepOutput(loss, {"loss_x": loss.detach()})

@@ -24,6 +24,7 @@ student's) is available too.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from hafis.config import Config
 
-from .base import Framework
+from .base import Framework, FrameworkContext
 
 BUFFER_MODES = ("ema", "copy")
 
@@ -99,16 +100,16 @@ class MeanTeacherFramework(Framework):
     teacher), before that the student.
     """
 
-    def __init__(self, config: Config, model: nn.Module, num_classes: int,
+    traits = replace(Framework.traits, networks=("model", "student"))
+
+    def __init__(self, config: Config, model: nn.Module, ctx: FrameworkContext,
                  student: Optional[nn.Module] = None) -> None:
-        super().__init__(config, model, num_classes)
+        super().__init__(config, model, ctx)
         self.student = model if student is None else student
         self.teacher = EMATeacher(self.student)
         self.generator = torch.Generator().manual_seed(int(config.seed))
         #: EMA updates the teacher has received (0 during U2PL's supervised-only phase)
         self.ema_updates = 0
-
-    networks = ("model", "student")
 
     # ------------------------------------------------------------------------------------------ helpers
     def teachers(self) -> list[nn.Module]:
@@ -134,10 +135,10 @@ class MeanTeacherFramework(Framework):
         return out if device is None else out.to(device)
 
     def epoch_length(self) -> int:
-        if self.epoch_iterations is None:
-            raise ValueError(f"{self.name}: the epoch length is unknown (set by the trainer from the unlabelled set); "
-                             "give the iteration count in the config instead")
-        return self.epoch_iterations
+        if self.ctx.epoch_length is None:
+            raise ValueError(f"{self.name}: the epoch length is unknown (the context's, which the trainer takes from "
+                             "the unlabelled set); give the iteration count in the config instead")
+        return self.ctx.epoch_length
 
     # ------------------------------------------------------------------------------------------- plumbing
     def to(self, device: torch.device) -> "MeanTeacherFramework":

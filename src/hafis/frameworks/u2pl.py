@@ -91,6 +91,7 @@ truncated), flip, pad around the image to the crop (513 VOC, 769 Cityscapes), cr
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -101,7 +102,7 @@ from torch import Tensor, nn
 from hafis.config import Config
 from hafis.data.transforms import TENSOR_GEOMETRY
 
-from .base import StepOutput
+from .base import FrameworkContext, LabelledBatch, StepOutput, UnlabelledBatch
 from .losses import labelled_loss
 from .teacher import MeanTeacherFramework, softmax_entropy
 from .mixing import partner_index, paste
@@ -231,17 +232,17 @@ def contrastive_term(anchors: Tensor, positive: Tensor, negatives: Tensor, tempe
 
 class U2PL(MeanTeacherFramework):
     name = "u2pl"
-    geometry = TENSOR_GEOMETRY
-    #: the representation head takes no gradient during the supervised-only phase
-    static_graph = False
+    #: static_graph: the representation head takes no gradient during the supervised-only phase
+    traits = replace(MeanTeacherFramework.traits, geometry=TENSOR_GEOMETRY, static_graph=False,
+                     strong_views=False)
 
-    def __init__(self, config: Config, model: nn.Module, num_classes: int) -> None:
-        cfg = config.u2pl
+    def __init__(self, config: Config, model: nn.Module, ctx: FrameworkContext) -> None:
+        cfg, num_classes = config.u2pl, ctx.num_classes
         #: hafis's head on the decoder feature, or None where the segmenter has the released one (on the decoder's
         #: 512-channel concatenation, ``model.decoder: released``)
         self.rep_head = None if getattr(model, "has_representation", False) else \
             RepresentationHead(config.model.feature_dim, cfg.rep_dim)
-        super().__init__(config, model, num_classes, student=SegmenterWithRepresentation(model, self.rep_head))
+        super().__init__(config, model, ctx, student=SegmenterWithRepresentation(model, self.rep_head))
         #: per-class FIFO memories of negative keys (teacher representations): each grows to ``u2pl.queue_size``
         #: rows, then is a ring buffer whose oldest row ``queue_ptr[c]`` is overwritten next (no copy per iteration)
         self.queues: list[Tensor] = [torch.zeros(0, cfg.rep_dim) for _ in range(num_classes)]
@@ -315,7 +316,7 @@ class U2PL(MeanTeacherFramework):
         return torch.cat([q[ptr:], q[:ptr]])
 
     # --------------------------------------------------------------------------------------------- step
-    def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
+    def train_step(self, labelled: LabelledBatch, unlabelled: Optional[UnlabelledBatch], iteration: int) -> StepOutput:
         cfg = self.config.u2pl
         x, y = labelled["image"], labelled["mask"]
         t0 = self.sup_only_iterations()

@@ -43,12 +43,13 @@ crop's row before its column, the jitter's factors before their order), not from
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .base import Framework, StepOutput
+from .base import Framework, FrameworkContext, LabelledBatch, StepOutput, Traits, UnlabelledBatch
 from .mixing import partner_index, paste
 from .losses import supervised_loss
 
@@ -68,22 +69,21 @@ def confidence_terms(conf: Tensor, ignore: Tensor, threshold: float, w: Optional
 
 class UniMatch(Framework):
     name = "unimatch"
-    strong_bank_view = True
-    lr_lag = 1
+    traits = Traits(lr_lag=1, strong_bank_view=True)
 
-    def __init__(self, config, model, num_classes: int) -> None:
-        super().__init__(config, model, num_classes)
-        self.mix_batch = None if config.unimatch.mix == "in_batch" else config.unimatch.mix
-        self.cutmix_prob = config.unimatch.cutmix_prob
+    def __init__(self, config, model, ctx: FrameworkContext) -> None:
+        super().__init__(config, model, ctx)
+        self.traits = replace(self.traits, cutmix_prob=config.unimatch.cutmix_prob,
+                              mix_batch=None if config.unimatch.mix == "in_batch" else config.unimatch.mix)
 
     @torch.no_grad()
-    def _second_batch(self, unlabelled: dict) -> dict:
+    def _second_batch(self, unlabelled: UnlabelledBatch) -> dict:
         """What the CutMix boxes take from a second batch: its strong views, and pseudo-labels,
         confidences and features of an eval-mode pass over its weak view."""
         mix = unlabelled.get("mix")
         if mix is None:
-            raise ValueError(f"unimatch.mix is {self.mix_batch!r} but the unlabelled batch has no 'mix' batch: the "
-                             "trainer supplies it; in a loop of your own pass one, or set unimatch.mix=in_batch")
+            raise ValueError(f"unimatch.mix is {self.traits.mix_batch!r} but the unlabelled batch has no 'mix' batch: "
+                             "the trainer supplies it; in a loop of your own pass one, or set unimatch.mix=in_batch")
         was_training = self.model.training
         self.model.eval()
         out = self.model(mix["weak"])
@@ -93,21 +93,21 @@ class UniMatch(Framework):
                 **{k: mix[k] for k in ("strong1", "strong2", "box_mask") if k in mix}}
 
     @staticmethod
-    def _in_batch(unlabelled: dict, weak: dict) -> dict:
+    def _in_batch(unlabelled: UnlabelledBatch, weak: dict) -> dict:
         """What the CutMix boxes take under ``in_batch``: image ``i + 1`` of this batch, with its train-mode
         predictions (``weak``)."""
         partner = partner_index(unlabelled["weak"].shape[0], unlabelled["weak"].device)
         src = {**weak, **{k: unlabelled[k] for k in ("strong1", "strong2", "box_mask") if k in unlabelled}}
         return {k: v[partner] for k, v in src.items()}
 
-    def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
+    def train_step(self, labelled: LabelledBatch, unlabelled: Optional[UnlabelledBatch], iteration: int) -> StepOutput:
         cfg = self.config.unimatch
         x, y = labelled["image"], labelled["mask"]
         u_w, ignore = unlabelled["weak"], unlabelled["ignore"]
         box1, box2 = unlabelled["box1"], unlabelled["box2"]
         n_l, n_u = x.shape[0], u_w.shape[0]
         # the second batch's eval-mode pass comes first, as released: its BatchNorm statistics are the step's start
-        mix = self._second_batch(unlabelled) if self.mix_batch else None
+        mix = self._second_batch(unlabelled) if self.traits.mix_batch else None
 
         out = self.model(torch.cat([x, u_w]), feature_perturbation=True)
         pred_x, pred_w = out.logits.split([n_l, n_u])
@@ -140,8 +140,10 @@ class UniMatch(Framework):
             w_mix = None
             if w is not None:
                 # W inside a box: of the mixed-in image's weak-view features and pseudo-labels
-                w_mix = self.weighting.weights(mix["features"], mix["mask"], mix["conf"]) if self.mix_batch else \
-                    w[partner_index(n_u, w.device)]
+                if self.traits.mix_batch:
+                    w_mix = self.weighting.weights(mix["features"], mix["mask"], mix["conf"])
+                else:
+                    w_mix = w[partner_index(n_u, w.device)]
 
         loss_x = supervised_loss(pred_x, y, self.config.loss)
         terms = {"loss_x": loss_x.detach()}

@@ -40,12 +40,13 @@ is all zeros rather than read from disk, so the ignore region is the padding, as
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from .base import StepOutput
+from .base import FrameworkContext, LabelledBatch, StepOutput, UnlabelledBatch
 from .losses import supervised_loss
 from .teacher import MeanTeacherFramework
 from .mixing import paste
@@ -71,11 +72,11 @@ def reverse_paste(base: Tensor, box: Tensor) -> Tensor:
 
 class UniMatchV2(MeanTeacherFramework):
     name = "unimatch_v2"
-    lr_lag = 1
+    traits = replace(MeanTeacherFramework.traits, lr_lag=1)
 
-    def __init__(self, config, model: nn.Module, num_classes: int) -> None:
-        super().__init__(config, model, num_classes)
-        self.cutmix_prob = config.unimatch.cutmix_prob  # the stream's box1 / box2
+    def __init__(self, config, model: nn.Module, ctx: FrameworkContext) -> None:
+        super().__init__(config, model, ctx)
+        self.traits = replace(self.traits, cutmix_prob=config.unimatch.cutmix_prob)  # the stream's box1 / box2
         #: encoder channels the complementary dropout masks
         self.channels = model.backbone.embed_dim if hasattr(model, "backbone") and \
             hasattr(model.backbone, "embed_dim") else None
@@ -87,7 +88,7 @@ class UniMatchV2(MeanTeacherFramework):
         """Both networks are evaluated, as released (the teacher is :meth:`eval_model`)."""
         return {"teacher": self.teacher.module, "student": self.model} if self.ema_updates > 0 else {}
 
-    def train_step(self, labelled: dict, unlabelled: Optional[dict], iteration: int) -> StepOutput:
+    def train_step(self, labelled: LabelledBatch, unlabelled: Optional[UnlabelledBatch], iteration: int) -> StepOutput:
         cfg = self.config.unimatch_v2
         x, y = labelled["image"], labelled["mask"]
         u_w, ignore = unlabelled["weak"], unlabelled["ignore"]
