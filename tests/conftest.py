@@ -9,6 +9,14 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
+def _no_native_cpu_bf16(monkeypatch):
+    """``train.amp: auto`` (the tiny configs) resolves as on a CPU without native bf16, so the tests run the same
+    float32 step, and assert the same numbers, on every machine; a test of the resolution patches the probe itself.
+    Tests that train in a subprocess pass ``train.amp=off``."""
+    monkeypatch.setattr("hafis.precision.cpu_flags", lambda: frozenset())
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Generated data goes to a per-session cache, never the user's ~/.cache."""
     cache = os.environ.get("HAFIS_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "hafis-cache")

@@ -21,7 +21,7 @@ from .checkpoint import CheckpointManager
 
 LOCK_NAME = ".lock"
 #: files and folders a run writes into its folder (what ``--overwrite`` removes)
-RUN_FILES = ("metrics.jsonl", "config.yaml")
+RUN_FILES = ("metrics.jsonl", "config.yaml", "provenance.jsonl")
 RUN_FOLDERS = ("checkpoints", "tensorboard")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import platform
 import time
 import warnings
 from pathlib import Path
@@ -23,10 +24,11 @@ from hafis.data import build_sources
 from hafis.data.base import DataError
 from hafis.data.splits import split_digests
 from hafis.errors import short
-from hafis.files import atomic_write
+from hafis.files import append_line, atomic_write, json_dumps
 from hafis.data.ssl import MIX_STREAM, InfiniteSampler, LabelledDataset, UnlabelledDataset
 from hafis.frameworks import Framework, build_framework
 from hafis.models.fast_conv import use_fast_convs
+from hafis.precision import cpu_native_bf16, resolve_amp
 
 from . import distributed
 from .build import build_model, resolve_device
@@ -36,13 +38,6 @@ from .detect import box_mask_provider, detected_classes
 from .evaluation import EvalResult, build_eval_loader, eval_settings, evaluate
 from .optim import build_optimizer
 from .run_log import RunLog, truncate_metrics
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); True where torch cannot tell."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    checks = [c for c in checks if c is not None]
-    return not checks or any(c() for c in checks)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -57,6 +52,19 @@ def _with_mix(batches: Iterator[dict], mix: Iterator[dict]) -> Iterator[dict]:
 def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -> float:
     """The published schedule ``lr · (1 - it / max_it) ^ power``."""
     return base_lr * (1.0 - iteration / max_iterations) ** power
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _content(digest: Optional[str]) -> str:
@@ -80,6 +88,8 @@ class Trainer:
         self.dist = distributed.setup(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
+        #: the precision the step trains in (``train.amp`` resolved on this device: auto -> bf16 or off) and why
+        self.amp, self.amp_reason = resolve_amp(config.train.amp, self.device)
         self.batch_size = self._per_rank(config.train.batch_size, "train.batch_size")
         self.unlabelled_batch_size = self._per_rank(config.train.unlabelled_batch_size, "train.unlabelled_batch_size")
         torch.manual_seed(config.seed)
@@ -91,7 +101,7 @@ class Trainer:
         self.model = build_model(config, self.num_classes)
         if config.train.fast_convs:
             use_fast_convs(self.model)  # in place, like the conversions below: the state-dict keys stay
-        if config.train.amp == "bf16" and self.device.type == "cpu" and not native_bf16():
+        if self.amp == "bf16" and self.device.type == "cpu" and cpu_native_bf16() is False:
             warnings.warn("train.amp=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): oneDNN emulates bf16, "
                           "which is slower than float32 (benchmarks/iteration.py: 1.65x the float32 step); "
                           "train.amp=off is faster here", stacklevel=2)
@@ -132,7 +142,7 @@ class Trainer:
         self.best_miou = float("-inf")
         self.nonfinite_skips = 0
         #: loss scaling only for fp16; a disabled scaler is a pass-through
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.val_loader = build_eval_loader(self.val_source, config.eval.batch_size, config.data.num_workers,
                                             self.dist.rank, self.dist.world_size)
 
@@ -198,6 +208,7 @@ class Trainer:
             "best_miou": self.best_miou,
             "nonfinite_skips": self.nonfinite_skips,
             "scaler": self.scaler.state_dict(),
+            "amp": self.amp,  # the precision trained in (train.amp resolved), compared on resume
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "config": to_dict(self.config),
@@ -247,6 +258,12 @@ class Trainer:
             for key in sorted(set(old_digests) | set(self.split_digests)):
                 if key not in changes and old_digests.get(key) != self.split_digests.get(key):
                     changes[key] = (_content(old_digests.get(key)), _content(self.split_digests.get(key)))
+        trained_in = state.get("amp")  # train.amp resolved where the checkpoint was written (auto: per machine)
+        if "train.amp" not in changes and isinstance(trained_in, str) and trained_in != self.amp:
+            old_train = state.get("config", {}).get("train") if isinstance(state.get("config"), dict) else None
+            old_amp = old_train.get("amp", "?") if isinstance(old_train, dict) else "?"
+            changes["train.amp"] = (f"{str(old_amp)[:20]} ({trained_in[:20]})", f"{self.config.train.amp} ({self.amp}: "
+                                    f"{self.amp_reason.removeprefix('train.amp=auto: ')})")
         refused = {k: v for k, v in changes.items() if not _allowed(k, allow_change)}
         if refused:
             listed = "; ".join(f"{k}: {short(old)} -> {short(new)}" for k, (old, new) in refused.items())
@@ -266,6 +283,8 @@ class Trainer:
             if self.resumed:  # records past the checkpoint (all, without one) are written again by replayed steps
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
         log = RunLog(self.run_dir, tensorboard=c.train.tensorboard, enabled=main)
+        if main:
+            self._record_provenance()
         if self.resume_changes:
             log.write({"iteration": self.iteration, "event": "resume_with_changes",
                        "changed": {k: {"old": old, "new": new} for k, (old, new) in self.resume_changes.items()}})
@@ -350,10 +369,20 @@ class Trainer:
         return None if weighter is None else distributed.gather_objects(weighter.bank.get_extra_state())
 
     def _autocast(self):
-        amp = self.config.train.amp
-        if amp == "off":
+        if self.amp == "off":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+
+    def _record_provenance(self) -> None:
+        """One line per invocation in the run folder's ``provenance.jsonl`` (the machine and the precision it
+        trains in, from which iteration), and the precision on stdout when ``train.amp: auto`` chose it."""
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "iteration": self.iteration,
+                  "device": str(self.device), "device_name": _device_name(self.device),
+                  "processes": self.dist.world_size, "torch": torch.__version__, "amp": self.config.train.amp,
+                  "precision": self.amp, "precision_reason": self.amp_reason}
+        append_line(self.run_dir / "provenance.jsonl", json_dumps(record))
+        if self.config.train.amp == "auto":
+            print(f"precision: {self.amp} ({self.amp_reason})", flush=True)
 
     def _finite_or_skip(self, step, iteration: int) -> bool:
         """True when the loss is finite; else the step is skipped, or training stops once too many were skipped."""
