@@ -90,6 +90,14 @@ def test_auto_trains_in_the_precision_the_cpu_computes_natively(tmp_path, tiny_c
     assert trainer.amp == "off" and conv_output_dtypes == {torch.float32}
 
 
+@pytest.mark.cuda
+def test_auto_on_this_gpu_trains_in_bf16_from_compute_capability_8(tmp_path, tiny_config, conv_output_dtypes):
+    trainer, result, moved = train(tiny_config, tmp_path, "train.iterations=1", "train.amp=auto", "train.device=cuda")
+    native = torch.cuda.get_device_capability() >= (8, 0)
+    assert trainer.amp == ("bf16" if native else "off")
+    assert conv_output_dtypes == {torch.bfloat16 if native else torch.float32} and moved > 0
+
+
 def test_resume_refuses_a_change_of_the_resolved_precision(tmp_path, tiny_config, monkeypatch):
     """``auto`` trained in bf16 on one machine; resumed where it means off, the run would change precision: refused
     with the key named, unless ``--allow-change train.amp``, and then the new precision is recorded."""
