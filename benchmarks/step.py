@@ -5,6 +5,7 @@
     python benchmarks/step.py --preset r101 --device cuda --variants fp32 bf16 fp32+cl bf16+cl   # GPU
     python benchmarks/step.py --preset dpt --crop 126 --threads 1   # UniMatch V2 step, DINOv2-S + DPT, batch 4+4, CPU
     python benchmarks/step.py --preset dpt --device cuda --variants fp32 bf16     # the same at crop 518 on a GPU
+    python benchmarks/step.py --preset r101 --device cuda --variants bf16+cl+compile  # torch.compile'd segmenter
 
 Both frameworks share one model and one optimiser, and the on and off steps alternate (on/off, then off/on, ...)
 on the same preloaded batch, so load drift on a shared machine hits both alike. A step is the framework's
@@ -15,8 +16,9 @@ The weighting runs as the paper has it: ``weighting.reliable: detector`` with a 
 Reported: median wall time of ``--steps`` steps each way and the overhead ``on / off - 1``, also on process CPU
 time (less sensitive to other processes on the machine); iterations per second; peak memory of one step (GPU:
 ``max_memory_allocated``; CPU: the process's resident memory at the step's peak, ``/proc`` high-water mark reset
-before the step); then the parts of the weighting, each timed alone (median of ``--steps`` calls) on the features
-and logits of one real forward pass, as a share of the off step.
+before the step); the wall time of the warm-up steps (a compiled variant compiles there); then the parts of the
+weighting, each timed alone (median of ``--steps`` calls) on the features and logits of one real forward pass, as a
+share of the off step (not for a compiled variant: its forward pass would compile again).
 """
 
 from __future__ import annotations
@@ -101,13 +103,15 @@ def prefill_bank(weighter, C: int, D: int, device) -> None:
 
 def run_variant(preset: str, variant: str, args) -> tuple[list, list]:
     device = torch.device(args.device)
-    bf16, channels_last = "bf16" in variant, "cl" in variant.split("+")
+    bf16, channels_last, compiled = "bf16" in variant, "cl" in variant.split("+"), "compile" in variant.split("+")
     cfg_on, cfg_off = make_config(preset, True, args), make_config(preset, False, args)
     C = PRESETS[preset][2]
     torch.manual_seed(0)
     model = build_model(cfg_on, C).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compiled:  # in place, as train.compile does
+        model.compile(backend=getattr(args, "compile_backend", "inductor"))
     model.train()
     fw_ctx = FrameworkContext(C, thing_classes=tuple(range(1, C)))
     on, off = build_framework(cfg_on, model, fw_ctx).to(device), build_framework(cfg_off, model, fw_ctx).to(device)
@@ -134,6 +138,7 @@ def run_variant(preset: str, variant: str, args) -> tuple[list, list]:
         return time.perf_counter() - wall, time.process_time() - cpu
 
     peaks = {}
+    warm = time.perf_counter()
     for name, fw in (("off", off), ("on", on)):  # warm-up, and the peak memory of one step each
         for _ in range(args.warmup):
             step(fw)
@@ -142,6 +147,7 @@ def run_variant(preset: str, variant: str, args) -> tuple[list, list]:
         with peak_rss(absolute=True) as peak:
             step(fw)
         peaks[name] = cuda_peak_mib(device) if device.type == "cuda" else peak()
+    warm = time.perf_counter() - warm
     times = {"on": [], "off": []}
     for i in range(args.steps):
         for name in (("on", "off") if i % 2 == 0 else ("off", "on")):
@@ -149,6 +155,11 @@ def run_variant(preset: str, variant: str, args) -> tuple[list, list]:
     wall = {k: median([t[0] for t in v]) for k, v in times.items()}
     cpu = {k: median([t[1] for t in v]) for k, v in times.items()}
 
+    row = [preset, variant, wall["off"] * 1e3, wall["on"] * 1e3, 100 * (wall["on"] / wall["off"] - 1),
+           cpu["off"] * 1e3, cpu["on"] * 1e3, 100 * (cpu["on"] / cpu["off"] - 1), None, None,
+           1 / wall["off"], 1 / wall["on"], peaks["off"], peaks["on"], warm]
+    if compiled:
+        return row, []
     # ---- parts, on one real forward pass's features and logits
     with torch.no_grad(), autocast():
         x, y, u_w = labelled["image"], labelled["mask"], unlabelled["weak"]
@@ -209,9 +220,7 @@ def run_variant(preset: str, variant: str, args) -> tuple[list, list]:
                 t[i] = time.perf_counter() - start
         part_rows.append([preset, variant, "for comparison: exact top-k mask + product",
                           median(t) * 1e3, 100 * median(t) / wall["off"]])
-    row = [preset, variant, wall["off"] * 1e3, wall["on"] * 1e3, 100 * (wall["on"] / wall["off"] - 1),
-           cpu["off"] * 1e3, cpu["on"] * 1e3, 100 * (cpu["on"] / cpu["off"] - 1), total * 1e3,
-           100 * total / wall["off"], 1 / wall["off"], 1 / wall["on"], peaks["off"], peaks["on"]]
+    row[8:10] = [total * 1e3, 100 * total / wall["off"]]
     return row, part_rows
 
 
@@ -222,7 +231,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--variants", nargs="+", default=["fp32"],
-                   help="fp32, bf16 (autocast), fp32+cl / bf16+cl (channels-last model and inputs)")
+                   help="fp32, bf16 (autocast), fp32+cl / bf16+cl (channels-last model and inputs), +compile "
+                        "(torch.compile the segmenter, e.g. bf16+cl+compile)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of a +compile variant")
     p.add_argument("--reliable", default="detector", choices=["detector", "confidence"])
     p.add_argument("--align", default="bilinear", choices=["bilinear", "nearest"])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -243,7 +254,8 @@ def main() -> None:
             part_rows += parts
     memory = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
     table(["preset", "variant", "off ms", "on ms", "overhead % (wall)", "off CPU ms", "on CPU ms",
-           "overhead % (CPU)", "parts ms", "parts % of off", "it/s off", "it/s on", f"{memory} off", "on"], rows)
+           "overhead % (CPU)", "parts ms", "parts % of off", "it/s off", "it/s on", f"{memory} off", "on",
+           "warm-up s"], rows)
     table(["preset", "variant", "part", "median ms", "% of off step"], part_rows)
     footer()
 

@@ -8,6 +8,24 @@ import torch
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cuda`` tests need a CUDA device: skipped without one (``pytest -m cuda`` selects them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_native_cpu_bf16(monkeypatch):
+    """``train.amp: auto`` (the tiny configs) resolves as on a CPU without native bf16, so the tests run the same
+    float32 step, and assert the same numbers, on every machine; a test of the resolution patches the probe itself.
+    Tests that train in a subprocess pass ``train.amp=off``."""
+    monkeypatch.setattr("hafis.precision.cpu_flags", lambda: frozenset())
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Generated data goes to a per-session cache, never the user's ~/.cache."""

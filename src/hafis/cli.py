@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "metrics.jsonl (repeatable)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard the run already in the run folder (its checkpoints, metrics.jsonl, config.yaml, "
-                        "TensorBoard logs) instead of refusing to train into it")
+                        "provenance.jsonl, TensorBoard logs) instead of refusing to train into it")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the config's validation set")

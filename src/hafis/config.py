@@ -202,8 +202,10 @@ class TrainConfig:
     device: str = choice("auto", "auto", "cpu", "cuda", runtime=True)
     #: mixed precision of the training step: bf16 needs no loss scaling; fp16 uses a GradScaler. On CPU the
     #: convolutions run bf16 / fp16 oneDNN kernels (depthwise ones stay float32 with train.fast_convs); bf16 pays
-    #: only on CPUs with native bf16 (AVX512-BF16 or AMX; elsewhere oneDNN emulates it, slower than float32)
-    amp: str = choice("off", "off", "bf16", "fp16")
+    #: only on CPUs with native bf16 (AVX512-BF16 or AMX; elsewhere oneDNN emulates it, slower than float32).
+    #: auto = bf16 where the device computes bf16 natively (a CUDA GPU of compute capability >= 8.0, a CPU with
+    #: AVX512-BF16 or AMX), else off (hafis.precision); resume compares the precision it resolves to
+    amp: str = choice("off", "off", "bf16", "fp16", "auto")
     #: exact CPU fast paths for the convolutions PyTorch runs slowly (all-padding taps of dilated kernels cut off,
     #: depthwise backward as convolutions): the same outputs and gradients up to float rounding; no effect on GPU
     fast_convs: bool = runtime(True)
@@ -681,7 +683,23 @@ def config_changes(old: Optional[dict], new: Config) -> dict[str, tuple[Any, Any
         a, b = before.get(key, absent), after.get(key, absent)
         if a != b and key not in free:
             changes[key] = (a, b)
+    if "train.amp" in changes:  # the precision trained in counts, not the word (bf16 -> auto: none where auto is bf16)
+        changes.update(_amp_change(*changes.pop("train.amp"), new.train.device))
     return changes
+
+
+def _amp_change(old: Any, new: Any, device: str) -> dict[str, tuple[Any, Any]]:
+    """``train.amp`` old -> new compared by the precision each means on ``device`` (``auto`` resolved there, as
+    :mod:`hafis.precision` does); ``{}`` when they mean the same."""
+    from hafis.precision import resolve_amp
+
+    def resolved(value):
+        return resolve_amp(value, device)[0] if value in ("auto", "off", "bf16", "fp16") else value
+
+    a, b = resolved(old), resolved(new)
+    if a == b:
+        return {}
+    return {"train.amp": (old if a == old else f"{old} ({a})", new if b == new else f"{new} ({b})")}
 
 
 def _runtime_keys(cls: type, prefix: str = "") -> list[str]:

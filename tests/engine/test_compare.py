@@ -101,7 +101,8 @@ def test_compare_end_to_end_reuses_and_resumes(tmp_path, capsys, tiny_config, mo
     out = tmp_path / "cmp"
     args = ["compare", str(tiny_config), "--arm", "plain: train.framework=unimatch",
             "--arm", "w: weighting.enabled=true", "--seeds", "0,1", "--jobs", "2", "--out", str(out),
-            "--set", "train.eval_interval=1", "train.tensorboard=false", "eval.diagnostics_images=3"]
+            "--set", "train.eval_interval=1", "train.tensorboard=false", "eval.diagnostics_images=3",
+            "train.amp=off"]  # the runs are subprocesses: the tiny config's auto pinned
     monkeypatch.setattr("os.cpu_count", lambda: 8)  # --threads, not the cores shared out (4 each), sets the threads
     assert main([*args, "--threads", "1"]) == 0
     assert "4 of 4 runs to train, 2 at a time with 1 thread(s) each" in capsys.readouterr().out
@@ -170,7 +171,7 @@ def test_a_failing_run_is_named_with_its_log_and_the_others_go_on(tmp_path, caps
     out = tmp_path / "cmp"
     code = main(["compare", str(tiny_config), "--arm", "ok: train.framework=supervised", "--arm",
                  "broken: data.synthetic.num_unlabelled=0", "--seeds", "0", "--out", str(out),
-                 "--set", "train.tensorboard=false", "train.iterations=1"])
+                 "--set", "train.tensorboard=false", "train.iterations=1", "train.amp=off"])
     assert code == 1
     results = json.loads((out / "results.json").read_text())
     assert [r["arm"] for r in results["runs"]] == ["ok"]
@@ -237,7 +238,8 @@ def test_an_interrupted_runner_keeps_the_time_its_run_trained(tmp_path, capsys, 
 
     out = tmp_path / "cmp"
     args = ["compare", str(tiny_config), "--arm", "plain: train.framework=supervised", "--seeds", "0", "--jobs", "1",
-            "--threads", "1", "--out", str(out), "--set", "train.tensorboard=false", "train.iterations=4"]
+            "--threads", "1", "--out", str(out), "--set", "train.tensorboard=false", "train.iterations=4",
+            "train.amp=off"]
     status = out / "runs" / "plain" / "seed_0" / "compare_run.json"
     real_write, ticks = pool.write_json, []
 

@@ -164,7 +164,7 @@ def test_the_word_off_of_a_mode_switch_is_the_mode_not_a_boolean(tmp_path):
     assert load_config(None, ["train.amp=off"]).train.amp == "off"
     assert load_config(write(tmp_path, "a.yaml", "train: {amp: off}\n")).train.amp == "off"
     assert load_config(None, ["train.amp=bf16"]).train.amp == "bf16"
-    with pytest.raises(ConfigError, match=r"'train.amp' must be one of \['off', 'bf16', 'fp16'\], got 'on'"):
+    with pytest.raises(ConfigError, match=r"'train.amp' must be one of \['off', 'bf16', 'fp16', 'auto'\], got 'on'"):
         load_config(None, ["train.amp=on"])  # True is "on", which is no mode of train.amp
     # a real boolean key keeps its boolean
     assert load_config(None, ["weighting.enabled=off"]).weighting.enabled is False

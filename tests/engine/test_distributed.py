@@ -21,8 +21,9 @@ from hafis.engine.run_log import read_metrics
 from hafis.engine.build import build_model
 
 HERE = Path(__file__).parent
+# train.amp=off: the subprocesses resolve the tiny config's auto on this machine's CPU (conftest pins it in-process)
 ARGS = ["train.batch_size=4", "train.unlabelled_batch_size=4", "train.iterations=4", "train.eval_interval=2",
-        "weighting.enabled=true", "weighting.reliable=confidence", "weighting.labelled_threshold=0"]
+        "weighting.enabled=true", "weighting.reliable=confidence", "weighting.labelled_threshold=0", "train.amp=off"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

@@ -240,7 +240,7 @@ def test_hot_path_never_reads_a_tensor_on_the_host(monkeypatch, align):
     assert w.shape == (2, 24, 24)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_hot_path_has_no_cuda_sync():
     weighter = PseudoLabelWeighter(num_classes=4, feature_dim=16, k=5, validate=False).cuda()
     feats, labels = _inputs("cuda")

@@ -83,7 +83,7 @@ def test_bad_input(feats, protos, k, match):
         topk_index_similarity(feats, protos, k)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     g = torch.Generator().manual_seed(3)
     feats = torch.randint(0, 4, (500, 64), generator=g).float()

@@ -131,16 +131,25 @@ def _allowed(key: str, allow_change: tuple) -> bool:
     return any(key == a or key.startswith(a + ".") for a in allow_change)
 
 
-def experiment_changes(state: dict, config: Any, digests: dict, allow_change: tuple, path: Any) -> dict:
+def experiment_changes(state: dict, config: Any, digests: dict, allow_change: tuple, path: Any,
+                       precision: Optional[tuple[str, str]] = None) -> dict:
     """The keys that changed the experiment between checkpoint ``state`` and ``config`` (a key not declared
-    ``runtime``, or a split file's content, ``digests``), old -> new; a :class:`ConfigError` listing them unless each
-    is named in ``allow_change`` (a key or a whole section)."""
+    ``runtime``, or a split file's content, ``digests``, or the resolved ``precision`` ``(amp, why)`` against the
+    one the checkpoint trained in), old -> new; a :class:`ConfigError` listing them unless each is named in
+    ``allow_change`` (a key or a whole section)."""
     changes = config_changes(state.get("config"), config)
     old_digests = state.get("split_digests")
     if isinstance(old_digests, dict):  # a checkpoint from before split hashes has none to compare
         for key in sorted(set(old_digests) | set(digests)):
             if key not in changes and old_digests.get(key) != digests.get(key):
                 changes[key] = (_content(old_digests.get(key)), _content(digests.get(key)))
+    trained_in = state.get("amp")  # train.amp resolved where the checkpoint was written (auto: per machine)
+    if precision is not None and "train.amp" not in changes and isinstance(trained_in, str) \
+            and trained_in != precision[0]:
+        old_train = state.get("config", {}).get("train") if isinstance(state.get("config"), dict) else None
+        old_amp = old_train.get("amp", "?") if isinstance(old_train, dict) else "?"
+        changes["train.amp"] = (f"{str(old_amp)[:20]} ({trained_in[:20]})", f"{config.train.amp} ({precision[0]}: "
+                                f"{precision[1].removeprefix('train.amp=auto: ')})")
     refused = {k: v for k, v in changes.items() if not _allowed(k, allow_change)}
     if refused:
         listed = "; ".join(f"{k}: {short(old)} -> {short(new)}" for k, (old, new) in refused.items())

@@ -10,23 +10,52 @@ first one's process id. Once the lock is held, temporary checkpoint files a kill
 from __future__ import annotations
 
 import os
+import platform
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from hafis.errors import UserError
-from hafis.files import WriteError, is_temporary
+from hafis.files import WriteError, append_line, is_temporary, json_dumps
 
 from .checkpoint import CheckpointManager
 
 LOCK_NAME = ".lock"
 #: files and folders a run writes into its folder (what ``--overwrite`` removes)
-RUN_FILES = ("metrics.jsonl", "config.yaml")
+RUN_FILES = ("metrics.jsonl", "config.yaml", "provenance.jsonl")
 RUN_FOLDERS = ("checkpoints", "tensorboard")
 
 
 class RunFolderError(UserError):
     """The run folder holds another run, or another process is training into it."""
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def record_provenance(run_dir: Path, iteration: int, device, processes: int, amp: str, precision: str,
+                      reason: str) -> None:
+    """One line per invocation in the run folder's ``provenance.jsonl`` (the machine and the precision it trains in,
+    from which iteration), and the precision on stdout when ``train.amp: auto`` chose it."""
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "iteration": iteration,
+              "device": str(device), "device_name": _device_name(device), "processes": processes,
+              "torch": torch.__version__, "amp": amp, "precision": precision, "precision_reason": reason}
+    append_line(run_dir / "provenance.jsonl", json_dumps(record))
+    if amp == "auto":
+        print(f"precision: {precision} ({reason})", flush=True)
 
 
 def describe_run(run_dir: Path) -> Optional[str]:

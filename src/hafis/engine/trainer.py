@@ -24,6 +24,7 @@ from hafis.files import atomic_write
 from hafis.data.ssl import LabelledBatch, UnlabelledBatch
 from hafis.frameworks import Framework, FrameworkContext, StepOutput, build_framework
 from hafis.models.fast_conv import use_fast_convs
+from hafis.precision import resolve_amp, warn_if_emulated
 
 from . import distributed
 from .build import build_model, resolve_device
@@ -33,15 +34,9 @@ from .detect import box_mask_provider, detected_classes
 from .evaluation import EvalResult
 from .hooks import Hook, default_hooks
 from .optim import build_optimizer
+from .run_folder import record_provenance
 from .run_log import RunLog, truncate_metrics
 from .streams import training_streams
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); True where torch cannot tell."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    checks = [c for c in checks if c is not None]
-    return not checks or any(c() for c in checks)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -57,12 +52,13 @@ class Trainer:
     """
 
     def __init__(self, config: Config, on_eval: Optional[Callable] = None) -> None:
-        self.config = config
-        self.on_eval = on_eval
+        self.config, self.on_eval = config, on_eval
         self.device = resolve_device(config.train.device)
         self.dist = distributed.setup(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
+        #: the precision the step trains in (``train.amp`` resolved on this device: auto -> bf16 or off) and why
+        self.amp, self.amp_reason = resolve_amp(config.train.amp, self.device)
         self.batch_size = self._per_rank(config.train.batch_size, "train.batch_size")
         self.unlabelled_batch_size = self._per_rank(config.train.unlabelled_batch_size, "train.unlabelled_batch_size")
         torch.manual_seed(config.seed)
@@ -87,10 +83,9 @@ class Trainer:
         self.resumed = False
         #: keys changed on resume with --allow-change, old -> new; logged once training starts
         self.resume_changes: dict = {}
-        self.best_miou = float("-inf")
-        self.nonfinite_skips = 0
+        self.best_miou, self.nonfinite_skips = float("-inf"), 0
         #: loss scaling only for fp16; a disabled scaler is a pass-through
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         #: what the hooks share during :meth:`train`: the latest evaluation, and every rank's framework
         #: ``rank_state`` gathered before a checkpoint under torchrun (None on one process)
         self.last_eval: Optional[EvalResult] = None
@@ -103,10 +98,7 @@ class Trainer:
         model = build_model(config, self.num_classes)
         if config.train.fast_convs:
             use_fast_convs(model)  # in place, like the conversions below: the state-dict keys stay
-        if config.train.amp == "bf16" and self.device.type == "cpu" and not native_bf16():
-            warnings.warn("train.amp=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): oneDNN emulates bf16, "
-                          "which is slower than float32 (benchmarks/iteration.py: 1.65x the float32 step); "
-                          "train.amp=off is faster here", stacklevel=3)
+        warn_if_emulated(self.amp, self.device, stacklevel=4)
         model.to(self.device)
         if config.train.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -157,6 +149,7 @@ class Trainer:
             "best_miou": self.best_miou,
             "nonfinite_skips": self.nonfinite_skips,
             "scaler": self.scaler.state_dict(),
+            "amp": self.amp,  # the precision trained in (train.amp resolved), compared on resume
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "config": to_dict(self.config),
@@ -200,7 +193,8 @@ class Trainer:
             if found is None:
                 return None
             path, state = found
-        self.resume_changes = experiment_changes(state, self.config, self.split_digests, allow_change, path)
+        precision = (self.amp, self.amp_reason)
+        self.resume_changes = experiment_changes(state, self.config, self.split_digests, allow_change, path, precision)
         self.load_state_dict(state, f"checkpoint {path}")
         return Path(path)
 
@@ -253,6 +247,9 @@ class Trainer:
             if self.resumed:  # records past the checkpoint (all, without one) are written again by replayed steps
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
         self.log = RunLog(self.run_dir, tensorboard=c.train.tensorboard, enabled=self.dist.is_main)
+        if self.dist.is_main:
+            record_provenance(self.run_dir, self.iteration, self.device, self.dist.world_size, c.train.amp,
+                              self.amp, self.amp_reason)
         if self.resume_changes:
             self.log.write({"iteration": self.iteration, "event": "resume_with_changes",
                             "changed": {k: {"old": old, "new": new} for k, (old, new) in self.resume_changes.items()}})
@@ -274,7 +271,7 @@ class Trainer:
         return global_batch // self.dist.world_size
 
     def _autocast(self):
-        amp = self.config.train.amp
+        amp = self.amp
         if amp == "off":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
