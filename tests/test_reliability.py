@@ -221,6 +221,7 @@ def test_every_checkpoint_loads_with_weights_only(tmp_path, capsys, framework):
                  "train.eval_interval=1", f"output_dir={run_dir}") == 0
     state = torch.load(run_dir / "checkpoints" / "ckpt_00000001.pt", weights_only=True)
     assert state["config"]["train"]["framework"] == framework and state["iteration"] == 1
+    assert state["class_names"] == ["background", "disc", "square", "triangle"]  # what predict / export check
 
 
 def test_the_empty_split_error_describes_the_split(tmp_path, capsys):
