@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/loading.py
 	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/predict.py
+	$(PY) benchmarks/export.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -32,18 +32,18 @@ def one_error_line(capsys, command="train"):
     ("weighting.k=0", "'weighting.k' must be in (0, inf), got 0"),
     ("weighting.k=100000", "'weighting.k' must be at most 'model.feature_dim' (32), got 100000"),
     ("optim.lr=-1", "'optim.lr' must be in (0, inf), got -1.0"),
-    ("data.crop_size=0", "'data.crop_size' must be in [16, inf), got 0"),
-    ("train.batch_size=0", "'train.batch_size' must be in (0, inf), got 0"),
-    ("weighting.memory_per_class=0", "'weighting.memory_per_class' must be in (0, inf), got 0"),
-    ("train.eval_interval=0", "'train.eval_interval' must be in (0, inf), got 0"),
+    ("data.crop_size=0", "'data.crop_size' must be in [16, 8192], got 0"),
+    ("train.batch_size=0", "'train.batch_size' must be in (0, 65536], got 0"),
+    ("weighting.memory_per_class=0", "'weighting.memory_per_class' must be in (0, 1048576], got 0"),
+    ("train.eval_interval=0", "'train.eval_interval' must be in (0, 1000000000], got 0"),
     ("data.scale_range=[2.0,0.5]", "'data.scale_range' must be in increasing order (low <= high), got (2.0, 0.5)"),
-    ("train.iterations=0", "'train.iterations' must be in (0, inf), got 0"),
+    ("train.iterations=0", "'train.iterations' must be in (0, 1000000000], got 0"),
     ("weighting.offset=-5", "'weighting.offset' must be in [0, inf), got -5.0"),
     ("weighting.tau_seg=1.5", "'weighting.tau_seg' must be in [0, 1], got 1.5"),
-    ("train.log_interval=-1", "'train.log_interval' must be in (0, inf), got -1"),
+    ("train.log_interval=-1", "'train.log_interval' must be in (0, 1000000000], got -1"),
     ("optim.lr=.nan", "'optim.lr' must be finite"),
     ("u2pl.high_rank=2", "'u2pl.high_rank' must be at least 'u2pl.low_rank' (3), got 2"),
-    ("ael.paste_exclude=[0,-1]", "'ael.paste_exclude' each value must be in [0, inf), got [0, -1]"),
+    ("ael.paste_exclude=[0,-1]", "'ael.paste_exclude' each value must be in [0, 254], got [0, -1]"),
     ("detector.max_size=10", "'detector.max_size' must be at least 'detector.min_size' (20), got 10"),
 ])
 def test_out_of_range_values_exit_2_naming_key_value_and_range(tmp_path, capsys, override, message):
@@ -93,6 +93,26 @@ def test_every_numeric_key_declares_a_range():
 
     missing = [key for key, f in walk(Config) if "range" not in f.metadata and "choices" not in f.metadata]
     assert missing == []
+    # a whole number is a size, count, index or seed: each has a finite upper bound (a huge one would overflow a
+    # tensor's size, an index or a generator's seed, or start a billion workers)
+    unbounded = [key for key, f in walk(Config) if "int" in str(f.type) and "range" in f.metadata
+                 and float(f.metadata["range"][1]) == float("inf") and not f.metadata.get("at_most")]
+    assert unbounded == []
+
+
+def test_the_largest_seed_holds_after_the_streams_add_their_offsets():
+    """Seeds are at most 2^63 - 1: torch's generators take the sampler's ``seed + 1 + epoch`` and numpy's the
+    ``[seed, stream, epoch, index]`` of every sample, so a first batch of each stream is drawn."""
+    from hafis.engine.trainer import Trainer
+    from hafis.fields import MAX_SEED
+
+    assert MAX_SEED == 2**63 - 1
+    trainer = Trainer(load_config(TINY, [f"seed={MAX_SEED}", f"data.synthetic.seed={MAX_SEED}"]))
+    labelled, unlabelled = trainer._streams()
+    assert next(labelled)["image"].shape[0] == 2 and next(unlabelled)["weak"].shape[0] == 2
+    torch.Generator().manual_seed(MAX_SEED + 2 + 10**9)  # the mix stream's order after 10^9 epochs
+    with pytest.raises(ConfigError, match=r"'seed' must be in \[0, 9223372036854775807\], got 9223372036854775808"):
+        load_config(TINY, [f"seed={MAX_SEED + 1}"])
 
 
 # ----------------------------------------------------------------------------------------------------- resume
@@ -201,6 +221,7 @@ def test_every_checkpoint_loads_with_weights_only(tmp_path, capsys, framework):
                  "train.eval_interval=1", f"output_dir={run_dir}") == 0
     state = torch.load(run_dir / "checkpoints" / "ckpt_00000001.pt", weights_only=True)
     assert state["config"]["train"]["framework"] == framework and state["iteration"] == 1
+    assert state["class_names"] == ["background", "disc", "square", "triangle"]  # what predict / export check
 
 
 def test_the_empty_split_error_describes_the_split(tmp_path, capsys):

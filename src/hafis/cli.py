@@ -1,23 +1,30 @@
 """``hafis`` command line: ``train``, ``eval``, ``predict``, ``export``, ``detect``, ``prepare``, ``visualize``,
 ``demo``, ``compare``.
 
-Errors a user can fix (a bad config key or value, a missing file, an unreadable, unsafe or mismatched checkpoint, a
-resume that would change the experiment) print one line ``hafis <command>: error: ...`` naming the key or file and
-exit with status 2; nothing is written before the config is valid. ``--debug`` shows the traceback instead.
+Errors a user can fix (a bad option, config key or value, a missing file, an output path that cannot be written, an
+unreadable, unsafe or mismatched checkpoint, a resume that would change the experiment) print one line
+``hafis <command>: error: ...`` naming the option, key or file and exit with status 2, the same for every command;
+options and output paths are checked before any work starts, and nothing is written before the config is valid.
+Numeric options have the ranges of the config keys they stand for (``--batch-size``: ``eval.batch_size``).
+``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import re
 import sys
+import typing
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from hafis.config import ConfigError, load_config
+from hafis.config import Config, ConfigError, load_config
 from hafis.errors import UserError, one_line
-from hafis.files import json_dumps
+from hafis.fields import MAX_SEED, PerCPU, number_error
+from hafis.files import check_output, json_dumps
 
 EXIT_USAGE = 2
 #: a ``key=value`` config override among a command's other positional arguments
@@ -30,6 +37,44 @@ EXIT_INTERRUPTED = 130
 
 #: set by ``hafis train --nproc N`` for its torchrun workers: the run folder its launcher has claimed
 _CLAIMED_ENV = "HAFIS_CLAIMED_RUN_DIR"
+#: processes and threads a command may start on one machine (``--nproc``, ``compare --jobs`` / ``--threads``)
+MAX_PROCESSES = PerCPU(8)
+#: machines of one ``hafis train --nnodes`` job
+MAX_NODES = 4096
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line ``hafis CMD: error: ...`` and exit 2, like every other mistake
+    (``--help`` shows the usage)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def number(kind: type, lo: float = -math.inf, hi: Any = math.inf, lo_open: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type``: an int or float in the range (as :func:`hafis.fields.bounded` declares one)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        problem = number_error(value, lo, hi, lo_open)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
+
+
+def like(key: str) -> Callable[[str], Any]:
+    """An argparse ``type`` with the type and range of the config key ``key`` (dotted)."""
+    owner: Any = Config
+    for part in key.split("."):
+        f = {f.name: f for f in dataclasses.fields(owner)}[part]
+        owner = typing.get_type_hints(owner)[part]
+    lo, hi, lo_open, _ = f.metadata["range"]
+    return number(int if "int" in str(f.type) else float, lo, hi, lo_open)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -41,7 +86,8 @@ def _train(args: argparse.Namespace) -> int:
     # one process owns the folder: the launcher of a one-machine torchrun, else global rank 0
     owner = os.environ.get("RANK", "0") == "0" and \
         os.environ.get(_CLAIMED_ENV) != str(config.run_dir.resolve())
-    if owner:  # before anything is built: a taken folder is refused at once
+    if owner:  # before anything is built: a taken folder, or one that cannot be made, is refused at once
+        check_output(config.run_dir, "folder", "output_dir")
         run_folder.check_free(config.run_dir, resume, args.overwrite)
     if (args.nproc > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ:
         if args.nnodes > 1:  # every node runs a launcher: the global rank 0 claims the folder
@@ -106,12 +152,13 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from hafis.data import build_sources
     from hafis.engine.build import resolve_device
-    from hafis.engine.inference import load_trained_model
+    from hafis.engine.inference import checked_class_names, load_trained_model
 
     config = load_config(args.config, args.overrides)
     device = resolve_device(config.train.device)
     _, _, val = build_sources(config.data)
     model, state, _ = load_trained_model(config, args.checkpoint, num_classes=val.num_classes)
+    checked_class_names(config, state, val.num_classes, args.checkpoint)
     model.to(device)
     from hafis.engine.evaluation import build_eval_loader, eval_settings, evaluate, iou_table
 
@@ -130,6 +177,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     args.overrides = [i for i in args.inputs if _OVERRIDE.match(i) and not Path(i).exists()]
     args.inputs = [i for i in args.inputs if i not in args.overrides]
+    check_output(args.out, "folder", "--out")
     predictor = Predictor.from_run(args.config, args.checkpoint, network=args.network, device=args.device,
                                    mode=args.mode, window=args.window, overrides=args.overrides)
     config = load_config(args.config, args.overrides)
@@ -145,11 +193,13 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from hafis.engine.export import ExportError, export_model, require_packages
-    from hafis.engine.inference import load_trained_model
+    from hafis.engine.inference import checked_class_names, load_trained_model
 
     config = load_config(args.config, args.overrides)
     require_packages(args.format)
-    model, _, _ = load_trained_model(config, args.checkpoint, args.network)
+    check_output(args.out, "file", "--out", example="model.onnx")
+    model, state, num_classes = load_trained_model(config, args.checkpoint, args.network)
+    checked_class_names(config, state, num_classes, args.checkpoint)
     try:
         export_model(model, Path(args.out), args.format, config.data.crop_size, args.tolerance)
     except ExportError as exc:  # not the user's mistake, but one line all the same
@@ -165,6 +215,7 @@ def _detect(args: argparse.Namespace) -> int:
     from hafis.engine.detect import run_detect
 
     config = load_config(args.config, args.overrides)
+    check_output(config.detector.output_dir.format(name=config.name), "folder", "detector.output_dir")
     detections, cache = run_detect(config, retrain=args.retrain)
     print(json_dumps({"cache": str(cache.path), **detections.summary(config.weighting.tau_det)}))
     return 0
@@ -173,6 +224,11 @@ def _detect(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from hafis.data.splits import prepare_command
 
+    problem = number_error(args.seed, 0, MAX_SEED)
+    if problem:
+        raise ConfigError(f"--seed {problem}")
+    if args.out is not None:
+        check_output(args.out, "folder", "--out")
     return prepare_command(args)
 
 
@@ -180,6 +236,7 @@ def _visualize(args: argparse.Namespace) -> int:
     from hafis.engine.visualize import visualize
 
     config = load_config(args.config, args.overrides)
+    check_output(args.out, "folder", "--out")
     try:
         indices = [int(i) for i in args.images.split(",")] if args.images else None
     except ValueError:
@@ -193,6 +250,7 @@ def _visualize(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from hafis.demo import run_demo
 
+    check_output(args.out, "folder", "--out")
     frameworks = None
     if args.frameworks:
         from hafis.frameworks import FRAMEWORKS
@@ -214,7 +272,7 @@ def _compare(args: argparse.Namespace) -> int:
     from hafis.engine.compare.pool import Comparison
 
     command = shlex.join(["hafis", *args.argv])
-    out = Path(args.out)
+    out = check_output(args.out, "folder", "--out")
     if args.report_only and not args.arm:
         comparison = Comparison.from_plan(out)
     else:
@@ -226,10 +284,6 @@ def _compare(args: argparse.Namespace) -> int:
         comparison.write_outputs()
         print(f"[compare] report rebuilt: {out / 'report.md'}")
         return 0
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     return comparison.run(args.jobs, args.threads)
 
 
@@ -237,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     from hafis.engine.export import FORMATS
     from hafis.engine.inference import NETWORKS
 
-    parser = argparse.ArgumentParser(prog="hafis", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="hafis", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a config: hafis train CONFIG [key=value ...]")
@@ -245,9 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides such as train.iterations=100")
     p.add_argument("--resume", nargs="?", const="", default=None,
                    help="resume from PATH, or from the run's newest readable checkpoint when PATH is omitted")
-    p.add_argument("--nproc", type=int, default=1,
+    p.add_argument("--nproc", type=number(int, 1, MAX_PROCESSES), default=1,
                    help="processes on this machine (DDP via torchrun: one per GPU, or gloo on CPU)")
-    p.add_argument("--nnodes", type=int, default=1, help="machines taking part (run the same command on each)")
+    p.add_argument("--nnodes", type=number(int, 1, MAX_NODES), default=1,
+                   help="machines taking part (run the same command on each)")
     p.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
                    help="with --nnodes: torchrun's c10d rendezvous point, reachable from every node")
     p.add_argument("--rdzv-id", default="hafis", help="with --nnodes: one id per job, the same on every node")
@@ -277,27 +332,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", action="store_true", help="also the top-class probability map (8-bit PNG)")
     p.add_argument("--mode", choices=("whole", "sliding"), default=None,
                    help="whole-image or sliding-window inference (default: the config's eval.mode)")
-    p.add_argument("--window", type=int, default=None, help="sliding window side (default: eval.window)")
+    p.add_argument("--window", type=like("eval.window"), default=None,
+                   help="sliding window side (default: eval.window)")
     p.add_argument("--network", choices=NETWORKS, default=None,
                    help="a mean-teacher checkpoint's student or teacher (default: the network its evaluation "
                         "reports)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the config's train.device)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=like("eval.batch_size"), default=None,
                    help="images of one size per forward pass (default: eval.batch_size)")
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("export", help="the trained segmenter as ONNX (or a torch.export .pt2), normalisation inside, "
-                                      "dynamic batch and size, checked against torch on two image sizes")
+    p = sub.add_parser("export", help="the trained segmenter as ONNX, normalisation inside, dynamic batch and size, "
+                                      "checked against torch on two image sizes")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
     p.add_argument("--format", choices=FORMATS, default="onnx",
-                   help="onnx (checked with onnxruntime; needs pip install 'hafis[export]') or pt2 (torch.export)")
+                   help="onnx, checked with onnxruntime (needs pip install 'hafis[export]')")
     p.add_argument("--network", choices=NETWORKS, default=None,
                    help="a mean-teacher checkpoint's student or teacher (default: the network its evaluation "
                         "reports)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--tolerance", type=number(float, 0, 1, lo_open=True), default=1e-4,
                    help="largest logit difference allowed, times max(1, largest logit) (default 1e-4)")
     p.set_defaults(func=_export)
 
@@ -343,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arm", action="append", default=[], metavar="'NAME: key=value ...'",
                    help="one arm: a name and its overrides; repeat for each arm")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--jobs", type=int, default=1, help="runs side by side (default 1)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--jobs", type=number(int, 1, MAX_PROCESSES), default=1, help="runs side by side (default 1)")
+    p.add_argument("--threads", type=number(int, 1, MAX_PROCESSES), default=None,
                    help="CPU threads of each run (default: cpu_count // jobs)")
     p.add_argument("--out", required=True, help="folder of the runs, results.json and report.md")
     p.add_argument("--baseline", default=None, help="arm the others are compared with (default: the first)")
@@ -354,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compare)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.commands = sub.choices  # type: ignore[attr-defined]
     return parser
 
 
@@ -364,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     from hafis.engine.distributed import DistributedSetupError

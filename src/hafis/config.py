@@ -3,8 +3,11 @@
 Every key is a field of a dataclass below, so the valid keys, their types and their defaults are documented in one
 place. An unknown or mistyped key, a wrong type, a value outside its choices or its declared range, or a broken
 relation between keys (:mod:`hafis.fields`: ``k`` at most ``model.feature_dim``, a low <= high pair) is a
-:class:`ConfigError` that names the key (with the file), the value and what is allowed. A YAML file may start
-from another with ``base: other.yaml`` (relative to the file), so paper settings share one base per dataset.
+:class:`ConfigError` that names the key (with the file), the value and what is allowed. Every whole-number key
+has an upper bound too (seeds below 2^63, sizes below what overflows a tensor, workers a multiple of the cores). A
+key that may be null takes ``null`` / ``~`` and, from a command line, ``none`` (a path key keeps the word as a
+name); messages list null as ``null``. A YAML file may start from another with ``base: other.yaml`` (relative to
+the file), so paper settings share one base per dataset.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import yaml
 from hafis.data.garments import GarmentsConfig
 from hafis.errors import UserError, short
 from hafis.data.synthetic import SyntheticConfig
-from hafis.fields import (RegistryNames, bounded, choice, is_runtime, nonneg, positive, range_error, registry,
-                          relation_errors, runtime, unit)
+from hafis.fields import (NULL_WORDS, PerCPU, RegistryNames, bounded, choice, is_runtime, nonneg, positive,
+                          range_error, registry, relation_errors, runtime, seed_value, show_choices, unit)
 
 
 class ConfigError(UserError, ValueError):
@@ -34,6 +37,18 @@ class ConfigError(UserError, ValueError):
 MAX_CONFIG_BYTES = 1 << 20
 #: nodes of a YAML document with its aliases expanded; a config has a few hundred, a "billion laughs" file billions
 MAX_YAML_NODES = 20000
+
+# Upper bounds of sizes, far above any published setting and below what overflows a tensor's size or an index
+#: image sides in pixels (crops, sliding windows, the detector's resize): Cityscapes' 2048 x 4
+MAX_SIDE = 8192
+#: channels of a layer (published: 256; a ViT-L 1024)
+MAX_CHANNELS = 8192
+#: images of one batch
+MAX_BATCH = 65536
+#: training steps and intervals counted in steps
+MAX_ITERATIONS = 10**9
+#: data-loader worker processes
+MAX_WORKERS = PerCPU(8)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -113,10 +128,10 @@ class DataConfig:
     #: folder datasets: the class list (one name a line); null = ``root/classes.txt``
     classes: Optional[str] = None
     #: side of the square training crops; at least 16 (the network downsamples by up to 16, CutMix needs room)
-    crop_size: int = bounded(64, 16)
+    crop_size: int = bounded(64, 16, MAX_SIDE)
     #: random scale range of the weak augmentation (published: 0.5-2.0)
     scale_range: tuple[float, float] = positive((0.5, 2.0), ordered=True)
-    num_workers: int = nonneg(0, runtime=True)
+    num_workers: int = nonneg(0, MAX_WORKERS, runtime=True)
     #: where generated / rasterised data is cached; ``null`` = ``$HAFIS_CACHE`` or ``~/.cache/hafis``
     cache_dir: Optional[str] = runtime(None)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -142,9 +157,9 @@ class ModelConfig:
     freeze_encoder: bool = False
     #: deeplabv3plus: the backbone's output stride (16 as published; 8 dilates one more stage); segformer has none
     output_stride: int = choice(16, 8, 16)
-    feature_dim: int = positive(256)
+    feature_dim: int = positive(256, MAX_CHANNELS)
     #: deeplabv3plus: channels of the ASPP branches (256 as published; smaller for the tiny CPU configs)
-    aspp_channels: int = positive(256)
+    aspp_channels: int = positive(256, MAX_CHANNELS)
     #: UniMatch's feature perturbation: Dropout2d rate on the encoder features
     fp_dropout: float = unit(0.5)
     #: deeplabv3plus: ``unimatch`` = hafis's DeepLabV3+, UniMatch's released network; ``released`` = the U2PL / AEL
@@ -186,16 +201,16 @@ class TrainConfig:
     framework: str = registry("unimatch", "hafis.frameworks:FRAMEWORKS")
     #: changing it on resume changes the poly learning rate of every remaining step: resume refuses it unless
     #: ``--allow-change train.iterations``
-    iterations: int = positive(1000)
-    batch_size: int = positive(8)
-    unlabelled_batch_size: int = positive(8)
+    iterations: int = positive(1000, MAX_ITERATIONS)
+    batch_size: int = positive(8, MAX_BATCH)
+    unlabelled_batch_size: int = positive(8, MAX_BATCH)
     #: evaluation reads the model and draws from no training RNG, so it may change on resume
-    eval_interval: int = positive(100, runtime=True)
-    log_interval: int = positive(10, runtime=True)
+    eval_interval: int = positive(100, MAX_ITERATIONS, runtime=True)
+    log_interval: int = positive(10, MAX_ITERATIONS, runtime=True)
     #: checkpoints are written every ``checkpoint_interval`` iterations (0 = at every evaluation) and at the end;
     #: the newest ``keep_checkpoints`` are kept
-    checkpoint_interval: int = nonneg(0, runtime=True)
-    keep_checkpoints: int = positive(2, runtime=True)
+    checkpoint_interval: int = nonneg(0, MAX_ITERATIONS, runtime=True)
+    keep_checkpoints: int = positive(2, 10000, runtime=True)
     progress_bar: bool = runtime(True)
     tensorboard: bool = runtime(True)
     #: may change on resume (the same experiment continued on other hardware)
@@ -214,7 +229,7 @@ class TrainConfig:
     #: torch.compile the segmenter (first steps are slow while it compiles; one graph per input size)
     compile: bool = runtime(False)
     #: a non-finite loss skips its step; more than this many skipped steps in a run stop training (0 = stop at once)
-    max_nonfinite_skips: int = nonneg(0, runtime=True)
+    max_nonfinite_skips: int = nonneg(0, MAX_ITERATIONS, runtime=True)
     #: under torchrun, synchronise every BatchNorm of the trained networks over the processes, so batch statistics
     #: cover the global batch (as the released codes run; the paper configs set it): torch's SyncBatchNorm on GPUs,
     #: hafis's all-reduce one on CPU (gloo). No effect on one process
@@ -255,7 +270,7 @@ class U2PLConfig:
 
     #: labelled-only iterations before the teacher starts; null = one epoch (one pass over the unlabelled images,
     #: the released code's epoch, which repeats the labelled list to the unlabelled list's length)
-    sup_only_iterations: Optional[int] = nonneg(None)
+    sup_only_iterations: Optional[int] = nonneg(None, MAX_ITERATIONS)
     ema_decay: float = unit(0.99)
     unsup_weight: float = nonneg(1.0)
     #: α_0 in percent: at iteration t the α_t = α_0 (1 - t/T) % highest-entropy pixels are unreliable (dropped from
@@ -268,18 +283,18 @@ class U2PLConfig:
     #: anchors per class and negatives per anchor: the released configs' 256 / 50 (``num_queries`` /
     #: ``num_negatives``, which the maintainer says to follow: U2PL issue #38); the paper writes 50 / 256
     #: (``u2pl.num_anchors=50 u2pl.num_negatives=256``)
-    num_anchors: int = positive(256)
-    num_negatives: int = positive(50)
+    num_anchors: int = positive(256, 65536)
+    num_negatives: int = positive(50, 65536)
     #: negatives of class c: labelled pixels ranking c in [0, low_rank), unreliable ones ranking it in
     #: [low_rank, high_rank) (ranks from 0 = the argmax)
-    low_rank: int = nonneg(3)
-    high_rank: int = nonneg(20, at_least="u2pl.low_rank")
+    low_rank: int = nonneg(3, 255)
+    high_rank: int = nonneg(20, 255, at_least="u2pl.low_rank")
     #: δ_p: anchors need a teacher probability of their class above this
     anchor_threshold: float = unit(0.3)
     #: per-class FIFO memory of negative keys (released: 30000)
-    queue_size: int = positive(30000)
+    queue_size: int = positive(30000, 10**6)
     #: channels of the representation head (released: 256)
-    rep_dim: int = positive(256)
+    rep_dim: int = positive(256, MAX_CHANNELS)
 
 
 @dataclass
@@ -302,9 +317,9 @@ class AELConfig:
     #: probability that a labelled image gets pasted pixels
     copy_paste_prob: float = unit(0.5)
     #: classes drawn (with replacement) per iteration as the pasted content (released VOC: 1)
-    copy_paste_classes: int = positive(1)
+    copy_paste_classes: int = positive(1, 255)
     #: class indices never pasted ("stuff"; VOC and the synthetic scenes: background; Cityscapes: 0 1 2 8 10)
-    paste_exclude: list[int] = nonneg(lambda: [0])
+    paste_exclude: list[int] = nonneg(lambda: [0], 254)
     cutmix: bool = True
     #: false: CutMix with random half-area boxes instead of class-guided ones (an ablation)
     adaptive_cutmix: bool = True
@@ -331,7 +346,7 @@ class AugSegConfig:
     #: configs of the released training logs behind the paper's numbers, on in the repository's exps/ VOC configs
     extra_weak: bool = False
     #: the teacher copies the student during these first iterations; null = one epoch (released)
-    teacher_copy_iterations: Optional[int] = nonneg(None)
+    teacher_copy_iterations: Optional[int] = nonneg(None, MAX_ITERATIONS)
 
 
 @dataclass
@@ -343,9 +358,9 @@ class WeightingConfig:
     offset: float = nonneg(0.0)
     #: count = the framework's own normaliser (paper); weight = divide by the sum of W (authors' code)
     normalize: str = registry("count", "hafis.weighting.loss:NORMALIZE_MODES")
-    memory_per_class: int = positive(256)
+    memory_per_class: int = positive(256, 2**20)
     #: pixels of each class pushed into the bank per batch (a few per image)
-    samples_per_class: int = positive(32)
+    samples_per_class: int = positive(32, 2**20)
     #: labelled pixels feed the bank when predicted right with confidence above this (the paper: 0.95)
     labelled_threshold: float = unit(0.95)
     #: how unlabelled pixels are judged reliable for the bank: ``detector`` = the paper's rule (confidence ≥ tau_seg
@@ -387,8 +402,8 @@ class DetectorConfig:
     #: ImageNet EfficientNet-Lite0 trunk (stride 8, 16-128 px anchors; the realistic benchmark)
     arch: str = registry("resnet50_fpn", "hafis.models.detector:DETECTOR_ARCHS")
     #: training steps (Adam); the authors train "many epochs"
-    iterations: int = positive(10000)
-    batch_size: int = positive(4)
+    iterations: int = positive(10000, MAX_ITERATIONS)
+    batch_size: int = positive(4, MAX_BATCH)
     #: the authors' Adam learning rate; a tiny detector trained briefly needs a larger one
     lr: float = positive(5e-5)
     weight_decay: float = nonneg(0.0)
@@ -397,25 +412,25 @@ class DetectorConfig:
     #: boxes plus connected components of ``component_classes`` (the authors' Cityscapes recipe)
     boxes: str = registry("auto", "hafis.engine.detector:BOX_MODES")
     #: connected components smaller than this many pixels give no box (the authors: 90 px for thin classes)
-    component_min_area: int = nonneg(0)
+    component_min_area: int = nonneg(0, MAX_SIDE * MAX_SIDE)
     #: with ``boxes: combined``: classes (names) without instances whose connected components become boxes; the
     #: detector then detects them too (the authors, Cityscapes: pole, traffic light, traffic sign)
     component_classes: list[str] = field(default_factory=lambda: ["pole", "traffic light", "traffic sign"])
     #: torchvision's input resize (shorter side, longer-side cap); null = the first labelled image's own size
-    min_size: Optional[int] = positive(None)
-    max_size: Optional[int] = positive(None, at_least="detector.min_size")
+    min_size: Optional[int] = positive(None, MAX_SIDE)
+    max_size: Optional[int] = positive(None, MAX_SIDE, at_least="detector.min_size")
     #: lowest score stored in the cache (so weighting.tau_det can change without running the detector again)
     score_threshold: float = unit(0.05)
-    detections_per_image: int = positive(100)
+    detections_per_image: int = positive(100, 10000)
     #: a trained detector to use as it is (hafis detect then only runs it); null = train one into output_dir
     checkpoint: Optional[str] = None
     #: where the trained detector (detector.pt) and the detection cache go; ``{name}`` is the experiment name
     output_dir: str = runtime("runs/{name}/detector")
     #: local torchvision ResNet-50 weights for resnet50_fpn's backbone (nothing is ever downloaded)
     backbone_weights: Optional[str] = None
-    inference_batch_size: int = positive(8, runtime=True)
+    inference_batch_size: int = positive(8, MAX_BATCH, runtime=True)
     #: images per resumable piece of the detection cache
-    chunk_size: int = positive(256, runtime=True)
+    chunk_size: int = positive(256, 10**6, runtime=True)
 
 
 @dataclass
@@ -427,24 +442,24 @@ class LossConfig:
     #: OHEM keeps pixels whose true-class probability is at most this ...
     ohem_threshold: float = unit(0.7)
     #: ... and at least this many of the hardest pixels per image (UniMatch: 200,000 per 2-image GPU batch)
-    ohem_min_kept: int = nonneg(100000)
+    ohem_min_kept: int = nonneg(100000, 10**9)
 
 
 @dataclass
 class EvalConfig:
     #: images per forward pass; validation images of different sizes are run one at a time
-    batch_size: int = positive(8, runtime=True)
+    batch_size: int = positive(8, MAX_BATCH, runtime=True)
     #: whole = the whole image in one pass (VOC as published); sliding = overlapping windows whose softmax
     #: outputs are averaged (Cityscapes, COCO as published)
     mode: str = choice("whole", "whole", "sliding")
     #: sliding window side in pixels; null = data.crop_size (the published choice)
-    window: Optional[int] = positive(None)
+    window: Optional[int] = positive(None, MAX_SIDE)
     #: step between windows; null = 2/3 of the window (an overlap of 1/3, as published)
-    stride: Optional[int] = positive(None, at_most="eval.window")
+    stride: Optional[int] = positive(None, MAX_SIDE, at_most="eval.window")
     #: at every evaluation, measure the pseudo-labels of the first N unlabelled images against their ground truth
     #: (which never reaches training): wrong share unweighted / W-weighted, AUROC of W and of the confidence, bank
     #: precision; logged as ``diagnostics`` in metrics.jsonl. 0 = off (it costs a forward pass over N images)
-    diagnostics_images: int = nonneg(0)
+    diagnostics_images: int = nonneg(0, 100000)
 
 
 
@@ -452,7 +467,7 @@ class EvalConfig:
 class Config:
     #: name and output_dir may change on resume (``--resume PATH`` continues a run into another folder)
     name: str = runtime("experiment")
-    seed: int = nonneg(0)
+    seed: int = seed_value(0)
     #: where checkpoints, metrics.jsonl and TensorBoard logs go; ``{name}`` is replaced by the name
     output_dir: str = runtime("runs/{name}")
     data: DataConfig = field(default_factory=DataConfig)
@@ -600,14 +615,14 @@ def from_dict(cls: type, raw: dict, source: str, prefix: str = "") -> Any:
             values[name] = from_dict(typ, raw[name], source, key + ".")
             continue
         choices = f.metadata.get("choices")
-        value = _coerce(_switch_word(raw[name], choices), typ, key, source)
+        value = _coerce(_null_word(_switch_word(raw[name], choices), typ, choices), typ, key, source)
         if isinstance(choices, RegistryNames) and choices.by:  # allowed names depend on a sibling key's value
             by = values.get(choices.by, fields[choices.by].default)
             if value not in choices.names_for(by):
                 raise ConfigError(f"{source}: '{key}' must be one of {list(choices.names_for(by))} with "
                                   f"'{prefix}{choices.by}' {by!r}, got {short(value)}")
         elif choices and value not in choices:
-            raise ConfigError(f"{source}: '{key}' must be one of {list(choices)}, got {short(value)}")
+            raise ConfigError(f"{source}: '{key}' must be one of {show_choices(choices)}, got {short(value)}")
         problem = range_error(f, value)
         if problem:
             raise ConfigError(f"{source}: '{key}' {problem}")
@@ -626,14 +641,26 @@ def _switch_word(value: Any, choices: Any) -> Any:
     return value
 
 
-def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
+def _null_word(value: Any, typ: Any, choices: Any) -> Any:
+    """``none`` / ``null`` / ``~`` (any case) as a string is ``None`` for a key that may be null and is not a free
+    string (a path may be called ``none``): ``model.pretrained=none``, ``eval.window: None``."""
+    if not isinstance(value, str) or value.strip().lower() not in NULL_WORDS:
+        return value
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) not in (Union, types.UnionType) or type(None) not in args:
+        return value
+    inner = [a for a in args if a is not type(None)][0]
+    return value if inner is str and not choices else None
+
+
+def _coerce(value: Any, typ: Any, key: str, source: str, nullable: bool = False) -> Any:
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, source)
+        return _coerce(value, inner[0], key, source, nullable=type(None) in args)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{source}: '{key}' must be a list of {len(args)} values, got {short(value)}")
@@ -657,7 +684,8 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
     if ok is None:
         return value
     if not ok:
-        raise ConfigError(f"{source}: '{key}' must be {typ.__name__}, got {short(value)} ({type(value).__name__})")
+        raise ConfigError(f"{source}: '{key}' must be {typ.__name__}{' or null' if nullable else ''}, got "
+                          f"{short(value)} ({type(value).__name__})")
     if typ is float:
         try:
             return float(value)

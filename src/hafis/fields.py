@@ -12,13 +12,38 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
 from dataclasses import field
 from typing import Any, Callable, Optional
 
 from hafis.errors import short
 
-__all__ = ["choice", "registry", "RegistryNames", "bounded", "positive", "nonneg", "unit", "runtime", "range_error",
-           "relation_errors", "is_runtime"]
+__all__ = ["MAX_SEED", "NULL_WORDS", "PerCPU", "choice", "registry", "RegistryNames", "bounded", "positive", "nonneg",
+           "unit", "seed_value", "runtime", "range_error", "number_error", "relation_errors", "is_runtime",
+           "show_choices"]
+
+#: the largest seed: ``torch.manual_seed`` takes up to 2^64 - 1 (numpy's ``default_rng`` any non-negative int), and
+#: the streams add small offsets to a seed (``seed + 1``, ``seed + epoch``, ``seed + rank``), so seeds stay below 2^63
+MAX_SEED = 2**63 - 1
+#: how a YAML file (``null``, ``~``) or a command line (``none``, ``null``) spells "no value"; YAML reads ``null`` and
+#: ``~`` itself, the others arrive as strings and mean ``None`` for a key that may be null and is not a path
+NULL_WORDS = ("none", "null", "~")
+
+
+class PerCPU:
+    """An upper bound of ``factor`` x this machine's CPU cores (worker, process and thread counts)."""
+
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    def __float__(self) -> float:
+        return float(self.factor * (os.cpu_count() or 1))
+
+    def __str__(self) -> str:
+        return f"{self.factor} x the {os.cpu_count() or 1} CPU cores here"
+
+    def __repr__(self) -> str:
+        return f"PerCPU({self.factor})"
 
 
 def _field(default: Any, meta: dict, runtime: bool) -> Any:
@@ -73,24 +98,30 @@ def registry(default: Any, ref: str, runtime: bool = False, by: Optional[str] = 
     return _field(default, {"choices": RegistryNames(ref, by)}, runtime)
 
 
-def bounded(default: Any, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
+def bounded(default: Any, lo: float = -math.inf, hi: Any = math.inf, *, lo_open: bool = False,
             hi_open: bool = False, at_most: Optional[str] = None, at_least: Optional[str] = None,
             ordered: bool = False, runtime: bool = False) -> Any:
     """A numeric key (or each element of a numeric tuple / list) in ``[lo, hi]`` (``lo_open`` / ``hi_open`` exclude
-    the ends); ``at_most`` / ``at_least`` name another key (dotted, from the top) it is compared with, ``ordered``
-    makes a tuple non-decreasing (a low <= high pair). ``None`` of an optional key is always allowed."""
+    the ends; ``hi`` may be a :class:`PerCPU`); ``at_most`` / ``at_least`` name another key (dotted, from the top) it
+    is compared with, ``ordered`` makes a tuple non-decreasing (a low <= high pair). ``None`` of an optional key is
+    always allowed."""
     meta = {"range": (lo, hi, lo_open, hi_open), "at_most": at_most, "at_least": at_least, "ordered": ordered}
     return _field(default, meta, runtime)
 
 
-def positive(default: Any, **relations: Any) -> Any:
-    """> 0: sizes, counts, intervals, learning rates."""
-    return bounded(default, 0, lo_open=True, **relations)
+def positive(default: Any, hi: Any = math.inf, **relations: Any) -> Any:
+    """> 0 (and at most ``hi``): sizes, counts, intervals, learning rates."""
+    return bounded(default, 0, hi, lo_open=True, **relations)
 
 
-def nonneg(default: Any, **relations: Any) -> Any:
-    """>= 0: loss weights, optional counts where 0 means "none"."""
-    return bounded(default, 0, **relations)
+def nonneg(default: Any, hi: Any = math.inf, **relations: Any) -> Any:
+    """>= 0 (and at most ``hi``): loss weights, optional counts where 0 means "none"."""
+    return bounded(default, 0, hi, **relations)
+
+
+def seed_value(default: Any, **relations: Any) -> Any:
+    """A seed: in [0, :data:`MAX_SEED`]."""
+    return bounded(default, 0, MAX_SEED, **relations)
 
 
 def unit(default: Any, **relations: Any) -> Any:
@@ -107,13 +138,33 @@ def is_runtime(f: dataclasses.Field) -> bool:
     return bool(f.metadata.get("runtime"))
 
 
-def _interval(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
-    def num(v: float) -> str:
-        return "inf" if v == math.inf else "-inf" if v == -math.inf else f"{v:g}"
+def _interval(lo: float, hi: Any, lo_open: bool, hi_open: bool) -> str:
+    def num(v: Any) -> str:
+        v = float(v) if isinstance(v, PerCPU) else v
+        if v in (math.inf, -math.inf):
+            return "inf" if v > 0 else "-inf"
+        return str(v) if isinstance(v, int) else f"{v:g}"
 
     left = "(" if lo_open or lo == -math.inf else "["
     right = ")" if hi_open or hi == math.inf else "]"
-    return f"{left}{num(lo)}, {num(hi)}{right}"
+    note = f" ({hi})" if isinstance(hi, PerCPU) else ""
+    return f"{left}{num(lo)}, {num(hi)}{right}{note}"
+
+
+def _outside(v: Any, lo: float, hi: Any, lo_open: bool, hi_open: bool) -> bool:
+    top = float(hi) if isinstance(hi, PerCPU) else hi
+    return not ((v > lo if lo_open else v >= lo) and (v < top if hi_open else v <= top))
+
+
+def number_error(value: Any, lo: float = -math.inf, hi: Any = math.inf, lo_open: bool = False,
+                 hi_open: bool = False) -> Optional[str]:
+    """Why the number ``value`` is outside the range (as :func:`bounded` declares one), or ``None``: the check of a
+    command-line option that has no config key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be finite, in {_interval(lo, hi, lo_open, hi_open)}, got {short(value)}"
+    if _outside(value, lo, hi, lo_open, hi_open):
+        return f"must be in {_interval(lo, hi, lo_open, hi_open)}, got {short(value)}"
+    return None
 
 
 def range_error(f: dataclasses.Field, value: Any) -> Optional[str]:
@@ -121,19 +172,21 @@ def range_error(f: dataclasses.Field, value: Any) -> Optional[str]:
     bounds = f.metadata.get("range")
     if bounds is None or value is None:
         return None
-    lo, hi, lo_open, hi_open = bounds
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     for v in items:
         if isinstance(v, float) and not math.isfinite(v):
             return f"must be finite, in {_interval(*bounds)}, got {short(value)}"
-        low_ok = v > lo if lo_open else v >= lo
-        high_ok = v < hi if hi_open else v <= hi
-        if not (low_ok and high_ok):
+        if _outside(v, *bounds):
             what = "each value must" if isinstance(value, (list, tuple)) else "must"
             return f"{what} be in {_interval(*bounds)}, got {short(value)}"
     if f.metadata.get("ordered") and any(a > b for a, b in zip(items, items[1:])):
         return f"must be in increasing order (low <= high), got {short(value)}"
     return None
+
+
+def show_choices(choices: Any) -> str:
+    """The allowed values as a YAML user writes them: ``[null, 'imagenet', 'dinov2']``."""
+    return "[" + ", ".join("null" if c is None else repr(c) for c in choices) + "]"
 
 
 def relation_errors(config: Any, lookup: Callable[[str], Any], prefix: str = "") -> list[str]:

@@ -115,6 +115,27 @@ def atomic_write(path: os.PathLike | str, content: Content, fsync: bool = True) 
         raise
 
 
+def check_output(path: os.PathLike | str, kind: str, what: str, example: str = "") -> Path:
+    """Refuse, before any work, an output path that cannot be written (a :class:`WriteError` naming ``what``, the
+    option or key): a folder (``kind`` ``"folder"``) that exists as a file, a file (``"file"``) that exists as a
+    folder, a path under a regular file, or a place this process may not write in. Creates nothing; returns
+    ``Path(path)``. ``example`` is a file name to suggest for a file given as a folder."""
+    path = Path(path)
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise WriteError(f"{what} {path} is a file, not a folder")
+    if kind == "file" and path.is_dir():
+        hint = f" (e.g. {path / example})" if example else ""
+        raise WriteError(f"{what} {path} is a folder; give the path of the file to write{hint}")
+    existing = path.absolute() if kind == "folder" else path.absolute().parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise WriteError(f"{what} {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise WriteError(f"{what} {path} cannot be written: no permission to write in {existing}")
+    return path
+
+
 def _write(fd: int, data: bytes) -> int:
     return os.write(fd, data)
 
@@ -169,5 +190,5 @@ def write_json(path: os.PathLike | str, value: Any, **kwargs: Any) -> None:
     atomic_write(path, json_dumps(value, **kwargs) + "\n")
 
 
-__all__ = ["TMP_SUFFIX", "WriteError", "append_line", "atomic_write", "finite", "is_temporary", "json_dumps",
-           "temporary_name", "write_json"]
+__all__ = ["TMP_SUFFIX", "WriteError", "append_line", "atomic_write", "check_output", "finite", "is_temporary",
+           "json_dumps", "temporary_name", "write_json"]

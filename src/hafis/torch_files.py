@@ -10,6 +10,9 @@ can stand for billions) are refused before anything else walks them.
 from __future__ import annotations
 
 import pickle
+import pickletools
+import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,11 @@ MAX_DEPTH = 32
 MAX_ITEMS = 2_000_000
 #: an archive's members may expand to this multiple of the file's size (+ 1 MB); torch stores them uncompressed
 MAX_EXPANSION = 2
+#: opcodes of a raw pickle read (never run) to name what it would import
+MAX_SCANNED_OPCODES = 1_000_000
+#: what every refusal of an unsafe file advises
+NEVER_UNSAFE = ("refused: loading it could run code; never load a file you did not write yourself with "
+                "torch.load(weights_only=False) or pickle, and hafis never needs that")
 
 
 def _check_file(path: Path, what: str) -> None:
@@ -74,6 +82,39 @@ def _check_nesting(state: Any, path: Path, what: str) -> None:
         stack.extend((child, depth + 1) for child in children)
 
 
+def _pickle_import(path: Path) -> str:
+    """The first ``module.name`` a raw pickle would import (read opcode by opcode, never run), or ``""``."""
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as fh:
+            for count, (op, arg, _) in enumerate(pickletools.genops(fh)):
+                if count > MAX_SCANNED_OPCODES:
+                    break
+                if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                    return arg.replace(" ", ".")
+                if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    return f"{strings[-2]}.{strings[-1]}"
+                if isinstance(arg, str) and "UNICODE" in op.name:
+                    strings.append(arg)
+    except (ValueError, EOFError, OSError, pickle.UnpicklingError):
+        pass
+    return ""
+
+
+def _refusal(path: Path, what: str, message: str) -> CheckpointError:
+    """The error of a file that torch's weights-only loader refused, in hafis's words (torch's own message advises
+    to retry unsafely)."""
+    named = re.search(r"GLOBAL ([\w.]+)", message)
+    imported = named.group(1) if named else _pickle_import(path)
+    if imported:
+        return UnsafeCheckpointError(f"{what} {path} needs arbitrary pickled objects (it imports {imported}); "
+                                     f"{NEVER_UNSAFE}")
+    lines = [line.strip().rstrip(".") for line in message.splitlines()]
+    unsupported = next((re.sub(r".*error: ", "", line) for line in lines if "Unsupported" in line), "")
+    return UnsafeCheckpointError(f"{what} {path} is a pickle that torch's safe loader cannot read "
+                                 f"({unsupported or 'not tensors and plain containers'}); {NEVER_UNSAFE}")
+
+
 def read_torch_file(path: Path, map_location: Any = "cpu", what: str = "checkpoint") -> Any:
     """The content of the torch file ``path`` (``what`` names it in messages), read within the bounds above;
     raises :class:`CheckpointError` (:class:`UnsafeCheckpointError` for arbitrary pickled objects)."""
@@ -85,15 +126,13 @@ def read_torch_file(path: Path, map_location: Any = "cpu", what: str = "checkpoi
     except OSError as exc:
         raise CheckpointError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a pickle protocol its safe loader may not read
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" not in str(exc).lower() or "global" not in str(exc).lower():
+        if "weights only" not in str(exc).lower():
             raise CheckpointError(f"{what} {path} is unreadable (truncated or corrupt): {exc}") from None
-        lines = [line.strip().rstrip(".") for line in str(exc).splitlines()]
-        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "")
-        raise UnsafeCheckpointError(
-            f"{what} {path} needs arbitrary pickled objects ({detail or 'not tensors and plain containers'}); "
-            f"refused: loading it could run code, and hafis never needs that") from None
+        raise _refusal(path, what, str(exc)) from None
     except Exception as exc:  # torch raises several types for truncated zip archives
         raise CheckpointError(f"{what} {path} is unreadable (truncated or corrupt): {exc}") from None
     _check_nesting(state, path, what)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -139,8 +140,9 @@ def test_api_on_pil_array_and_tensor_equals_the_cli(tmp_path, tiny_config, run, 
     tensor = torch.from_numpy(images[5]).permute(2, 0, 1)
     np.testing.assert_array_equal(predictor(tensor).numpy(), cli)
     assert predictor(torch.stack([tensor, tensor])).shape == (2, *cli.shape)
-    with Image.open(tmp_path / "v5_overlay.jpg") as im:
-        assert im.size == (images[5].shape[1], images[5].shape[0])
+    with Image.open(tmp_path / "v5_overlay.jpg") as im:  # the image, its probability beside it, a legend below
+        h, w = images[5].shape[:2]
+        assert im.size[0] >= max(360, 2 * w) and im.size[1] > h
     # the score map: the top class's softmax probability x 255, independently from the logits
     logits = predictor.model(_eval_tensor(images[5])[None]).logits[0]
     top = (logits.softmax(0).amax(0) * 255).round().to(torch.uint8).numpy()
@@ -206,3 +208,24 @@ def test_inputs_from_folders_lists_and_files(tmp_path):
     assert [(p.relative_to(tmp_path).as_posix(), n.as_posix()) for p, n in found] == [
         ("a/deeper/y.JPG", "deeper/y.JPG"), ("a/x.png", "x.png"), ("z.png", "z.png"), ("a/x.png", "x.png")]
     assert [s["error"] for s in skipped] == ["no such file or folder"]
+
+
+def test_the_overlay_shows_the_mask_over_the_image_with_a_legend_of_its_classes():
+    """A black image, classes 1 | 2 side by side: the blend is half each class's colour (VOC map: (128, 0, 0),
+    (0, 128, 0)), the legend strip below shows both colours and not class 3's (128, 128, 0), which is absent."""
+    from hafis.engine.inference import _overlay
+
+    mask = np.zeros((40, 60), np.uint8)
+    mask[:, :30], mask[:, 30:] = 1, 2
+    with Image.open(io.BytesIO(_overlay(np.zeros((40, 60, 3), np.uint8), mask, voc_palette(),
+                                        ["background", "disc", "square", "triangle"]))) as im:
+        picture = np.asarray(im.convert("RGB")).astype(int)
+    assert picture.shape[1] == 360 and picture.shape[0] > 40
+    np.testing.assert_allclose(picture[20, 10], [64, 0, 0], atol=8)
+    np.testing.assert_allclose(picture[20, 50], [0, 64, 0], atol=8)
+    legend = picture[40:].reshape(-1, 3)
+
+    def shown(rgb):
+        return bool((np.abs(legend - rgb).max(axis=1) <= 12).sum() >= 20)
+
+    assert shown([128, 0, 0]) and shown([0, 128, 0]) and not shown([128, 128, 0])

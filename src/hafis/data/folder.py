@@ -42,12 +42,12 @@ def read_class_list(path: Path) -> tuple[str, ...]:
         raise DataError(f"class list {path} is not UTF-8 text (byte offset {exc.start})") from None
     names = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#"))
     if len(names) < 2:
-        raise ValueError(f"class list {path} names {len(names)} class(es); a segmentation task needs at least 2")
+        raise DataError(f"class list {path} names {len(names)} class(es); a segmentation task needs at least 2")
     if len(names) > IGNORE_INDEX:
-        raise ValueError(f"class list {path} names {len(names)} classes; at most {IGNORE_INDEX} fit (255 = ignore)")
+        raise DataError(f"class list {path} names {len(names)} classes; at most {IGNORE_INDEX} fit (255 = ignore)")
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"class list {path} repeats class name(s): {', '.join(dup)}")
+        raise DataError(f"class list {path} repeats class name(s): {', '.join(dup)}")
     return names
 
 

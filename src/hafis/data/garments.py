@@ -36,7 +36,7 @@ from PIL import Image
 from hafis.data.base import DataError, Sample, SegmentationSource
 from hafis.data.scene_cache import read_cache, stack_samples, write_cache
 from hafis.data.synthetic import SceneLayers, layers_to_sample
-from hafis.fields import bounded, choice, nonneg
+from hafis.fields import bounded, choice, nonneg, seed_value
 
 __all__ = [
     "FINE_CLASSES",
@@ -99,7 +99,7 @@ class GarmentsConfig:
     num_labelled: int = nonneg(62, at_most="data.garments.num_train")
     #: unlabelled images: the pool images that follow the labelled ones in the same seeded permutation (a fixed,
     #: nested subset); null = every pool image that is not labelled
-    num_unlabelled: Optional[int] = nonneg(None)
+    num_unlabelled: Optional[int] = nonneg(None, 10**6)
     #: validation images (from Fashion-MNIST's test images only)
     num_val: int = bounded(500, 1, 10**6)
     #: garments per image, uniform in [min, max]; several give occlusion and context
@@ -110,9 +110,9 @@ class GarmentsConfig:
     #: background's colour does not identify it
     background_jitter: float = nonneg(0.2)
     #: seed of the generated images
-    seed: int = nonneg(0)
+    seed: int = seed_value(0)
     #: seed of the labelled subset of the pool; null = ``seed`` (vary it to draw other labelled sets of one pool)
-    split_seed: Optional[int] = nonneg(None)
+    split_seed: Optional[int] = seed_value(None)
 
     def __post_init__(self) -> None:
         if self.classes not in ("fine", "coarse"):

@@ -26,7 +26,7 @@ import numpy as np
 
 from hafis.data.base import IGNORE_INDEX, Sample, SegmentationSource
 from hafis.data.scene_cache import read_cache, stack_samples, write_cache
-from hafis.fields import bounded, nonneg, positive, unit
+from hafis.fields import bounded, nonneg, positive, seed_value, unit
 
 __all__ = [
     "CLASS_NAMES",
@@ -79,12 +79,12 @@ class SyntheticConfig:
         become ignore: a few pixels are not a labelable object.
     """
 
-    image_size: int = bounded(128, 16)
+    image_size: int = bounded(128, 16, 4096)
     num_object_classes: int = bounded(5, 1, len(SHAPES))
     num_labelled: int = bounded(300, 0, MAX_SPLIT_SIZE)
     num_unlabelled: int = bounded(2000, 0, MAX_SPLIT_SIZE)
     num_val: int = bounded(300, 0, MAX_SPLIT_SIZE)
-    seed: int = nonneg(0)
+    seed: int = seed_value(0)
     min_objects: int = bounded(1, 1, 254)
     max_objects: int = bounded(5, 1, 254, at_least="data.synthetic.min_objects")
     min_radius: float = positive(0.08)
@@ -93,7 +93,7 @@ class SyntheticConfig:
     texture_preference: float = unit(0.45)
     noise_std: float = nonneg(12.0)
     blur_prob: float = unit(0.3)
-    min_visible_area: int = nonneg(12)
+    min_visible_area: int = nonneg(12, 4096 * 4096)
 
     def __post_init__(self) -> None:
         if self.image_size < 16:

@@ -22,6 +22,7 @@ from hafis.files import atomic_write
 from hafis.engine.detect import run_detect
 from hafis.engine.detections import box_quality
 from hafis.engine.diagnostics import load_images
+from hafis.engine.visualize import binary_bar, class_legend, class_palette, colourise
 from hafis.extras import require
 from hafis.weighting import confident_pixels
 
@@ -56,17 +57,6 @@ def prepare_detector(config: Config, log: Callable[[str], None] = print) -> Dete
     return info
 
 
-def _palette(num_classes: int) -> np.ndarray:
-    colormaps = require("matplotlib", "viz", "the demo's pictures").colormaps
-    return colormaps["tab10"](np.arange(max(num_classes, 10)) % 10)[:, :3]
-
-
-def _colourise(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    rgb = palette[np.clip(mask, 0, len(palette) - 1)]
-    rgb[mask == 255] = 1.0
-    return rgb
-
-
 def _draw_boxes(ax, boxes, labels, scores, tau: float, palette: np.ndarray, faint: float = 0.5) -> None:
     patches = require("matplotlib.patches", "viz", "the demo's pictures")
     for (x0, y0, x1, y1), c, s in zip(boxes, labels, scores):
@@ -98,21 +88,25 @@ def plot_detections(trainer, path: Path, count: int = 4) -> Optional[Path]:
     box_mask = provider.batch(indices).to(trainer.device)
     out = trainer.framework.pseudo_labels(images.to(trainer.device), box_mask)
     confident = confident_pixels(out["confidence"], out["pseudo"], w.tau_seg).cpu().numpy()
-    palette = _palette(trainer.num_classes)
+    dataset = trainer.config.data.dataset
+    palette = class_palette(dataset)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     cols = ["image + detections", f"pseudo-label + boxes >= {w.tau_det:g}", f"reliable: confidence >= {w.tau_seg:g}",
             "reliable: confidence + detector", "ground truth (hidden)"]
-    patches = require("matplotlib.patches", "viz", "the demo's pictures")
-    fig = require("matplotlib.figure", "viz", "the demo's pictures").Figure(figsize=(2.3 * len(cols), 2.3 * count))
+    fig = require("matplotlib.figure", "viz", "the demo's pictures").Figure(
+        figsize=(2.3 * len(cols) + 1.6, 2.3 * count + 1.0), layout="constrained")
     axes = fig.subplots(count, len(cols), squeeze=False)
+    binary = None
     for i in range(count):
         boxes, labels, scores = det.get(indices[i])
         image = (images[i] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-        panels = [image, _colourise(out["pseudo"][i].cpu().numpy(), palette), confident[i],
-                  out["reliable"][i].cpu().numpy(), _colourise(gt[i].numpy(), palette)]
+        panels = [image, colourise(out["pseudo"][i].cpu().numpy(), dataset), confident[i].astype(float),
+                  out["reliable"][i].cpu().numpy().astype(float), colourise(gt[i].numpy(), dataset)]
         for j, panel in enumerate(panels):
             ax = axes[i, j]
-            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+            drawn = ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1,
+                              interpolation="nearest")
+            binary = drawn if panel.ndim == 2 else binary
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
@@ -121,8 +115,14 @@ def plot_detections(trainer, path: Path, count: int = 4) -> Optional[Path]:
         axes[i, 0].set_ylabel(str(det.ids[indices[i]]), fontsize=6)
         keep = scores >= w.tau_det
         _draw_boxes(axes[i, 1], boxes[keep], labels[keep], scores[keep], w.tau_det, palette)
-    handles = [patches.Patch(color=palette[c], label=name) for c, name in enumerate(trainer.class_names)]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    binary_bar(fig, binary, axes[:, 2:4], ("not reliable", "reliable"), shrink=0.6)
+    class_legend(fig, trainer.class_names, [out["pseudo"].cpu().numpy(), gt.numpy()], dataset)
+    lines = require("matplotlib.lines", "viz", "the demo's pictures")
+    styles = [lines.Line2D([], [], color="0.3", linewidth=1.4, label=f"score >= {w.tau_det:g} (counts)")]
+    if w.tau_det > 0.5:  # the dashed boxes: 0.5 <= score < tau_det
+        styles.append(lines.Line2D([], [], color="0.3", linewidth=0.7, linestyle="--",
+                                   label=f"score 0.5 to {w.tau_det:g}"))
+    fig.legend(handles=styles, loc="outside right lower", fontsize=7, title="detections (label: score)",
+               title_fontsize=7, frameon=False)
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     return Path(path)

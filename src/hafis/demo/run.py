@@ -120,7 +120,8 @@ def pictures(comparison: Comparison, out: Path) -> None:
         rows = inspect(trainer, trainer.unlabelled_source, range(min(4, len(trainer.unlabelled_source))),
                        use_boxes=True)
         offset = weighted.config.weighting.offset
-        save_grid(rows, out / "pseudo_labels.png", (offset, offset + 1), gt_title="ground truth (hidden)")
+        save_grid(rows, out / "pseudo_labels.png", (offset, offset + 1), gt_title="ground truth (hidden)",
+                  class_names=trainer.class_names, dataset=weighted.config.data.dataset)
     detector = next((s for s in comparison.specs if needs_detector(s.config)), None)
     if detector is not None:
         trainer = Trainer(detector.config)

@@ -33,7 +33,8 @@ from .build import build_model, resolve_device
 from .checkpoint import CheckpointError, load_checkpoint, load_module_state
 from .evaluation import eval_settings, predict
 
-__all__ = ["NETWORKS", "Predictor", "collect_inputs", "load_trained_model", "palette", "predict_files"]
+__all__ = ["NETWORKS", "Predictor", "checked_class_names", "collect_inputs", "load_trained_model", "palette",
+           "predict_files"]
 
 #: ``--network``: which network of a mean-teacher checkpoint to use (default: the one its evaluation reports)
 NETWORKS = ("student", "teacher")
@@ -106,9 +107,35 @@ def load_trained_model(config: Config, checkpoint: Union[str, Path], network: Op
         load_module_state(model, weights, f"checkpoint {checkpoint}")
     except CheckpointError as exc:
         changed = {k: v for k, v in config_changes(state.get("config"), config).items() if k.startswith("model.")}
-        hint = "; ".join(f"{k}: {short(old)} in the checkpoint, {short(new)} here" for k, (old, new) in changed.items())
+        hint = "; ".join(f"{k}: {short(old)} in the checkpoint, {short(new)} here" for k, (old, new) in changed.items()
+                         if state.get("config"))
         raise CheckpointError(f"{exc}" + (f" (config differs: {hint})" if hint else "")) from None
     return model.eval(), state, num_classes
+
+
+def checked_class_names(config: Config, state: dict, num_classes: int, checkpoint: Union[str, Path]) -> list[str]:
+    """The names of the checkpoint's ``num_classes`` outputs: the config's dataset's (:func:`hafis.data.class_names`),
+    which must agree with the checkpoint in count and, where the checkpoint records them (``class_names``), in
+    names, or a :class:`CheckpointError` says which differ; where the dataset's names are not at hand, the
+    checkpoint's own; ``class 0`` ... only for a checkpoint without names and a dataset without a class list."""
+    from hafis.data import class_names
+
+    names = list(class_names(config.data))
+    saved = state.get("class_names")
+    saved = list(saved) if isinstance(saved, (list, tuple)) and all(isinstance(n, str) for n in saved) else []
+    advice = "use the config the checkpoint was trained with"
+    if saved and len(saved) != num_classes:
+        raise CheckpointError(f"checkpoint {checkpoint} names {len(saved)} classes but predicts {num_classes}")
+    if names and len(names) != num_classes:
+        raise CheckpointError(f"checkpoint {checkpoint} predicts {num_classes} classes"
+                              + (f" ({short(saved)})" if saved else "") + f", but the config's dataset "
+                              f"({config.data.dataset}) has {len(names)} ({short(names)}); {advice}")
+    if names and saved and names != saved:
+        i = next(i for i, (a, b) in enumerate(zip(saved, names)) if a != b)
+        raise CheckpointError(f"checkpoint {checkpoint} was trained on other classes than the config's dataset "
+                              f"({config.data.dataset}) names: class {i} is {saved[i]!r} in the checkpoint, "
+                              f"{names[i]!r} here; {advice}")
+    return names or saved or [f"class {i}" for i in range(num_classes)]
 
 
 def palette(dataset: str) -> list[int]:
@@ -163,11 +190,10 @@ class Predictor:
             raise ConfigError(f"--mode must be whole or sliding, got {config.eval.mode!r}")
         if config.eval.window is not None and config.eval.window < 1:
             raise ConfigError(f"--window must be a positive number of pixels, got {config.eval.window}")
-        model, _, num_classes = load_trained_model(config, checkpoint, network)
-        from hafis.data import class_names
-
+        model, state, num_classes = load_trained_model(config, checkpoint, network)
+        names = checked_class_names(config, state, num_classes, checkpoint)
         return cls(model, num_classes, **eval_settings(config),
-                   device=resolve_device(device or config.train.device), class_names=class_names(config.data),
+                   device=resolve_device(device or config.train.device), class_names=names,
                    palette=palette(config.data.dataset))
 
     @torch.no_grad()
@@ -270,11 +296,68 @@ def _png(array: np.ndarray, palette: Optional[list[int]] = None) -> bytes:
     return buf.getvalue()
 
 
-def _overlay(image: np.ndarray, mask: np.ndarray, flat_palette: list[int], alpha: float = 0.5) -> bytes:
-    colours = np.asarray(flat_palette, np.float32).reshape(-1, 3)[mask]
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow < 10.1 or without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+#: the overlay picture is at least this wide, so that its legend stays readable beside a small image
+MIN_PICTURE_WIDTH = 360
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray, flat_palette: list[int], class_names: Sequence[str],
+             prob: Optional[np.ndarray] = None, alpha: float = 0.5) -> bytes:
+    """The ``--overlay`` picture (JPEG): the mask blended over the image; with ``prob`` the top-class probability
+    beside it (black 0 to white 1, with its colour bar); below, a legend of the classes in the mask (colour, id,
+    name)."""
+    from PIL import ImageDraw
+
+    h, w = mask.shape
+    colours = np.asarray(flat_palette, np.float32).reshape(-1, 3)
+    blended = ((1 - alpha) * image.astype(np.float32) + alpha * colours[mask]).round().clip(0, 255).astype(np.uint8)
+    panels = [blended] if prob is None else [blended, np.repeat(np.round(prob * 255).astype(np.uint8)[..., None], 3,
+                                                                 axis=2)]
+    gap = max(4, w // 50)
+    font = _font(max(11, min(h, w) // 24))
+    line = font.getbbox("Ag")[3] + 4
+    caption = "top-class probability"
+    bw = max(w, int(font.getlength(f"0  {caption}  1")) + 8)  # the colour bar's width
+    width = max(MIN_PICTURE_WIDTH, len(panels) * w + (len(panels) - 1) * gap, w + gap + bw if prob is not None else 0)
+    ids = [int(c) for c in np.unique(mask)]
+    labels = [f"{c} {class_names[c] if c < len(class_names) else f'class {c}'}" for c in ids]
+    # legend entries flow left to right, wrapping at the picture's width
+    entries, x, y = [], gap, 0
+    for c, text in zip(ids, labels):
+        size = line + 4 + int(font.getlength(text)) + 2 * gap
+        if x + size > width and x > gap:
+            x, y = gap, y + line + 2
+        entries.append((x, y, c, text))
+        x += size
+    bar = (line * 2 + 2 * gap) if prob is not None else 0
+    legend_h = y + line + 2 * gap
+    canvas = Image.new("RGB", (width, h + bar + legend_h), "white")
+    for i, panel in enumerate(panels):
+        canvas.paste(Image.fromarray(panel), (i * (w + gap), 0))
+    draw = ImageDraw.Draw(canvas)
+    if prob is not None:  # the colour bar under the probability panel: a 0..1 ramp with its ends and its name
+        x0, y0 = w + gap, h + gap
+        ramp = np.repeat(np.linspace(0, 255, bw).round().astype(np.uint8)[None, :], line // 2, axis=0)
+        canvas.paste(Image.fromarray(ramp).convert("RGB"), (x0, y0))
+        draw.rectangle((x0, y0, x0 + bw - 1, y0 + line // 2 - 1), outline=(128, 128, 128))
+        draw.text((x0, y0 + line // 2 + 1), "0", fill="black", font=font)
+        draw.text((x0 + bw, y0 + line // 2 + 1), "1", fill="black", font=font, anchor="ra")
+        draw.text((x0 + bw // 2, y0 + line // 2 + 1), caption, fill="black", font=font, anchor="ma")
+    for x, y, c, text in entries:
+        top = h + bar + gap + y
+        draw.rectangle((x, top + 2, x + line - 2, top + line - 2), fill=tuple(int(v) for v in colours[c]),
+                       outline=(128, 128, 128))
+        draw.text((x + line + 2, top), text, fill="black", font=font)
     buf = io.BytesIO()
-    Image.fromarray(blended.round().clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    canvas.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -343,7 +426,8 @@ def _write_outputs(out_dir: Path, stem: PurePath, source: Path, image: np.ndarra
     record = {"input": str(source), "mask": f"{stem.as_posix()}.png", "height": int(mask.shape[0]),
               "width": int(mask.shape[1])}
     if overlay:
-        atomic_write(base.with_name(base.name + "_overlay.jpg"), _overlay(image, mask, flat_palette))
+        atomic_write(base.with_name(base.name + "_overlay.jpg"),
+                     _overlay(image, mask, flat_palette, predictor.class_names, prob if scores else None))
     if scores:
         atomic_write(base.with_name(base.name + "_scores.png"), _png(np.round(prob * 255)))
     areas = np.bincount(mask.ravel(), minlength=predictor.num_classes)

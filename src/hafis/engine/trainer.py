@@ -153,6 +153,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "config": to_dict(self.config),
+            "class_names": list(self.class_names),
             "split_digests": self.split_digests,
             # every rank's bank generator (ranks draw from their own seeds); filled in at checkpoints under torchrun
             "bank_generators": None,

@@ -19,13 +19,53 @@ from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_ten
 from hafis.extras import require
 
 
-def colourise(mask: np.ndarray) -> np.ndarray:
-    """Class ids -> RGB with a 20-colour palette; ignore (255) is white."""
-    colormaps = require("matplotlib", "viz", "drawing pictures").colormaps
-    palette = (colormaps["tab20"](np.arange(20))[:, :3] * 255).astype(np.uint8)
-    rgb = palette[mask.astype(np.int64) % 20]
-    rgb[mask == 255] = 255
+def class_palette(dataset: str = "") -> np.ndarray:
+    """``(256, 3)`` RGB in [0, 1] per class id: the colours of ``hafis predict``'s mask PNGs
+    (:func:`hafis.engine.inference.palette`), so every picture and mask of a dataset shows a class in one colour."""
+    from hafis.engine.inference import palette
+
+    return np.asarray(palette(dataset), np.float64).reshape(-1, 3)[:256] / 255
+
+
+def colourise(mask: np.ndarray, dataset: str = "") -> np.ndarray:
+    """Class ids -> RGB in [0, 1] (:func:`class_palette`); ignore (255) is white."""
+    rgb = class_palette(dataset)[mask.astype(np.int64).clip(0, 255)]
+    rgb[mask == 255] = 1.0
     return rgb
+
+
+#: a legend lists every class up to this many; beyond, only the classes shown
+MAX_LEGEND_CLASSES = 24
+
+
+def class_legend(fig, class_names: Sequence[str], masks: Sequence[np.ndarray], dataset: str = "",
+                 loc: str = "outside right upper") -> None:
+    """A legend of the class colours with the dataset's names (every class, or with more than
+    :data:`MAX_LEGEND_CLASSES` the ones in ``masks``), and ``ignore`` where a mask has it."""
+    patches = require("matplotlib.patches", "viz", "drawing pictures")
+    shown = np.unique(np.concatenate([np.unique(m) for m in masks])) if masks else np.arange(0)
+    ids = range(len(class_names)) if len(class_names) <= MAX_LEGEND_CLASSES else [
+        int(c) for c in shown if c < len(class_names)]
+    colours = class_palette(dataset)
+    handles = [patches.Patch(facecolor=colours[c], edgecolor="0.5", linewidth=0.5, label=f"{c} {class_names[c]}")
+               for c in ids]
+    if 255 in shown:
+        handles.append(patches.Patch(facecolor="white", edgecolor="0.5", linewidth=0.5, label="255 ignore"))
+    fig.legend(handles=handles, loc=loc, fontsize=7, title="classes", title_fontsize=7, frameon=False)
+
+
+def binary_bar(fig, image, axes, labels: tuple[str, str], **kwargs) -> None:
+    """A two-step colour bar under ``axes`` for a 0 / 1 map drawn as ``image`` (vmin 0, vmax 1)."""
+    bar = fig.colorbar(image, ax=axes, location="bottom", ticks=[0.25, 0.75], boundaries=[0, 0.5, 1], values=[0, 1],
+                       **kwargs)
+    bar.ax.set_xticklabels(labels, fontsize=7)
+
+
+def continuous_bar(fig, image, axes, label: str, **kwargs) -> None:
+    """A colour bar with its range under ``axes`` for the continuous map drawn as ``image``."""
+    bar = fig.colorbar(image, ax=axes, location="bottom", **kwargs)
+    bar.set_label(label, fontsize=7)
+    bar.ax.tick_params(labelsize=7)
 
 
 def denormalise(image: torch.Tensor) -> np.ndarray:
@@ -57,15 +97,27 @@ def inspect(trainer, source: SegmentationSource, indices: Sequence[int], use_box
 
 
 def save_grid(rows: list[dict], path: Path, weight_range: tuple[float, float] = (0.0, 1.0),
-              gt_title: str = "ground truth") -> Path:
-    """A PNG grid: a row per image; columns image, ground truth, prediction, confidence, reliable, weight."""
+              gt_title: str = "ground truth", class_names: Sequence[str] = (), dataset: str = "") -> Path:
+    """:func:`grid_figure` as a PNG."""
+    fig = grid_figure(rows, weight_range, gt_title, class_names, dataset)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    return path
+
+
+def grid_figure(rows: list[dict], weight_range: tuple[float, float] = (0.0, 1.0), gt_title: str = "ground truth",
+                class_names: Sequence[str] = (), dataset: str = ""):
+    """A grid: a row per image; columns image, ground truth, prediction, confidence, reliable, weight; a legend of
+    the class colours (``class_names``, ``dataset``'s palette) and a colour bar with its range under each map."""
     Figure = require("matplotlib.figure", "viz", "drawing pictures").Figure
     cols = ["image", gt_title, "pseudo-label / prediction", "confidence", "reliable (bank)", "weight W"]
-    fig = Figure(figsize=(2.2 * len(cols), 2.2 * len(rows)))
+    fig = Figure(figsize=(2.2 * len(cols) + 1.6, 2.2 * len(rows) + 0.9), layout="constrained")
     axes = fig.subplots(len(rows), len(cols), squeeze=False)
+    drawn: dict[int, object] = {}
     for i, row in enumerate(rows):
-        panels = [(row["image"], None, None), (colourise(row["gt"]), None, None),
-                  (colourise(row["pseudo"]), None, None), (row["confidence"], "magma", (0, 1)),
+        panels = [(row["image"], None, None), (colourise(row["gt"], dataset), None, None),
+                  (colourise(row["pseudo"], dataset), None, None), (row["confidence"], "magma", (0, 1)),
                   (row["reliable"].astype(float), "gray", (0, 1)),
                   (row["weight"], "viridis", weight_range) if row["weight"] is not None else None]
         for j, panel in enumerate(panels):
@@ -79,13 +131,18 @@ def save_grid(rows: list[dict], path: Path, weight_range: tuple[float, float] = 
                 continue
             data, cmap, vrange = panel
             kwargs = {} if vrange is None else {"vmin": vrange[0], "vmax": vrange[1]}
-            ax.imshow(data, cmap=cmap, interpolation="nearest", **kwargs)
+            drawn[j] = ax.imshow(data, cmap=cmap, interpolation="nearest", **kwargs)
         axes[i, 0].set_ylabel(str(row["id"]), fontsize=6)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
-    return path
+    if 3 in drawn:
+        continuous_bar(fig, drawn[3], axes[:, 3], "top-class probability", shrink=0.9)
+    if 4 in drawn:
+        binary_bar(fig, drawn[4], axes[:, 4], ("not reliable", "reliable"), shrink=0.9)
+    if 5 in drawn:
+        continuous_bar(fig, drawn[5], axes[:, 5], f"W, {weight_range[0]:g} to {weight_range[1]:g}", shrink=0.9)
+    names = list(class_names) or [f"class {c}" for c in range(int(max(
+        max(int(r["pseudo"].max()), int(np.where(r["gt"] == 255, 0, r["gt"]).max())) for r in rows)) + 1)]
+    class_legend(fig, names, [m for r in rows for m in (r["gt"], r["pseudo"])], dataset)
+    return fig
 
 
 def visualize(config, checkpoint: Path, out_dir: Path, split: str = "unlabelled",
@@ -107,5 +164,6 @@ def visualize(config, checkpoint: Path, out_dir: Path, split: str = "unlabelled"
     paths = []
     for start in range(0, len(indices), per_grid):
         rows = inspect(trainer, source, indices[start:start + per_grid], use_boxes=split == "unlabelled")
-        paths.append(save_grid(rows, Path(out_dir) / f"{split}_{start // per_grid:03d}.png", (offset, offset + 1)))
+        paths.append(save_grid(rows, Path(out_dir) / f"{split}_{start // per_grid:03d}.png", (offset, offset + 1),
+                               class_names=trainer.class_names, dataset=config.data.dataset))
     return paths

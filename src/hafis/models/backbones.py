@@ -90,6 +90,9 @@ class EfficientNetLiteFeatures(nn.Module):
     """
 
     head_prefixes = efficientnet_lite.HEAD_PREFIXES
+    #: an exported graph (``hafis export``) takes sides that are multiples of this: the TF "same" padding of the
+    #: stride-2 convolutions depends on the side modulo 32 and is fixed for multiples of it
+    export_size_multiple = 32
 
     def __init__(self, output_stride: int):
         super().__init__()

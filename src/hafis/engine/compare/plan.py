@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from hafis.config import Config, ConfigError, load_config, to_dict
+from hafis.fields import MAX_SEED, number_error
 
 _DEFAULT_DETECTOR_DIR = "runs/{name}/detector"
 #: the arms, seeds and overrides of a comparison, so ``--report-only`` needs nothing but ``--out``
@@ -54,6 +55,9 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds {text!r} must be comma-separated integers such as 0,1,2") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {text!r} must name at least one seed, each once")
+    problem = next((number_error(s, 0, MAX_SEED) for s in seeds if number_error(s, 0, MAX_SEED)), None)
+    if problem:
+        raise ConfigError(f"--seeds: each seed {problem}")
     return seeds
 
 

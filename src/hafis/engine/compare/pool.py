@@ -56,6 +56,32 @@ def _child_env(threads: int) -> dict:
     return env
 
 
+#: the entries of ``compare.json`` and their types (``title``, optional, names the report)
+PLAN_ENTRIES = {"config": str, "arms": list, "seeds": list, "common": list, "baseline": (str, type(None)),
+                "command": str, "title": (str, type(None))}
+
+
+def plan_problem(plan: object) -> Optional[str]:
+    """What makes ``plan`` (a parsed ``compare.json``) unusable, or ``None``."""
+    if not isinstance(plan, dict):
+        return f"a {type(plan).__name__}, not a mapping"
+    for key, kind in PLAN_ENTRIES.items():
+        if key not in plan and key != "title":
+            return f"no {key!r} entry"
+        if key in plan and not isinstance(plan[key], kind):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in (kind if isinstance(kind, tuple)
+                                                                                    else (kind,)))
+            return f"{key!r} must be {names}, got {type(plan[key]).__name__}"
+    if not all(isinstance(a, list) and len(a) == 2 and isinstance(a[0], str) and isinstance(a[1], list)
+               and all(isinstance(o, str) for o in a[1]) for a in plan["arms"]):
+        return "'arms' must hold [name, [key=value, ...]] pairs"
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in plan["seeds"]):
+        return "'seeds' must hold whole numbers"
+    if not all(isinstance(x, str) for x in plan["common"]):
+        return "'common' must hold key=value strings"
+    return None
+
+
 class Comparison:
     """The state of one ``hafis compare`` call: the plan, and the outputs rewritten as runs finish."""
 
@@ -82,8 +108,12 @@ class Comparison:
         path = Path(out) / PLAN_FILE
         try:
             plan = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--report-only: cannot read {path} ({exc}); give CONFIG and the --arm options") from None
+        problem = plan_problem(plan)
+        if problem:
+            raise ConfigError(f"--report-only: {path} is not a plan hafis compare wrote ({problem}); give CONFIG and "
+                              "the --arm options")
         return cls(Path(plan["config"]), [Arm(n, o) for n, o in plan["arms"]], plan["seeds"], plan["common"], out,
                    plan["baseline"], plan["command"], log, plan.get("title"))
 
