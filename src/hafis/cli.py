@@ -162,7 +162,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _detect(args: argparse.Namespace) -> int:
-    from hafis.engine.detect import run_detect
+    from hafis.detection.step import run_detect
 
     config = load_config(args.config, args.overrides)
     detections, cache = run_detect(config, retrain=args.retrain)

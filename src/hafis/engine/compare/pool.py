@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from hafis.config import ConfigError
+from hafis.detection.identity import inference_identity
 from hafis.files import atomic_write, write_json
 
 from .plan import PLAN_FILE, Arm, RunSpec, plan_runs
@@ -147,21 +148,29 @@ class Comparison:
         return 1 if failed else 0
 
     def _detect_all(self, todo: Sequence[RunSpec], pool: ThreadPoolExecutor, env: dict) -> dict:
-        """``hafis detect`` once per distinct detector folder of the runs to train; returns folder -> problem."""
-        first: dict[Path, RunSpec] = {}
+        """``hafis detect`` per distinct detector folder of the runs to train, folders side by side; within a folder
+        once per distinct inference setting (:func:`~hafis.detection.identity.inference_identity`), one after the
+        other: the first trains the detector, the others reuse it and cache their own detections. Returns folder ->
+        problem."""
+        groups: dict[Path, dict[str, RunSpec]] = {}
         for spec in todo:
             if spec.detector_dir is not None:
-                first.setdefault(spec.detector_dir, spec)
+                setting = json.dumps(inference_identity(spec.config), sort_keys=True)
+                groups.setdefault(spec.detector_dir, {}).setdefault(setting, spec)
 
-        def detect(spec: RunSpec) -> tuple[Path, Optional[str]]:
-            spec.detector_dir.mkdir(parents=True, exist_ok=True)
-            log_path = spec.detector_dir / "detect.log"
-            self.log(f"[compare] detector for {spec.label} (shared by the arms of seed {spec.seed} with the same "
-                     f"detector inputs): {spec.detector_dir}")
-            rc = self._subprocess(["detect", str(self.config_path), *spec.overrides], log_path, env)
-            return spec.detector_dir, None if rc == 0 else f"hafis detect failed (exit {rc}); log: {log_path}"
+        def detect(specs: list[RunSpec]) -> tuple[Path, Optional[str]]:
+            folder = specs[0].detector_dir
+            folder.mkdir(parents=True, exist_ok=True)
+            log_path = folder / "detect.log"
+            for spec in specs:
+                self.log(f"[compare] detector for {spec.label} (shared by the arms of seed {spec.seed} with the same "
+                         f"detector inputs): {folder}")
+                rc = self._subprocess(["detect", str(self.config_path), *spec.overrides], log_path, env)
+                if rc != 0:
+                    return folder, f"hafis detect failed (exit {rc}); log: {log_path}"
+            return folder, None
 
-        return {d: p for d, p in pool.map(detect, first.values()) if p}
+        return {d: p for d, p in pool.map(detect, [list(g.values()) for g in groups.values()]) if p}
 
     def _train_one(self, spec: RunSpec, env: dict, detect_problem: Optional[str]) -> None:
         key = (spec.arm.name, spec.seed)
