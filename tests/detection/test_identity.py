@@ -1,4 +1,4 @@
-"""One definition of "the same detector": ``hafis detect``'s recipe check and ``hafis compare``'s shared folders agree."""
+"""One definition of "the same detector": hafis detect's recipe check and hafis compare's shared folders agree."""
 
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor

@@ -15,8 +15,11 @@ reused, an unfinished one is continued with ``--resume``; a run directory made w
 never overwritten.
 
 One job per module: :mod:`.plan` (arms x seeds, validated configs, shared detectors), :mod:`.runs` (a run's folder:
-its records, status and config), :mod:`.report` (statistics, ``results.json``'s content, ``report.md``), :mod:`.plots`
-(``miou.png``, ``diagnostics.png``) and :mod:`.pool` (the processes, and the outputs rewritten as runs finish). The
+its records, status and config), :mod:`.report` (statistics, ``results.json``'s content, ``report.md``),
+:mod:`.tables` (tables over result rows: ``--contrast A:B`` at fractions of the schedule, per-class IoU, final
+diagnostics), :mod:`.plots` (``miou.png``, ``diagnostics.png``, chosen arms' curves), :mod:`.records` (``--records
+DIR``: the finished runs' records and provenance copied out and put back), :mod:`.join` (several comparisons reported
+as one: ``benchmarks/realistic.py``) and :mod:`.pool` (the processes, and the outputs rewritten as runs finish). The
 report is a pure function of the runs' metrics, so ``--report-only`` rebuilds it from what exists and tests check it
 against a hand computation. ``hafis demo`` is a comparison with fixed arms (:mod:`hafis.demo`).
 """

@@ -17,6 +17,11 @@ _DEFAULT_DETECTOR_DIR = "runs/{name}/detector"
 PLAN_FILE = "compare.json"
 
 
+def slug(name: str) -> str:
+    """An arm's folder name: its name with anything but letters, digits and ``._+-`` replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+
+
 @dataclass
 class Arm:
     name: str
@@ -24,8 +29,8 @@ class Arm:
 
     @property
     def slug(self) -> str:
-        """The arm's folder name: its name with anything but letters, digits and ``._+-`` replaced by ``_``."""
-        return re.sub(r"[^A-Za-z0-9._+-]", "_", self.name)
+        """The arm's folder name (:func:`slug`)."""
+        return slug(self.name)
 
 
 def parse_arm(text: str) -> Arm:
