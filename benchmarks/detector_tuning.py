@@ -34,9 +34,10 @@ from _common import footer, header, table
 from hafis.config import load_config
 from hafis.data import build_sources
 from hafis.data.base import SegmentationSource
-from hafis.engine.detect import component_classes, detected_classes
-from hafis.engine.detector import DetectionDataset, detect, sample_boxes, train_detector
-from hafis.models.detector import build_detector
+from hafis.detection.infer import detect
+from hafis.detection.networks import build_detector
+from hafis.detection.step import component_classes, detected_classes
+from hafis.detection.train import DetectionDataset, sample_boxes, train_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -85,7 +86,7 @@ def score(preds: list[dict], truth: list[tuple], tau: float) -> tuple[float, flo
 
 def evaluate(paths: list[Path], config, unlabelled: SegmentationSource, things: list[int], tau: float) -> None:
     """Boxes kept at ``tau`` on the unlabelled images by each trained detector, and their precision / recall."""
-    from hafis.engine.detect import load_detector
+    from hafis.detection.step import load_detector
 
     samples = [unlabelled.load(i) for i in range(len(unlabelled))]
     truth = [sample_boxes(s, things, config.detector.boxes) for s in samples]

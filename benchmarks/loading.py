@@ -25,7 +25,7 @@ import torch
 
 from _common import footer, header, median, table
 from hafis.config import load_config
-from hafis.engine.detections import BoxMaskProvider, Detections
+from hafis.detection.cache import BoxMaskProvider, Detections
 from hafis.engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,13 +12,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import realistic  # noqa: E402
 
+from hafis.engine.compare import records  # noqa: E402
+from hafis.engine.compare.join import split_names, split_tables  # noqa: E402
+from hafis.engine.compare.plan import slug  # noqa: E402
+from hafis.engine.compare.plots import plot_curves  # noqa: E402
+
+
+def headline(runs):
+    """The report's tables per split and precision, as ``benchmarks/realistic.py`` asks compare for them."""
+    return split_tables(runs, [*realistic.ARMS, realistic.LONG, "fully-supervised"], realistic.CONTRASTS,
+                        realistic.POOL)
+
 
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="not a git checkout")
 def test_the_archived_records_are_not_ignored_and_checkpoints_are():
     archive = realistic.ARCHIVE.relative_to(ROOT)
     run = archive / "1_32" / "runs" / "unimatch" / "seed_0"
-    kept = [run / name for name in realistic.RECORDS] + [
-        archive / "1_32" / "detectors" / "abc" / name for name in realistic.DETECTOR_RECORDS] + [
+    kept = [run / name for name in records.RECORDS] + [
+        archive / "1_32" / "detectors" / "abc" / name for name in records.DETECTOR_RECORDS] + [
         archive / "1_32" / "provenance.jsonl"]
     ignored = [run / "checkpoints" / "ckpt_00000010.pt", Path("runs") / "x" / "metrics.jsonl",
                Path("bench_out") / "realistic" / "1_32" / "runs" / "unimatch" / "seed_0" / "metrics.jsonl"]
@@ -104,14 +115,14 @@ def _write_run(out, arm, seed, evals, iterations=8):
 
     import yaml
 
-    run = out / "1_32" / "runs" / realistic.slug(arm) / f"seed_{seed}"
+    run = out / "1_32" / "runs" / slug(arm) / f"seed_{seed}"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({
         "data": {"garments": {"num_train": 2000, "num_labelled": 62, "num_unlabelled": 930, "seed": 5,
                               "split_seed": None}},
         "train": {"iterations": iterations, "unlabelled_batch_size": 4}}))
     (run / "metrics.jsonl").write_text("".join(
-        json.dumps({"iteration": i, "event": "eval", "miou": m}) + "\n" for i, m in evals))
+        json.dumps({"iteration": i, "event": "eval", "miou": m, "best_miou": m}) + "\n" for i, m in evals))
     return run
 
 
@@ -127,13 +138,20 @@ def test_run_fields_provenance_and_the_paired_differences_along_the_schedule(tmp
              {"time": "t1", "commit": "def", "cpu": "Y", "cores": 2, "avx512": False, "bf16": False, "torch": "2",
               "arms": ["supervised", "unimatch+W(authors)"], "seeds": "0"}]
     (out / "1_32" / "provenance.jsonl").write_text("".join(json.dumps(p) + "\n" for p in lines))
-    assert realistic.archive(out, archive) == 2
+    assert records.archive_all(out, archive) == 2
     saved = json.loads((archive / "1_32" / "runs" / "unimatch" / "seed_0" / "provenance.json").read_text())
     assert [p["commit"] for p in saved] == ["abc"] and saved[0]["bf16"] is True and "arms" not in saved[0]
     assert not (archive / "1_32" / "runs" / "unimatch" / "seed_1").exists()
 
-    row = {"arm": "unimatch+W(authors)", "seed": 0, "iterations": 8}
-    fields = realistic.run_fields(out / "1_32", archive / "1_32", row)
+    # compare's row of the run (its records and, from the archive, its provenance) and the protocol's fields
+    from hafis.engine.compare.plan import Arm, plan_runs
+    from hafis.engine.compare.report import result_rows
+    from hafis.engine.compare.runs import run_data
+
+    spec = plan_runs(realistic.CONFIG, [Arm("unimatch+W(authors)", [])], [0],
+                     ["train.iterations=8", "train.eval_interval=2"], out / "1_32")[0]
+    row = result_rows([run_data(spec, records=archive / "1_32")])[0]
+    fields = {**row, **realistic.run_fields(out / "1_32", row)}
     assert fields["unlabelled"] == 930 and fields["passes"] == 8 * 4 / 930
     assert fields["split_seed"] == 5  # null split_seed: the garments seed draws the split
     assert fields["miou_at"] == {"2": 0.30, "4": 0.40, "6": 0.45, "8": 0.50}
@@ -142,15 +160,16 @@ def test_run_fields_provenance_and_the_paired_differences_along_the_schedule(tmp
     runs = [{**r, "labelled": 62, "iterations": 8, "best_miou": max(r["miou_at"].values()),
              "miou": r["miou_at"]["8"], "last_quarter_change": None}
             for r in ({"arm": "unimatch+W(authors)", "seed": 0, **fields},
-                      {"arm": "unimatch", "seed": 0, "miou_at": {"2": 0.20, "4": 0.35, "6": 0.45, "8": 0.47}})]
-    table = [line for line in realistic.headline(runs) if line.startswith("| unimatch+W(authors) − unimatch")]
+                      {"arm": "unimatch", "seed": 0, "precision": fields["precision"],
+                       "miou_at": {"2": 0.20, "4": 0.35, "6": 0.45, "8": 0.47}})]
+    table = [line for line in headline(runs) if line.startswith("| unimatch+W(authors) − unimatch")]
     # at 1/4 (iteration 2): 30 - 20; at 1/2 (iteration 4): 40 - 35; final 50 - 47; best 50 - 47
     assert table == ["| unimatch+W(authors) − unimatch | 1 | +10.0 (n = 1) | +5.0 (n = 1) | +3.0 (n = 1) | "
                      "+3.0 (n = 1) |"]
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
-def test_provenance_is_dirty_for_code_changes_not_for_written_results(tmp_path, monkeypatch):
+def test_provenance_is_dirty_for_code_changes_not_for_written_results(tmp_path):
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                        capture_output=True)
@@ -161,13 +180,13 @@ def test_provenance_is_dirty_for_code_changes_not_for_written_results(tmp_path, 
     git("init", "-q")
     git("add", ".")
     git("commit", "-q", "-m", "x")
-    monkeypatch.setattr(realistic, "ROOT", tmp_path)
-    head = realistic.provenance()["commit"]
+    code = [tmp_path / "code.py"]  # what trains (hafis compare: records.code_paths, the package and the configs)
+    head = records.provenance(tmp_path, code)["commit"]
     assert len(head) == 40 and not head.endswith("+dirty")
     (tmp_path / "benchmarks" / "results" / "realistic.json").write_text('{"runs": []}\n')
-    assert realistic.provenance()["commit"] == head  # the benchmark's own output
+    assert records.provenance(tmp_path, code)["commit"] == head  # the benchmark's own output
     (tmp_path / "code.py").write_text("a = 2\n")
-    assert realistic.provenance()["commit"] == head + "+dirty"
+    assert records.provenance(tmp_path, code)["commit"] == head + "+dirty"
 
 
 def test_archiving_and_restoring_never_drop_an_invocations_provenance(tmp_path):
@@ -181,12 +200,12 @@ def test_archiving_and_restoring_never_drop_an_invocations_provenance(tmp_path):
     archive.mkdir(parents=True)
     (out / "provenance.jsonl").write_text(line["t1"] + "\n")  # stale
     (archive / "provenance.jsonl").write_text(line["t1"] + "\n" + line["t3"] + "\n")
-    realistic.archive(out.parent, archive.parent)
+    records.archive_all(out.parent, archive.parent)
     assert (archive / "provenance.jsonl").read_text().splitlines() == [line["t1"], line["t3"]]
     (out / "provenance.jsonl").write_text(line["t1"] + "\n" + line["t2"] + "\n")  # a new invocation here
-    realistic.archive(out.parent, archive.parent)
+    records.archive_all(out.parent, archive.parent)
     assert (archive / "provenance.jsonl").read_text().splitlines() == [line["t1"], line["t2"], line["t3"]]
-    realistic.restore(out.parent, archive.parent)
+    records.restore(out, archive)
     assert (out / "provenance.jsonl").read_text() == (archive / "provenance.jsonl").read_text()
 
 
@@ -246,14 +265,13 @@ def test_the_evidence_stage_trains_the_unimatch_arms_then_each_framework_in_both
 
 
 def test_the_stage_runs_its_calls_in_order_with_the_seed_flags(tmp_path, monkeypatch):
-    """``main`` with ``hafis compare`` stubbed: the calls of ``--stage evidence``, their seeds and precision."""
-    import json
-
+    """``main`` with ``hafis compare`` stubbed: the calls of ``--stage evidence``, their seeds, precision and threads
+    (each invocation's provenance line with them is compare's: tests/engine/test_compare_records.py)."""
     calls = []
     monkeypatch.setattr(realistic, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(realistic, "compare", lambda folder, arms, common, seeds, jobs, out, report_only, threads,
                         archive_to=None: calls.append((folder, arms, seeds, report_only, "train.amp=off" in common,
-                                                       archive_to)) or 0)
+                                                       archive_to, threads)) or 0)
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["realistic.py", "--stage", "evidence", "--more-seeds", "0,1,2,3,4", "--fp32",
                                       "--out", str(out)])
@@ -263,9 +281,7 @@ def test_the_stage_runs_its_calls_in_order_with_the_seed_flags(tmp_path, monkeyp
     assert {c[0] for c in calls} == {"1_32_fp32"} and all(c[4] for c in calls)
     assert [c[2] for c in trained] == ["0,1,2,3,4"] * 4
     assert all(c[5] == tmp_path / "results" / "realistic_runs" for c in trained)  # archived while they train
-    line = json.loads((out / "1_32_fp32" / "provenance.jsonl").read_text().splitlines()[0])
-    assert line["precision"] == "off" and line["threads"] == 1
-    assert {"commit", "cpu", "avx512", "bf16", "avx512_bf16", "amx_bf16"} <= set(line)
+    assert all(c[6] == 1 for c in trained)
     report = (tmp_path / "results" / "realistic.md").read_text()
     assert "--stage evidence --more-seeds 0,1,2,3,4 --fp32" in report
     assert "## What the controls say about the mechanism" in report and "realistic_mechanism.md" in report
@@ -284,7 +300,7 @@ def test_runs_of_two_precisions_never_pair_and_the_per_arm_tables():
             row("unimatch+W(authors)", 0, 0.53, diagnostics=diag),
             row("unimatch+W(authors)", 1, 0.60, diagnostics={**diag, "auroc_weight": 0.5, "weight_class_1": None}),
             row("unimatch", 0, 0.40, "off"), row("unimatch+W(authors)", 0, 0.45, "off")]
-    lines = realistic.headline(runs)
+    lines = headline(runs)
     pairs = [line for line in lines if line.startswith("| unimatch+W(authors) − unimatch |")]
     # bf16: seeds 0 and 1 (+3, +6); float32: seed 0 alone (+5), never paired with the bf16 runs
     assert len(pairs) == 2 and pairs[0].startswith("| unimatch+W(authors) − unimatch | 2 | ")
@@ -310,13 +326,13 @@ def test_each_control_arm_trains_a_few_tiny_steps(tmp_path, tiny_config):
         keys = [o for o in realistic.ARMS[arm].split() if o.startswith("weighting.")]
         config = load_config(tiny_config, [*keys, "weighting.reliable=confidence", "weighting.labelled_threshold=0",
                                            "weighting.tau_seg=0", "unimatch.threshold=0", "train.iterations=2",
-                                           "train.tensorboard=false", f"output_dir={tmp_path / realistic.slug(arm)}"])
+                                           "train.tensorboard=false", f"output_dir={tmp_path / slug(arm)}"])
         trainer = Trainer(config)
         trainer.train()
-        records = read_metrics(tmp_path / realistic.slug(arm) / "metrics.jsonl")
-        steps = [r for r in records if "loss" in r]
+        logged = read_metrics(tmp_path / slug(arm) / "metrics.jsonl")
+        steps = [r for r in logged if "loss" in r]
         assert [r["iteration"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) for r in steps), arm
-        assert records[-1]["event"] == "eval" and records[-1]["iteration"] == 2, arm
+        assert logged[-1]["event"] == "eval" and logged[-1]["iteration"] == 2, arm
         weighting = trainer.framework.weighting
         if config.weighting.shuffle:  # the three pseudo-label terms of each step, each shuffled
             assert weighting.shuffle_draws == 6
@@ -327,36 +343,36 @@ def test_each_control_arm_trains_a_few_tiny_steps(tmp_path, tiny_config):
 
 
 def test_arm_lists_keep_the_commas_inside_an_arms_parentheses_and_the_figure(tmp_path):
-    assert realistic.split_arms("unimatch,unimatch+W(authors,shuffled), ael+W(authors)") == [
+    assert split_names("unimatch,unimatch+W(authors,shuffled), ael+W(authors)") == [
         "unimatch", "unimatch+W(authors,shuffled)", "ael+W(authors)"]
-    assert set(realistic.split_arms(",".join(realistic.ARMS))) == set(realistic.ARMS)
+    assert set(split_names(",".join(realistic.ARMS))) == set(realistic.ARMS)
     rows = [{"arm": "unimatch", "seed": s, "miou_at": {"2": 0.3 + s / 10, "4": 0.4}} for s in (0, 1)]
-    assert not realistic.plot_arms(rows, ["supervised"], tmp_path / "none.png")
+    assert not plot_curves(rows, ["supervised"], tmp_path / "none.png", "t")
     assert not (tmp_path / "none.png").exists()
-    assert realistic.plot_arms(rows, ["supervised", "unimatch"], tmp_path / "f.png")
+    assert plot_curves(rows, ["supervised", "unimatch"], tmp_path / "f.png", "t")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_compare_call_names_repository_paths_and_archives_while_it_trains(monkeypatch):
-    seen, archived = {}, []
+    """The call's paths are relative to the repository; its records folder is the archive's folder of the call, which
+    ``hafis compare`` fills as each run finishes (tests/engine/test_compare_records.py)."""
+    import hafis.engine.compare.join as join
+
+    seen = {}
 
     class FakeRun:
         def __init__(self, command, cwd):
             seen.update(command=command, cwd=cwd)
-            self.waits = 0
 
         def wait(self, timeout=None):
-            self.waits += 1
-            if self.waits < 3:  # still training at the first two looks
-                raise subprocess.TimeoutExpired("hafis", timeout)
             return 0
 
-    monkeypatch.setattr(realistic.subprocess, "Popen", FakeRun)
-    monkeypatch.setattr(realistic, "archive", lambda out, target: archived.append((out, target)))
+    monkeypatch.setattr(join.subprocess, "Popen", FakeRun)
     out = realistic.ROOT / "bench_out" / "x"
     assert realistic.compare("1_32", ["unimatch"], "train.iterations=8", "0", 2, out, False, 1, Path("/a")) == 0
     command = seen["command"]
-    assert seen["cwd"] == realistic.ROOT and archived == [(out, Path("/a"))] * 2
+    assert seen["cwd"] == realistic.ROOT and command[command.index("--records") + 1] == "/a/1_32"
+    assert command[command.index("--threads") + 1] == "1"
     assert command[command.index("compare") + 1] == "configs/realistic/base.yaml"
     assert command[command.index("--out") + 1] == "bench_out/x/1_32"
     assert command[command.index("--arm") + 1] == "unimatch: train.framework=unimatch"

@@ -66,7 +66,7 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 def test_package_has_no_import_cycle():
     graph = import_graph()
-    assert "hafis.engine.trainer" in graph and "hafis.engine.build" in graph["hafis.engine.detect"]
+    assert "hafis.engine.trainer" in graph and "hafis.engine.build" in graph["hafis.detection.step"]
     assert find_cycle(graph) is None
 
 

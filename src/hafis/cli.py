@@ -212,7 +212,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _detect(args: argparse.Namespace) -> int:
-    from hafis.engine.detect import run_detect
+    from hafis.detection.step import run_detect
 
     config = load_config(args.config, args.overrides)
     check_output(config.detector.output_dir.format(name=config.name), "folder", "detector.output_dir")
@@ -270,18 +270,22 @@ def _compare(args: argparse.Namespace) -> int:
 
     from hafis.engine.compare.plan import parse_arm, parse_seeds
     from hafis.engine.compare.pool import Comparison
+    from hafis.engine.compare.tables import parse_contrast, parse_fractions
 
     command = shlex.join(["hafis", *args.argv])
     out = check_output(args.out, "folder", "--out")
+    records = Path(args.records) if args.records else None
     if args.report_only and not args.arm:
-        comparison = Comparison.from_plan(out)
+        comparison = Comparison.from_plan(out, records=records)
     else:
         if args.config is None or not args.arm:
             raise ConfigError("hafis compare needs CONFIG and at least one --arm 'NAME: key=value ...'")
-        comparison = Comparison(Path(args.config), [parse_arm(a) for a in args.arm], parse_seeds(args.seeds),
-                                args.set, out, args.baseline, command)
+        arms = [parse_arm(a) for a in args.arm]
+        contrasts = [parse_contrast(c, [a.name for a in arms]) for c in args.contrast]
+        comparison = Comparison(Path(args.config), arms, parse_seeds(args.seeds), args.set, out, args.baseline,
+                                command, records=records, contrasts=contrasts, fractions=parse_fractions(args.at))
     if args.report_only:
-        comparison.write_outputs()
+        comparison.report()
         print(f"[compare] report rebuilt: {out / 'report.md'}")
         return 0
     return comparison.run(args.jobs, args.threads)
@@ -407,6 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="key=value",
                    help="overrides for every arm")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the runs that exist")
+    p.add_argument("--records", default=None, metavar="DIR",
+                   help="copy each finished run's records (config, metrics, status, provenance; no checkpoint) into "
+                        "DIR as it finishes, and put DIR's runs back where --out lacks them (a committed archive)")
+    p.add_argument("--contrast", action="append", default=[], metavar="A:B",
+                   help="a paired difference A - B for the report's contrasts section, at --at fractions of the "
+                        "schedule, its end and the best evaluation; repeat for each")
+    p.add_argument("--at", default="0.25,0.5", help="fractions of the schedule of --contrast (default 0.25,0.5)")
     p.set_defaults(func=_compare)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", help="show the traceback of an error")

@@ -400,7 +400,7 @@ class DetectorConfig:
     #: resnet50_fpn = the paper's Faster R-CNN ResNet-50-FPN (GPU); mobilenet_v3_large_fpn = lighter; tiny = a CPU
     #: detector with 8-64 px anchors for 32-128 px images (tests, demo); efficientnet_lite0 = a CPU detector on the
     #: ImageNet EfficientNet-Lite0 trunk (stride 8, 16-128 px anchors; the realistic benchmark)
-    arch: str = registry("resnet50_fpn", "hafis.models.detector:DETECTOR_ARCHS")
+    arch: str = registry("resnet50_fpn", "hafis.detection.networks:ARCHITECTURES")
     #: training steps (Adam); the authors train "many epochs"
     iterations: int = positive(10000, MAX_ITERATIONS)
     batch_size: int = positive(4, MAX_BATCH)
@@ -410,7 +410,7 @@ class DetectorConfig:
     #: training boxes: instances = the reader's instance boxes, components = connected components of each thing
     #: class in the mask, auto = instance boxes where the image has any, else components, combined = instance
     #: boxes plus connected components of ``component_classes`` (the authors' Cityscapes recipe)
-    boxes: str = registry("auto", "hafis.engine.detector:BOX_MODES")
+    boxes: str = registry("auto", "hafis.detection.train:BOX_MODES")
     #: connected components smaller than this many pixels give no box (the authors: 90 px for thin classes)
     component_min_area: int = nonneg(0, MAX_SIDE * MAX_SIDE)
     #: with ``boxes: combined``: classes (names) without instances whose connected components become boxes; the

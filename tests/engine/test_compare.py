@@ -233,7 +233,7 @@ def test_last_quarter_change_is_final_minus_the_evaluation_at_three_quarters():
 
 def test_an_interrupted_runner_keeps_the_time_its_run_trained(tmp_path, capsys, tiny_config, monkeypatch):
     """The time of an invocation that is killed before its run ends is recorded as the run goes, so that a resumed
-    run's ``wall_s`` counts every invocation (a session ending kills the runner, not only the run)."""
+    run's ``wall_s`` counts every invocation (the runner itself can be killed, not only the run)."""
     import hafis.engine.compare.pool as pool
 
     out = tmp_path / "cmp"

@@ -66,8 +66,8 @@ def test_missing_and_invalid_files(tmp_path):
 
 @pytest.mark.parametrize("key,registry", [("train.framework", "hafis.frameworks:FRAMEWORKS"),
                                           ("model.name", "hafis.models:SEGMENTERS"),
-                                          ("detector.arch", "hafis.models.detector:DETECTOR_ARCHS"),
-                                          ("detector.boxes", "hafis.engine.detector:BOX_MODES"),
+                                          ("detector.arch", "hafis.detection.networks:ARCHITECTURES"),
+                                          ("detector.boxes", "hafis.detection.train:BOX_MODES"),
                                           ("data.dataset", "hafis.data:DATASETS"),
                                           ("optim.name", "hafis.engine.optim:OPTIMIZERS"),
                                           ("loss.labelled", "hafis.frameworks.losses:LABELLED_LOSSES"),

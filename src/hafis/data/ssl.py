@@ -117,7 +117,7 @@ class UnlabelledDataset(Dataset):
     ``weak``, ``strong1``, ``strong2``: ``(3, c, c)`` float; ``ignore``: 255 on padding, else 0; ``box1``/``box2``:
     CutMix boxes (:class:`UnlabelledBatch`); no ground truth.
     ``box_masks``: optional ``(index, (H, W)) -> (C, H, W)`` uint8 per-class detection box mask of an image (e.g. a
-    :class:`hafis.engine.detections.BoxMaskProvider`); it goes through the same geometry as the pixels (nearest,
+    :class:`hafis.detection.cache.BoxMaskProvider`); it goes through the same geometry as the pixels (nearest,
     padding 0) and comes out as ``box_mask`` ``(C, c, c)`` bool. It draws no random numbers, so the views are the
     same with and without it. ``geometry``: the framework's (:class:`~hafis.data.transforms.Geometry`).
     ``strong_views``: False leaves out the strong views and their boxes (a recipe that reads the weak view only).

@@ -19,8 +19,8 @@ from hafis.config import Config
 from hafis.data import build_sources
 from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from hafis.files import atomic_write
-from hafis.engine.detect import run_detect
-from hafis.engine.detections import box_quality
+from hafis.detection.step import run_detect
+from hafis.detection.cache import box_quality
 from hafis.engine.diagnostics import load_images
 from hafis.engine.visualize import binary_bar, class_legend, class_palette, colourise
 from hafis.extras import require

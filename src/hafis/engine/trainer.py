@@ -20,6 +20,7 @@ from hafis.config import Config, ConfigError, to_dict
 from hafis.data import build_sources
 from hafis.data.base import DataError
 from hafis.data.splits import split_digests
+from hafis.detection.step import box_mask_provider, detected_classes
 from hafis.files import atomic_write
 from hafis.data.ssl import LabelledBatch, UnlabelledBatch
 from hafis.frameworks import Framework, FrameworkContext, StepOutput, build_framework
@@ -30,7 +31,6 @@ from . import distributed
 from .build import build_model, resolve_device
 from .checkpoint import (CheckpointError, CheckpointManager, experiment_changes, load_checkpoint, load_module_state,
                          require_training_state)
-from .detect import box_mask_provider, detected_classes
 from .evaluation import EvalResult
 from .hooks import Hook, default_hooks
 from .optim import build_optimizer

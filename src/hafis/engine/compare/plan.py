@@ -1,24 +1,26 @@
 """The plan of a comparison: arms (a name and overrides) x seeds, each a validated config and a run folder; arms
-whose detector inputs are equal share one detector per seed."""
+whose detector is the same (:func:`hafis.detection.identity.detector_identity`) share one detector folder."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from hafis.config import Config, ConfigError, load_config, to_dict
+from hafis.config import Config, ConfigError, load_config
+from hafis.detection.identity import detector_key
 from hafis.fields import MAX_SEED, number_error
 
 _DEFAULT_DETECTOR_DIR = "runs/{name}/detector"
 #: the arms, seeds and overrides of a comparison, so ``--report-only`` needs nothing but ``--out``
 PLAN_FILE = "compare.json"
-#: data keys that change augmentation or loading only (as hafis.engine.detect): they do not change the detector
-_NOT_DETECTOR_INPUT = ("crop_size", "scale_range", "num_workers", "cache_dir")
+
+
+def slug(name: str) -> str:
+    """An arm's folder name: its name with anything but letters, digits and ``._+-`` replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
 
 
 @dataclass
@@ -28,8 +30,8 @@ class Arm:
 
     @property
     def slug(self) -> str:
-        """The arm's folder name: its name with anything but letters, digits and ``._+-`` replaced by ``_``."""
-        return re.sub(r"[^A-Za-z0-9._+-]", "_", self.name)
+        """The arm's folder name (:func:`slug`)."""
+        return slug(self.name)
 
 
 def parse_arm(text: str) -> Arm:
@@ -84,16 +86,6 @@ class RunSpec:
     @property
     def status_path(self) -> Path:
         return self.run_dir / "compare_run.json"
-
-
-def detector_key(config: Config) -> str:
-    """What the detector of a run depends on (data identity, detector recipe, seed), hashed: arms with equal keys
-    share one detector and one detection cache."""
-    data = {k: v for k, v in to_dict(config.data).items() if k not in _NOT_DETECTOR_INPUT}
-    detector = {k: v for k, v in to_dict(config.detector).items()
-                if k not in ("output_dir", "inference_batch_size", "chunk_size")}
-    text = json.dumps({"data": data, "detector": detector, "seed": config.seed}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def needs_detector(config: Config) -> bool:

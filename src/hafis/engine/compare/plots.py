@@ -1,4 +1,5 @@
-"""The comparison's pictures: ``miou.png`` (mIoU over training per arm) and ``diagnostics.png``."""
+"""The comparison's pictures: ``miou.png`` (mIoU over training per arm), ``diagnostics.png``, and the curves of chosen
+arms over the result rows of several comparisons (:func:`plot_curves`)."""
 
 from __future__ import annotations
 
@@ -77,5 +78,34 @@ def plot_diagnostics(runs: Sequence[RunData], arms: Sequence[str], path: Path) -
         if ax.lines:
             ax.legend(fontsize=6)
     fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    return True
+
+
+def plot_curves(rows: Sequence[dict], arms: Sequence[str], path: Path, title: str) -> bool:
+    """Validation mIoU against iteration of ``arms`` from result rows (``miou_at``, any number of comparisons): the
+    mean over seeds (line) and min..max over them (band); False (nothing written) when none of them has a run."""
+    Figure = require("matplotlib.figure", "viz", "the comparison's plots").Figure
+
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for arm in arms:
+        curves = [r["miou_at"] for r in rows if r["arm"] == arm and r.get("miou_at")]
+        if not curves:
+            continue
+        its = sorted({int(i) for c in curves for i in c})
+        at = [[100 * c[str(i)] for c in curves if str(i) in c] for i in its]
+        (line,) = ax.plot(its, [statistics.fmean(v) for v in at], marker="o", ms=2.5, lw=1.2,
+                          label=f"{arm} (n = {len(curves)})")
+        ax.fill_between(its, [min(v) for v in at], [max(v) for v in at], color=line.get_color(), alpha=0.15, lw=0)
+    if not ax.lines:
+        return False
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("val mIoU (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
     return True

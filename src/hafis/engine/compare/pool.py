@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from hafis.config import ConfigError
+from hafis.detection.identity import inference_identity
 from hafis.files import atomic_write, write_json
 
 from .plan import PLAN_FILE, Arm, RunSpec, plan_runs
 from .plots import plot_diagnostics, plot_miou
-from .report import report_markdown, results, summarise
+from .records import archive, checkout, code_paths, provenance, record_invocation, restore
+from .report import report_markdown, result_rows, results, summarise
 from .runs import RunData, config_conflict, final_eval, read_records, read_status, run_data
+from .tables import contrast_section
 
 
 #: seconds between the updates of a training run's recorded time (compare_run.json) while it runs
@@ -87,9 +90,14 @@ class Comparison:
 
     def __init__(self, config_path: Path, arms: Sequence[Arm], seeds: Sequence[int], common: Sequence[str],
                  out: Path, baseline: Optional[str], command: str, log: Callable[[str], None] = print,
-                 title: Optional[str] = None) -> None:
+                 title: Optional[str] = None, records: Optional[Path] = None,
+                 contrasts: Sequence[tuple[str, str]] = (), fractions: Sequence[float] = (0.25, 0.5)) -> None:
         #: the report's heading (``hafis demo`` names itself); None = "hafis compare"
         self.title = title
+        #: the folder the finished runs' records are copied into (:mod:`.records`), None = none
+        self.records = None if records is None else Path(records)
+        #: ``(A, B)``: the paired differences of the report's contrasts section, at ``fractions`` of the schedule
+        self.contrasts, self.fractions = [tuple(c) for c in contrasts], tuple(fractions)
         self.config_path, self.arms, self.seeds, self.out = Path(config_path), list(arms), list(seeds), Path(out)
         self.common = list(common)
         self.specs = plan_runs(self.config_path, self.arms, self.seeds, self.common, self.out)
@@ -97,13 +105,17 @@ class Comparison:
         if baseline is not None and baseline not in names:
             raise ConfigError(f"--baseline {baseline!r} is not an arm; arms: {', '.join(names)}")
         self.baseline = baseline or names[0]
+        unknown = sorted({a for c in self.contrasts for a in c} - set(names))
+        if unknown:
+            raise ConfigError(f"--contrast: {unknown[0]!r} is not an arm; arms: {', '.join(names)}")
         self.command, self.log = command, log
         self.machine = machine_description()
         self.problems: dict[tuple[str, int], str] = {}
         self._lock = threading.Lock()
 
     @classmethod
-    def from_plan(cls, out: Path, log: Callable[[str], None] = print) -> "Comparison":
+    def from_plan(cls, out: Path, log: Callable[[str], None] = print,
+                  records: Optional[Path] = None) -> "Comparison":
         """The comparison an earlier ``hafis compare`` call wrote to ``out/compare.json`` (for ``--report-only``)."""
         path = Path(out) / PLAN_FILE
         try:
@@ -115,18 +127,20 @@ class Comparison:
             raise ConfigError(f"--report-only: {path} is not a plan hafis compare wrote ({problem}); give CONFIG and "
                               "the --arm options")
         return cls(Path(plan["config"]), [Arm(n, o) for n, o in plan["arms"]], plan["seeds"], plan["common"], out,
-                   plan["baseline"], plan["command"], log, plan.get("title"))
+                   plan["baseline"], plan["command"], log, plan.get("title"), records, plan.get("contrasts", ()),
+                   plan.get("at", (0.25, 0.5)))
 
     def save_plan(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / PLAN_FILE, {
             "config": str(self.config_path), "arms": [[a.name, a.overrides] for a in self.arms], "seeds": self.seeds,
             "common": self.common, "baseline": self.baseline, "command": self.command,
-            **({"title": self.title} if self.title else {})}, indent=1)
+            **({"title": self.title} if self.title else {}),
+            **({"contrasts": self.contrasts, "at": self.fractions} if self.contrasts else {})}, indent=1)
 
     # ----------------------------------------------------------------------------------------- outputs
     def collect(self) -> list[RunData]:
-        return [run_data(s, self.problems.get((s.arm.name, s.seed))) for s in self.specs]
+        return [run_data(s, self.problems.get((s.arm.name, s.seed)), self.records) for s in self.specs]
 
     def write_outputs(self, extra: str = "") -> str:
         """results.json, report.md (followed by ``extra``, markdown) and the plots from what is on disk now; returns
@@ -141,17 +155,32 @@ class Comparison:
                       "seeds": self.seeds, **({"title": self.title} if self.title else {})}
             plot_miou(runs, arms, self.out / "miou.png")
             plot_diagnostics(runs, arms, self.out / "diagnostics.png")
-            report = report_markdown(summary, runs, header, arms) + extra
+            report = (report_markdown(summary, runs, header, arms)
+                      + contrast_section(result_rows(runs), arms, self.contrasts, self.fractions) + extra)
             atomic_write(self.out / "report.md", report)
+            if self.records is not None:
+                archive(self.out, self.records)
             return report
+
+    def report(self) -> str:
+        """``--report-only``: the outputs of the runs there are (the archived ones put back first)."""
+        if self.records is not None:
+            restore(self.out, self.records)
+        return self.write_outputs()
 
     # ------------------------------------------------------------------------------------------ running
     def run(self, jobs: int = 1, threads: Optional[int] = None) -> int:
         """Train what is missing, ``jobs`` processes at a time with ``threads`` CPU threads each (default: the cores
         shared out); 0 when every run finished, 1 when some failed."""
         jobs = max(1, jobs)
+        if self.records is not None:
+            restore(self.out, self.records)
         self.save_plan()
         threads = max(1, threads or (os.cpu_count() or 1) // jobs)
+        precision = ",".join(sorted({s.config.train.amp for s in self.specs}))
+        record_invocation(self.out, provenance(checkout(), code_paths(self.config_path)), precision, threads,
+                          [a.name for a in self.arms], self.seeds, self.common)
+        self._warn_if_emulated()
         env = _child_env(threads)
         todo = []
         for spec in self.specs:
@@ -176,22 +205,41 @@ class Comparison:
                  f"{self.out / 'report.md'}")
         return 1 if failed else 0
 
+    def _warn_if_emulated(self) -> None:
+        """One line when runs train bf16 steps on a CPU that emulates bf16 (slower than float32)."""
+        import torch
+
+        from hafis.precision import cpu_native_bf16
+
+        if any(s.config.train.amp == "bf16" for s in self.specs) and not torch.cuda.is_available() \
+                and not cpu_native_bf16():
+            self.log("[compare] warning: this CPU has no native bf16 (AVX512-BF16 / AMX-BF16): bf16 steps are "
+                     "emulated and slower than float32 (train.amp=off)")
+
     def _detect_all(self, todo: Sequence[RunSpec], pool: ThreadPoolExecutor, env: dict) -> dict:
-        """``hafis detect`` once per distinct detector folder of the runs to train; returns folder -> problem."""
-        first: dict[Path, RunSpec] = {}
+        """``hafis detect`` per distinct detector folder of the runs to train, folders side by side; within a folder
+        once per distinct inference setting (:func:`~hafis.detection.identity.inference_identity`), one after the
+        other: the first trains the detector, the others reuse it and cache their own detections. Returns folder ->
+        problem."""
+        groups: dict[Path, dict[str, RunSpec]] = {}
         for spec in todo:
             if spec.detector_dir is not None:
-                first.setdefault(spec.detector_dir, spec)
+                setting = json.dumps(inference_identity(spec.config), sort_keys=True)
+                groups.setdefault(spec.detector_dir, {}).setdefault(setting, spec)
 
-        def detect(spec: RunSpec) -> tuple[Path, Optional[str]]:
-            spec.detector_dir.mkdir(parents=True, exist_ok=True)
-            log_path = spec.detector_dir / "detect.log"
-            self.log(f"[compare] detector for {spec.label} (shared by the arms of seed {spec.seed} with the same "
-                     f"detector inputs): {spec.detector_dir}")
-            rc = self._subprocess(["detect", str(self.config_path), *spec.overrides], log_path, env)
-            return spec.detector_dir, None if rc == 0 else f"hafis detect failed (exit {rc}); log: {log_path}"
+        def detect(specs: list[RunSpec]) -> tuple[Path, Optional[str]]:
+            folder = specs[0].detector_dir
+            folder.mkdir(parents=True, exist_ok=True)
+            log_path = folder / "detect.log"
+            for spec in specs:
+                self.log(f"[compare] detector for {spec.label} (shared by the arms of seed {spec.seed} with the same "
+                         f"detector inputs): {folder}")
+                rc = self._subprocess(["detect", str(self.config_path), *spec.overrides], log_path, env)
+                if rc != 0:
+                    return folder, f"hafis detect failed (exit {rc}); log: {log_path}"
+            return folder, None
 
-        return {d: p for d, p in pool.map(detect, first.values()) if p}
+        return {d: p for d, p in pool.map(detect, [list(g.values()) for g in groups.values()]) if p}
 
     def _train_one(self, spec: RunSpec, env: dict, detect_problem: Optional[str]) -> None:
         key = (spec.arm.name, spec.seed)
@@ -230,7 +278,7 @@ class Comparison:
         :data:`STATUS_INTERVAL` seconds while it runs."""
         command = [sys.executable, "-m", "hafis", *args]
         with open(log_path, "a") as fh:
-            fh.write(f"$ {shlex.join(command)}\n")
+            fh.write(f"$ {shlex.join(['python', *command[1:]])}\n")  # the interpreter's path is the machine's
             fh.flush()
             proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
             try:

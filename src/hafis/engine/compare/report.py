@@ -32,7 +32,8 @@ def results(command: str, machine: str, runs: Sequence[RunData], summary: dict) 
 def result_rows(runs: Sequence[RunData]) -> list[dict]:
     """The ``runs`` list of results.json: one row per finished run. ``passes``: iterations x unlabelled batch /
     unlabelled images, how often the run saw its unlabelled set (None without unlabelled images); ``miou_at``:
-    iteration -> mIoU of every evaluation, the learning curve."""
+    iteration -> mIoU of every evaluation, the learning curve; ``iou_by_class``: the final evaluation's; ``precision``:
+    ``train.amp``; ``provenance``: the invocations that trained it, with a records folder."""
     rows = []
     for r in runs:
         final = r.final
@@ -45,7 +46,9 @@ def result_rows(runs: Sequence[RunData]) -> list[dict]:
                      "iterations": r.iterations, "miou": final["miou"],
                      "best_miou": final["best_miou"], "wall_s": r.wall_s if r.wall_s is not None else _train_time(r),
                      "last_quarter_change": last_quarter_change(r), "diagnostics": final.get("diagnostics"),
-                     "miou_at": {str(e["iteration"]): e["miou"] for e in r.evals}})
+                     "miou_at": {str(e["iteration"]): e["miou"] for e in r.evals},
+                     "iou_by_class": final.get("iou_by_class"), "precision": r.precision,
+                     "provenance": r.provenance})
     return rows
 
 

@@ -67,6 +67,10 @@ class RunData:
     problem: Optional[str] = None
     #: unlabelled images per step (train.unlabelled_batch_size): with the run's unlabelled images, its passes
     unlabelled_batch: Optional[int] = None
+    #: the precision of its steps (train.amp)
+    precision: Optional[str] = None
+    #: the invocations that trained it (its ``provenance.json`` in the records folder, :mod:`.records`)
+    provenance: list = field(default_factory=list)
 
     @property
     def evals(self) -> list[dict]:
@@ -77,11 +81,21 @@ class RunData:
         return final_eval(self.records, self.iterations)
 
 
-def run_data(spec: RunSpec, problem: Optional[str] = None) -> RunData:
+def run_data(spec: RunSpec, problem: Optional[str] = None, records: Optional[Path] = None) -> RunData:
+    """``records``: the comparison's records folder, where a finished run's ``provenance.json`` is."""
     w = spec.config.weighting
     status = read_status(spec)
+    provenance = None if records is None else records / "runs" / spec.arm.slug / f"seed_{spec.seed}" / "provenance.json"
     return RunData(spec.arm.name, spec.seed, spec.config.train.framework,
                    {"enabled": w.enabled, "offset": w.offset, "normalize": w.normalize, "reliable": w.reliable,
                     "signal": w.signal, "shuffle": w.shuffle},
                    spec.config.train.iterations, read_records(spec.run_dir), status.get("wall_s"),
-                   problem or status.get("problem"), spec.config.train.unlabelled_batch_size)
+                   problem or status.get("problem"), spec.config.train.unlabelled_batch_size, spec.config.train.amp,
+                   _read_json(provenance, []) if provenance else [])
+
+
+def _read_json(path: Path, default):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return default

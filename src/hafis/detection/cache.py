@@ -17,7 +17,6 @@ chunks are deleted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -43,8 +42,6 @@ __all__ = [
     "DetectionCache",
     "BoxMaskProvider",
     "box_quality",
-    "file_digest",
-    "split_key",
 ]
 
 FORMAT_VERSION = 1
@@ -60,22 +57,6 @@ class DetectionCacheError(RuntimeError):
 
 class DetectionsMissingError(UserError, FileNotFoundError):
     """Training needs detections that are not there (or are stale); the message says which command makes them."""
-
-
-def file_digest(path: os.PathLike | str) -> str:
-    """SHA-256 hex digest of a file's bytes (the detector checkpoint's identity)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def split_key(ids: Sequence[str], identity: dict) -> str:
-    """SHA-256 of a split's image ids and of ``identity`` (dataset keys, inference settings), as hex."""
-    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
-    h.update("\n".join(ids).encode())
-    return h.hexdigest()
 
 
 @dataclass
@@ -162,8 +143,9 @@ def _read_npz(path: Path) -> tuple[dict, dict]:
 class DetectionCache:
     """The detections of one image split by one detector checkpoint, in ``directory``.
 
-    ``split``: a name for the file (``unlabelled``); ``key``: :func:`split_key` of the split; ``checkpoint_hash``:
-    :func:`file_digest` of the detector checkpoint; ``ids``: the split's image ids in index order.
+    ``split``: a name for the file (``unlabelled``); ``key``: :func:`~.identity.split_key` of the split;
+    ``checkpoint_hash``: :func:`~.identity.file_digest` of the detector checkpoint; ``ids``: the split's image ids in
+    index order.
     """
 
     def __init__(self, directory: os.PathLike | str, split: str, key: str, checkpoint_hash: str,

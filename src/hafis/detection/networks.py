@@ -2,10 +2,10 @@
 
 The paper (docs/method.md, 1) trains a Faster R-CNN ResNet-50-FPN on the labelled subset, without COCO detection
 weights, with Adam at lr 5e-5; its boxes come from instance masks, plus connected components for thin classes. Its
-detections (cached on disk by :mod:`hafis.engine.detections`) decide which unlabelled pixels feed the prototype bank;
-the detector itself never runs inside the training loop.
+detections (cached on disk by :mod:`.cache`) decide which unlabelled pixels feed the prototype bank; the detector
+itself never runs inside the training loop.
 
-Architectures (``detector.arch``):
+Architectures (``detector.arch``, the names of :data:`ARCHITECTURES`):
 
 - ``resnet50_fpn``: torchvision's ``fasterrcnn_resnet50_fpn``, the paper's detector (real runs, GPU).
 - ``mobilenet_v3_large_fpn``: torchvision's ``fasterrcnn_mobilenet_v3_large_fpn``, a lighter alternative.
@@ -17,18 +17,17 @@ Architectures (``detector.arch``):
   Its BatchNorm layers are frozen at the ImageNet statistics, as torchvision's detection backbones.
 
 Class ids: the network's labels are ``1..T`` (0 is torchvision's background) and map to the segmentation classes
-``thing_classes[label - 1]``. Its training boxes, training loop and inference are :mod:`hafis.engine.detector`'s.
+``thing_classes[label - 1]``. Its training boxes and loop are :mod:`.train`'s, its inference :mod:`.infer`'s.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from torch import Tensor, nn
 
-__all__ = ["DETECTOR_ARCHS", "build_detector"]
-
-DETECTOR_ARCHS = ("resnet50_fpn", "mobilenet_v3_large_fpn", "tiny", "efficientnet_lite0")
+__all__ = ["ARCHITECTURES", "Architecture", "build_detector"]
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -64,6 +63,51 @@ class EfficientNetLiteTrunk(nn.Module):
         return self.trunk(x)[1]
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """One ``detector.arch``: ``build(num_classes, common, backbone_weights, pretrained)`` returns the network
+    (``common``: torchvision's resize and inference settings); ``backbone_weights``: whether it reads
+    ``detector.backbone_weights``."""
+
+    build: Callable[[int, dict, Optional[str], bool], nn.Module]
+    backbone_weights: bool = False
+
+
+def _resnet50_fpn(num_classes: int, common: dict, backbone_weights: Optional[str], pretrained: bool) -> nn.Module:
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **common)
+    if backbone_weights and pretrained:
+        _load_resnet_weights(model.backbone.body, backbone_weights)
+    return model
+
+
+def _mobilenet_v3_large_fpn(num_classes: int, common: dict, backbone_weights: Optional[str],
+                            pretrained: bool) -> nn.Module:
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+
+    return fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **common)
+
+
+def _tiny(num_classes: int, common: dict, backbone_weights: Optional[str], pretrained: bool) -> nn.Module:
+    return _single_level_rcnn(TinyBackbone(), (8, 16, 32, 64), 128, num_classes, common)
+
+
+def _efficientnet_lite0(num_classes: int, common: dict, backbone_weights: Optional[str],
+                        pretrained: bool) -> nn.Module:
+    return _single_level_rcnn(EfficientNetLiteTrunk(backbone_weights, pretrained), (16, 32, 64, 128), 256,
+                              num_classes, common)
+
+
+#: ``detector.arch`` -> its network (the config lists these names)
+ARCHITECTURES: dict[str, Architecture] = {
+    "resnet50_fpn": Architecture(_resnet50_fpn, backbone_weights=True),
+    "mobilenet_v3_large_fpn": Architecture(_mobilenet_v3_large_fpn),
+    "tiny": Architecture(_tiny),
+    "efficientnet_lite0": Architecture(_efficientnet_lite0, backbone_weights=True),
+}
+
+
 def build_detector(arch: str, num_thing_classes: int, *, min_size: int = 512, max_size: int = 1024,
                    score_threshold: float = 0.05, detections_per_image: int = 100,
                    backbone_weights: Optional[str] = None, pretrained: bool = True) -> nn.Module:
@@ -78,30 +122,16 @@ def build_detector(arch: str, num_thing_classes: int, *, min_size: int = 512, ma
     ``efficientnet_lite0`` (no download ever happens). ``pretrained=False`` reads no weights at all: the network
     a detector checkpoint is loaded into (so a checkpoint loads where its backbone weights' file is missing).
     """
-    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_resnet50_fpn
-
     if num_thing_classes < 1:
         raise ValueError("the detector needs at least one thing class")
-    num_classes = num_thing_classes + 1
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown detector arch {arch!r}; valid: {', '.join(ARCHITECTURES)}")
+    if backbone_weights and not ARCHITECTURES[arch].backbone_weights:
+        takes = " and ".join(name for name, a in ARCHITECTURES.items() if a.backbone_weights)
+        raise ValueError(f"detector.backbone_weights is only supported for {takes}, not {arch!r}")
     common = dict(min_size=min_size, max_size=max_size, box_score_thresh=score_threshold,
                   box_detections_per_img=detections_per_image)
-    if arch == "resnet50_fpn":
-        model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **common)
-        if backbone_weights and pretrained:
-            _load_resnet_weights(model.backbone.body, backbone_weights)
-        return model
-    if arch == "efficientnet_lite0":
-        trunk = EfficientNetLiteTrunk(backbone_weights, pretrained)
-        return _single_level_rcnn(trunk, (16, 32, 64, 128), 256, num_classes, common)
-    if backbone_weights:
-        raise ValueError(f"detector.backbone_weights is only supported for resnet50_fpn and efficientnet_lite0, "
-                         f"not {arch!r}")
-    if arch == "mobilenet_v3_large_fpn":
-        return fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
-                                                 **common)
-    if arch == "tiny":
-        return _single_level_rcnn(TinyBackbone(), (8, 16, 32, 64), 128, num_classes, common)
-    raise ValueError(f"unknown detector arch {arch!r}; valid: {', '.join(DETECTOR_ARCHS)}")
+    return ARCHITECTURES[arch].build(num_thing_classes + 1, common, backbone_weights, pretrained)
 
 
 def _single_level_rcnn(backbone: nn.Module, anchor_sizes: tuple[int, ...], representation: int, num_classes: int,

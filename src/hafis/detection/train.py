@@ -1,8 +1,8 @@
-"""The detector's data, training loop and inference (its networks: :mod:`hafis.models.detector`).
+"""The detector's training data and loop (its networks: :mod:`.networks`; its inference: :mod:`.infer`).
 
 Training boxes come from a labelled sample's instances or from connected components of its mask
-(``detector.boxes``); the loop is Adam on the summed Faster R-CNN losses; inference maps the network's labels
-``1..T`` back to segmentation class ids, which everything else (the cache, the reliable-pixel rule) speaks.
+(``detector.boxes``); the targets' labels are ``1..T`` (torchvision's background is 0); the loop is Adam on the
+summed Faster R-CNN losses.
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ from hafis.data.base import Sample, SegmentationSource, load_checked
 from hafis.data.io import boxes_from_connected_components
 from hafis.data.ssl import InfiniteSampler
 
-__all__ = ["BOX_MODES", "DetectionDataset", "detect", "image_tensor", "sample_boxes", "train_detector"]
+from .infer import image_tensor
 
+__all__ = ["BOX_MODES", "DetectionDataset", "sample_boxes", "train_detector"]
+
+#: ``detector.boxes``: where the training boxes come from (:func:`sample_boxes`)
 BOX_MODES = ("auto", "instances", "components", "combined")
 
 
@@ -50,11 +53,6 @@ def sample_boxes(sample: Sample, thing_classes: Sequence[int], mode: str = "auto
         boxes, labels = boxes_from_connected_components(sample.mask, things.tolist(), min_area)
     keep = np.isin(labels, things)
     return boxes[keep], labels[keep]
-
-
-def image_tensor(image: np.ndarray) -> Tensor:
-    """``(H, W, 3)`` uint8 -> ``(3, H, W)`` float in [0, 1], what torchvision's detectors take."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
 
 
 class DetectionDataset(torch.utils.data.Dataset):
@@ -91,7 +89,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
 
 def _collate(batch):
-    return tuple(zip(*batch))
+    return tuple(zip(*batch, strict=True))
 
 
 def train_detector(model: nn.Module, dataset: DetectionDataset, iterations: int, *, batch_size: int = 4,
@@ -126,18 +124,3 @@ def train_detector(model: nn.Module, dataset: DetectionDataset, iterations: int,
             on_step(step, losses[-1])
     model.eval()
     return losses
-
-
-@torch.no_grad()
-def detect(model: nn.Module, images: Sequence[np.ndarray], thing_classes: Sequence[int],
-           device: torch.device | str = "cpu") -> list[dict[str, np.ndarray]]:
-    """Run the detector on uint8 ``(H, W, 3)`` images; boxes ``(n, 4)`` float32 in pixels, labels in
-    *segmentation* class ids, scores float32, highest score first."""
-    was_training = model.training
-    model.eval()
-    lut = torch.as_tensor([-1, *thing_classes], dtype=torch.int64)
-    out = model([image_tensor(im).to(device) for im in images])
-    model.train(was_training)
-    return [{"boxes": o["boxes"].float().cpu().numpy().reshape(-1, 4),
-             "labels": lut[o["labels"].cpu()].numpy(),
-             "scores": o["scores"].float().cpu().numpy()} for o in out]

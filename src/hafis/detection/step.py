@@ -2,17 +2,16 @@
 cache the detections; and the trainer's side, which finds that cache for ``weighting.reliable: detector``.
 
 Files (``detector.output_dir``, default ``runs/{name}/detector``): ``detector.pt`` (the trained detector with the
-recipe it was trained with) and ``detections/`` (:mod:`hafis.engine.detections`). ``detector.checkpoint`` points at
-a detector trained elsewhere instead. A ``detector.pt`` whose recipe (architecture, schedule, labelled images,
-seed ...) differs from the config is reported and retrained, never silently reused; the same holds for a detection
-cache of another checkpoint (its name and header carry the checkpoint's SHA-256).
+recipe it was trained with) and ``detections/`` (:mod:`.cache`). ``detector.checkpoint`` points at a detector trained
+elsewhere instead. A ``detector.pt`` whose recipe (:func:`~.identity.training_recipe`: architecture, schedule,
+labelled images, seed ...) differs from the config is reported and retrained, never silently reused; the same holds
+for a detection cache of another checkpoint (its name and header carry the checkpoint's SHA-256).
 
 ``hafis train`` never trains a detector: with ``weighting.reliable: detector`` and no usable cache it stops with
-:class:`~hafis.engine.detections.DetectionsMissingError` naming the ``hafis detect`` command to run. Training a
-detector is minutes to hours of work that belongs in its own, resumable step; silently doing it inside ``train``
-would also make two runs that share a detector train it twice.
+:class:`~.cache.DetectionsMissingError` naming the ``hafis detect`` command to run. Training a detector is minutes
+to hours of work that belongs in its own, resumable step; silently doing it inside ``train`` would also make two runs
+that share a detector train it twice.
 """
-
 from __future__ import annotations
 
 import time
@@ -21,20 +20,18 @@ from typing import Callable, Optional
 
 import torch
 
-from hafis.config import Config, ConfigError, to_dict
+from hafis.config import Config, ConfigError
 from hafis.data import build_sources
 from hafis.data.base import SegmentationSource, load_checked
+from hafis.engine.build import resolve_device
+from hafis.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic
 
-from .build import resolve_device
-from .checkpoint import CheckpointError, load_checkpoint, save_atomic
-from .detections import (BoxMaskProvider, DetectionCache, DetectionCacheError, Detections, DetectionsMissingError,
-                         file_digest, split_key)
+from .cache import BoxMaskProvider, DetectionCache, DetectionCacheError, Detections, DetectionsMissingError
+from .identity import data_identity, file_digest, inference_identity, split_key, training_recipe
 
-__all__ = ["component_classes", "detected_classes", "detector_dir", "default_checkpoint_path", "training_recipe",
+__all__ = ["component_classes", "detected_classes", "detector_dir", "default_checkpoint_path", "load_detector",
            "train_or_load_detector", "run_detect", "detection_cache", "box_mask_provider"]
 
-#: data keys that change augmentation or loading only, not the images: they do not invalidate detections
-_NOT_IDENTITY = ("crop_size", "scale_range", "num_workers", "cache_dir")
 _KIND = "hafis-detector"
 
 
@@ -44,32 +41,6 @@ def detector_dir(config: Config) -> Path:
 
 def default_checkpoint_path(config: Config) -> Path:
     return detector_dir(config) / "detector.pt"
-
-
-def data_identity(config: Config, source: SegmentationSource, split: str) -> dict:
-    """What identifies the images of a split: dataset keys (not augmentation), split name, classes."""
-    data = {k: v for k, v in to_dict(config.data).items() if k not in _NOT_IDENTITY}
-    return {"data": data, "split": split, "classes": list(source.class_names),
-            "thing_classes": [int(c) for c in source.thing_classes]}
-
-
-def _sizes(config: Config, labelled: SegmentationSource) -> tuple[int, int]:
-    d = config.detector
-    if d.min_size is not None:
-        return d.min_size, d.max_size if d.max_size is not None else max(d.min_size, 1333)
-    h, w = labelled.load(0).image.shape[:2]
-    return min(h, w), d.max_size if d.max_size is not None else max(h, w)
-
-
-def training_recipe(config: Config, labelled: SegmentationSource) -> dict:
-    """Everything a trained detector depends on; a ``detector.pt`` with another recipe is retrained."""
-    d = config.detector
-    min_size, max_size = _sizes(config, labelled)
-    return {"arch": d.arch, "iterations": d.iterations, "batch_size": d.batch_size, "lr": d.lr,
-            "weight_decay": d.weight_decay, "boxes": d.boxes, "component_min_area": d.component_min_area,
-            "min_size": min_size, "max_size": max_size, "backbone_weights": d.backbone_weights, "seed": config.seed,
-            "labelled": split_key(labelled.ids, data_identity(config, labelled, "labelled")),
-            **({"component_classes": list(d.component_classes)} if d.boxes == "combined" else {})}
 
 
 def component_classes(config: Config, source: SegmentationSource) -> list[int]:
@@ -100,7 +71,7 @@ def _thing_classes(config: Config, source: SegmentationSource) -> list[int]:
 
 
 def _build(state_or_recipe: dict, things: list[int], config: Config, pretrained: bool = True):
-    from hafis.models.detector import build_detector
+    from .networks import build_detector
 
     d = config.detector
     return build_detector(state_or_recipe["arch"], len(things), min_size=state_or_recipe["min_size"],
@@ -147,7 +118,7 @@ def train_or_load_detector(config: Config, labelled: SegmentationSource, *, retr
     recipe matches the config, else a detector trained now on ``labelled`` and saved atomically there."""
     from tqdm import tqdm
 
-    from .detector import DetectionDataset, train_detector
+    from .train import DetectionDataset, train_detector
 
     things = _thing_classes(config, labelled)
     d = config.detector
@@ -196,8 +167,7 @@ def train_or_load_detector(config: Config, labelled: SegmentationSource, *, retr
 def detection_cache(config: Config, unlabelled: SegmentationSource, checkpoint_hash: str) -> DetectionCache:
     """The cache of ``unlabelled``'s detections by the checkpoint with ``checkpoint_hash``."""
     d = config.detector
-    identity = {**data_identity(config, unlabelled, "unlabelled"), "score_threshold": d.score_threshold,
-                "detections_per_image": d.detections_per_image}
+    identity = {**data_identity(config, unlabelled, "unlabelled"), **inference_identity(config)}
     return DetectionCache(detector_dir(config) / "detections", "unlabelled", split_key(unlabelled.ids, identity),
                           checkpoint_hash, unlabelled.ids, d.chunk_size)
 
@@ -205,7 +175,7 @@ def detection_cache(config: Config, unlabelled: SegmentationSource, checkpoint_h
 def run_detect(config: Config, *, retrain: bool = False, log: Callable[[str], None] = print,
                progress: Optional[bool] = None) -> tuple[Detections, DetectionCache]:
     """The whole ``hafis detect`` step; returns the detections of every unlabelled image and their cache."""
-    from .detector import detect
+    from .infer import detect
 
     progress = config.train.progress_bar if progress is None else progress
     labelled, unlabelled, _ = build_sources(config.data)
