@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import footer, header, table
 from torchvision.ops import box_iou
 
-from _common import footer, header, table
 from hafis.config import load_config
 from hafis.data import build_sources
 from hafis.data.base import SegmentationSource

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from _common import footer, header, load, median, sync, table
 from _reference import hand_average_gradients, hand_broadcast_buffers
 from step import PRESETS, make_batch
+
 from hafis.config import load_config
 from hafis.engine import distributed
 from hafis.engine.build import build_model

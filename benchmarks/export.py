@@ -27,8 +27,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import torch  # noqa: E402
-
 from _common import footer, header, median, table  # noqa: E402
+
 from hafis.config import load_config, to_dict  # noqa: E402
 from hafis.engine import export  # noqa: E402
 from hafis.engine.build import build_model  # noqa: E402

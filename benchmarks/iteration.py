@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import footer, header, load, table
+
 from hafis.config import load_config
 from hafis.engine.trainer import Trainer
 

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import footer, header, median, table
+
 from hafis.config import load_config
 from hafis.detection.cache import BoxMaskProvider, Detections
 from hafis.engine.trainer import Trainer

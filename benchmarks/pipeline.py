@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _common import footer, header, median, table
+
 from hafis.data import base as data_base
 from hafis.data import ssl as data_ssl
 

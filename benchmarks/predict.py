@@ -24,8 +24,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-
 from _common import footer, header, median, table  # noqa: E402
+
 from hafis.config import load_config  # noqa: E402
 from hafis.engine.build import build_model  # noqa: E402
 from hafis.engine.export import export_model  # noqa: E402

@@ -22,8 +22,18 @@ from typing import Optional
 import yaml
 
 from hafis.engine.compare import records
-from hafis.engine.compare.join import (Call, Part, figure, join, merged, notes, run_compare, split_names,
-                                       split_tables, write)
+from hafis.engine.compare.join import (
+    Call,
+    Part,
+    figure,
+    join,
+    merged,
+    notes,
+    run_compare,
+    split_names,
+    split_tables,
+    write,
+)
 from hafis.engine.compare.plan import slug
 from hafis.engine.compare.plots import plot_curves
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from hafis.config import load_config
-from hafis.detection.step import run_detect
 from hafis.detection.cache import BoxMaskProvider, Detections, box_quality
+from hafis.detection.step import run_detect
 from hafis.engine.diagnostics import load_images
 from hafis.engine.trainer import Trainer
 from hafis.weighting import confident_pixels, detector_reliable

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import cuda_peak_mib, footer, header, median, peak_rss, sync, table
 from _reference import mask_weights
+
 from hafis.config import load_config
 from hafis.data.transforms import cutmix_box
 from hafis.engine.build import build_model

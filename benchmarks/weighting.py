@@ -24,11 +24,18 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from _common import footer, header, median, peak_rss, table, timed
-from _reference import (SortBank, ReferenceBank, mask_similarity, mask_weights,
-                        reference_row_similarity, reference_weights, topk_broadcast_similarity,
-                        topk_broadcast_weights)
+from _reference import (
+    ReferenceBank,
+    SortBank,
+    mask_similarity,
+    mask_weights,
+    reference_row_similarity,
+    reference_weights,
+    topk_broadcast_similarity,
+    topk_broadcast_weights,
+)
+
 from hafis.weighting import PrototypeBank, PseudoLabelWeighter, topk_index_similarity
 
 

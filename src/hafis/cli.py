@@ -435,10 +435,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    import torch
+
     from hafis.engine.distributed import DistributedSetupError
     from hafis.engine.trainer import NonFiniteLossError
-
-    import torch
 
     try:
         return args.func(args)

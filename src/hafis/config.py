@@ -23,10 +23,25 @@ from typing import Any, Optional, Union
 import yaml
 
 from hafis.data.garments import GarmentsConfig
-from hafis.errors import UserError, short
 from hafis.data.synthetic import SyntheticConfig
-from hafis.fields import (NULL_WORDS, PerCPU, RegistryNames, bounded, choice, is_runtime, nonneg, positive,
-                          range_error, registry, relation_errors, runtime, seed_value, show_choices, unit)
+from hafis.errors import UserError, short
+from hafis.fields import (
+    NULL_WORDS,
+    PerCPU,
+    RegistryNames,
+    bounded,
+    choice,
+    is_runtime,
+    nonneg,
+    positive,
+    range_error,
+    registry,
+    relation_errors,
+    runtime,
+    seed_value,
+    show_choices,
+    unit,
+)
 
 
 class ConfigError(UserError, ValueError):

@@ -17,8 +17,8 @@ from hafis.data.base import IGNORE_INDEX, DataError
 from hafis.data.garments import (
     COARSE_CLASSES,
     FINE_CLASSES,
-    GarmentsConfig,
     GarmentScenes,
+    GarmentsConfig,
     garment_splits,
     load_fashion_mnist,
     read_idx,

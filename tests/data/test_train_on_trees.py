@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-
 from hafis.cli import main
 from hafis.engine.run_log import read_metrics
 

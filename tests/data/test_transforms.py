@@ -7,8 +7,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hafis.data.transforms import (PIL_GEOMETRY, TENSOR_GEOMETRY, Geometry, GeometryDraw, apply_geometry,
-                                   draw_geometry, resize_image, resize_nearest)
+from hafis.data.transforms import (
+    PIL_GEOMETRY,
+    TENSOR_GEOMETRY,
+    Geometry,
+    GeometryDraw,
+    apply_geometry,
+    draw_geometry,
+    resize_image,
+    resize_nearest,
+)
 
 AUGSEG_GEOMETRY = Geometry(image_fill=(123, 116, 103))
 

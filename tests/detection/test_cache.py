@@ -5,7 +5,6 @@ import torch
 from hafis.detection.cache import BoxMaskProvider, DetectionCache, DetectionCacheError, Detections, box_quality
 from hafis.detection.identity import split_key
 
-
 IDS = tuple(f"img_{i}" for i in range(7))
 
 

@@ -7,8 +7,15 @@ from types import SimpleNamespace
 import numpy as np
 
 from hafis.config import DetectorConfig, load_config
-from hafis.detection.identity import (INFERENCE_KEYS, PLACEMENT_KEYS, TRAINING_KEYS, detector_identity, detector_key,
-                                      split_key, training_recipe)
+from hafis.detection.identity import (
+    INFERENCE_KEYS,
+    PLACEMENT_KEYS,
+    TRAINING_KEYS,
+    detector_identity,
+    detector_key,
+    split_key,
+    training_recipe,
+)
 from hafis.detection.step import detection_cache
 from hafis.engine.compare.plan import parse_arm, plan_runs
 

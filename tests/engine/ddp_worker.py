@@ -13,6 +13,7 @@ from hafis.engine import distributed
 from hafis.engine.trainer import Trainer
 from hafis.weighting import PrototypeBank
 
+
 def bank_pushes(rank: int) -> dict:
     """Two images per rank, class 0 on the left half, class 1 on the right; a pixel's feature is
     ``(rank, class, global pixel id)``, so the test can tell where every stored vector came from."""

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from hafis.config import load_config
+from hafis.engine.build import build_model
 from hafis.engine.checkpoint import load_checkpoint
 from hafis.engine.run_log import read_metrics
-from hafis.engine.build import build_model
 
 HERE = Path(__file__).parent
 # train.amp=off: the subprocesses resolve the tiny config's auto on this machine's CPU (conftest pins it in-process)

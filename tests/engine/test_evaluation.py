@@ -9,8 +9,16 @@ from torch import nn
 
 from hafis.config import load_config
 from hafis.data.base import Sample, SegmentationSource
-from hafis.engine.evaluation import (build_eval_loader, default_stride, eval_settings, evaluate, iou_table, predict,
-                                     sliding_window_probs, window_starts)
+from hafis.engine.evaluation import (
+    build_eval_loader,
+    default_stride,
+    eval_settings,
+    evaluate,
+    iou_table,
+    predict,
+    sliding_window_probs,
+    window_starts,
+)
 from hafis.models import DeepLabV3Plus, SegOutput
 
 

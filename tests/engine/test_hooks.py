@@ -3,8 +3,7 @@
 import pytest
 
 from hafis.config import load_config
-from hafis.engine.hooks import (Checkpointer, Evaluation, Hook, MetricWriter, OnEval, PolyLR, ReplicaSync,
-                                default_hooks)
+from hafis.engine.hooks import Checkpointer, Evaluation, Hook, MetricWriter, OnEval, PolyLR, ReplicaSync, default_hooks
 from hafis.engine.run_log import read_metrics
 from hafis.engine.trainer import Trainer
 

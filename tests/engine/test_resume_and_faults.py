@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+
 import torch
 
 from hafis.cli import EXIT_NONFINITE, main

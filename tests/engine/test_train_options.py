@@ -10,6 +10,7 @@ from hafis.config import ConfigError, load_config
 from hafis.engine.run_log import read_metrics
 from hafis.engine.trainer import Trainer
 
+
 def train(config_path, tmp_path, *overrides, hook=None):
     config = load_config(config_path, ["train.iterations=2", "train.tensorboard=false", f"output_dir={tmp_path}",
                                        *overrides])

@@ -5,8 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hafis.frameworks.ael import (AEL, category_confidence, component_box, cutmix_class_probabilities,
-                                  equalization_rates, paste_class_probabilities, random_half_box)
+from hafis.frameworks.ael import (
+    AEL,
+    category_confidence,
+    component_box,
+    cutmix_class_probabilities,
+    equalization_rates,
+    paste_class_probabilities,
+    random_half_box,
+)
 from hafis.frameworks.base import FrameworkContext
 
 

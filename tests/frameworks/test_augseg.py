@@ -5,9 +5,18 @@ import torch
 import torch.nn.functional as F
 
 from hafis.data.transforms import normalize
+from hafis.frameworks.augseg import (
+    OP_NAMES,
+    AugSeg,
+    apply_intensity_ops,
+    from_uint8,
+    image_reliability,
+    label_aided_cutmix,
+    rand_boxes,
+    sample_intensity_ops,
+    to_uint8,
+)
 from hafis.frameworks.base import FrameworkContext
-from hafis.frameworks.augseg import (OP_NAMES, AugSeg, apply_intensity_ops, from_uint8, image_reliability,
-                                     label_aided_cutmix, rand_boxes, sample_intensity_ops, to_uint8)
 
 
 def draws(seed, n=200, **kwargs):

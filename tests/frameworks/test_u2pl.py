@@ -6,8 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from hafis.frameworks.base import FrameworkContext
-from hafis.frameworks.u2pl import (U2PL, class_ranks, contrastive_term, entropy_masks, half_area_boxes,
-                                   negative_masks, percentile)
+from hafis.frameworks.u2pl import (
+    U2PL,
+    class_ranks,
+    contrastive_term,
+    entropy_masks,
+    half_area_boxes,
+    negative_masks,
+    percentile,
+)
 
 
 @pytest.fixture

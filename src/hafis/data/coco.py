@@ -32,9 +32,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .base import IGNORE_INDEX, DataError
 from hafis.files import atomic_write, json_dumps
 
+from .base import IGNORE_INDEX, DataError
 from .io import Problem, check_image, hafis_cache_dir, read_label, save_label_png, stack_boxes
 from .layout import DatasetLayout
 

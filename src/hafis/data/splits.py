@@ -38,10 +38,11 @@ import numpy as np
 from hafis.errors import short
 from hafis.files import atomic_write, write_json
 
+from . import published
 from .base import DataError
 from .io import Problem
 from .layout import DatasetLayout
-from . import published
+
 
 def _voc(root, voc_setting, classes, cache_dir) -> DatasetLayout:
     from .voc import PascalVOC

@@ -33,8 +33,14 @@ from typing import Optional
 import numpy as np
 
 from .base import IGNORE_INDEX
-from .io import (boxes_from_connected_components, boxes_from_instance_mask, empty_boxes, find_image,
-                 read_instance_ids, stack_boxes)
+from .io import (
+    boxes_from_connected_components,
+    boxes_from_instance_mask,
+    empty_boxes,
+    find_image,
+    read_instance_ids,
+    stack_boxes,
+)
 from .layout import DatasetLayout
 
 CLASS_NAMES = (

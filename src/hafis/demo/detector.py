@@ -18,12 +18,12 @@ import torch
 from hafis.config import Config
 from hafis.data import build_sources
 from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from hafis.files import atomic_write
-from hafis.detection.step import run_detect
 from hafis.detection.cache import box_quality
+from hafis.detection.step import run_detect
 from hafis.engine.diagnostics import load_images
 from hafis.engine.visualize import binary_bar, class_legend, class_palette, colourise
 from hafis.extras import require
+from hafis.files import atomic_write
 from hafis.weighting import confident_pixels
 
 #: the fourth run of the demo: UniMatch + W whose prototypes take only detector-verified unlabelled pixels

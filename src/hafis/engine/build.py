@@ -6,7 +6,6 @@ that the detector step does not import it.
 
 from __future__ import annotations
 
-
 import torch
 
 from hafis.config import Config, ConfigError

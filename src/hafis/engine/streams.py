@@ -9,8 +9,14 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from hafis.data.ssl import (MIX_STREAM, InfiniteSampler, LabelledBatch, LabelledDataset, UnlabelledBatch,
-                            UnlabelledDataset)
+from hafis.data.ssl import (
+    MIX_STREAM,
+    InfiniteSampler,
+    LabelledBatch,
+    LabelledDataset,
+    UnlabelledBatch,
+    UnlabelledDataset,
+)
 
 
 def _with_mix(batches: Iterator[dict], mix: Iterator[dict]) -> Iterator[dict]:

@@ -20,17 +20,23 @@ from hafis.config import Config, ConfigError, to_dict
 from hafis.data import build_sources
 from hafis.data.base import DataError
 from hafis.data.splits import split_digests
+from hafis.data.ssl import LabelledBatch, UnlabelledBatch
 from hafis.detection.step import box_mask_provider, detected_classes
 from hafis.files import atomic_write
-from hafis.data.ssl import LabelledBatch, UnlabelledBatch
 from hafis.frameworks import Framework, FrameworkContext, StepOutput, build_framework
 from hafis.models.fast_conv import use_fast_convs
 from hafis.precision import resolve_amp, warn_if_emulated
 
 from . import distributed
 from .build import build_model, resolve_device
-from .checkpoint import (CheckpointError, CheckpointManager, experiment_changes, load_checkpoint, load_module_state,
-                         require_training_state)
+from .checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    experiment_changes,
+    load_checkpoint,
+    load_module_state,
+    require_training_state,
+)
 from .evaluation import EvalResult
 from .hooks import Hook, default_hooks
 from .optim import build_optimizer

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from hafis.data.base import DataError, SegmentationSource, load_checked
-from hafis.files import atomic_write
 from hafis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_tensor_image
 from hafis.extras import require
+from hafis.files import atomic_write
 
 
 def class_palette(dataset: str = "") -> np.ndarray:

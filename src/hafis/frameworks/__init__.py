@@ -6,9 +6,9 @@ from torch import nn
 
 from hafis.config import Config
 
-from .base import Framework, FrameworkContext, PseudoLabelWeighting, StepOutput, Traits
 from .ael import AEL
 from .augseg import AugSeg
+from .base import Framework, FrameworkContext, PseudoLabelWeighting, StepOutput, Traits
 from .supervised import Supervised
 from .teacher import EMATeacher, MeanTeacherFramework
 from .u2pl import U2PL

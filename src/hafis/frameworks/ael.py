@@ -87,8 +87,8 @@ from hafis.data.transforms import TENSOR_GEOMETRY
 
 from .base import FrameworkContext, LabelledBatch, StepOutput, UnlabelledBatch
 from .losses import labelled_loss
-from .teacher import MeanTeacherFramework
 from .mixing import partner_index, paste
+from .teacher import MeanTeacherFramework
 
 
 def paste_class_probabilities(conf: Tensor) -> Tensor:

@@ -21,8 +21,15 @@ from torch import Tensor, nn
 from hafis.config import Config, ConfigError, WeightingConfig
 from hafis.data.ssl import LabelledBatch, UnlabelledBatch
 from hafis.data.transforms import PIL_GEOMETRY, Geometry
-from hafis.weighting import (PseudoLabelWeighter, confidence_weights, confident_pixels, detector_reliable,
-                             labelled_qualify_mask, shuffle_within_classes, weighted_cross_entropy)
+from hafis.weighting import (
+    PseudoLabelWeighter,
+    confidence_weights,
+    confident_pixels,
+    detector_reliable,
+    labelled_qualify_mask,
+    shuffle_within_classes,
+    weighted_cross_entropy,
+)
 
 
 @dataclass

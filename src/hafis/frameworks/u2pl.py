@@ -104,8 +104,8 @@ from hafis.data.transforms import TENSOR_GEOMETRY
 
 from .base import FrameworkContext, LabelledBatch, StepOutput, UnlabelledBatch
 from .losses import labelled_loss
-from .teacher import MeanTeacherFramework, softmax_entropy
 from .mixing import partner_index, paste
+from .teacher import MeanTeacherFramework, softmax_entropy
 
 
 class RepresentationHead(nn.Module):

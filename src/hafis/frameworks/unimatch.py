@@ -50,8 +50,8 @@ import torch
 from torch import Tensor
 
 from .base import Framework, FrameworkContext, LabelledBatch, StepOutput, Traits, UnlabelledBatch
-from .mixing import partner_index, paste
 from .losses import supervised_loss
+from .mixing import partner_index, paste
 
 #: ``unimatch.mix``: where CutMix takes its pixels (see the module docstring)
 MIXES = ("same_images", "other_images", "in_batch")

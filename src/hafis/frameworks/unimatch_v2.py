@@ -48,8 +48,8 @@ from torch import Tensor, nn
 
 from .base import FrameworkContext, LabelledBatch, StepOutput, UnlabelledBatch
 from .losses import supervised_loss
-from .teacher import MeanTeacherFramework
 from .mixing import paste
+from .teacher import MeanTeacherFramework
 from .unimatch import confidence_terms
 
 

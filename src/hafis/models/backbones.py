@@ -22,9 +22,9 @@ timm's/torchvision's own minus the classifier head, so a local checkpoint loads 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import timm

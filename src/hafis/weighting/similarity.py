@@ -13,7 +13,6 @@ from torch import Tensor
 
 from .checks import check_k
 
-
 #: size of the blocks of rows :func:`topk_indices` works on, on CPU: a block's keys (4 MiB, 2048 rows at D = 256) stay
 #: in cache for the k passes, so the features are read from memory once
 CPU_BLOCK_BYTES = 4 << 20

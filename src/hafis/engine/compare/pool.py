@@ -26,7 +26,6 @@ from .report import report_markdown, result_rows, results, summarise
 from .runs import RunData, config_conflict, final_eval, read_records, read_status, run_data
 from .tables import contrast_section
 
-
 #: seconds between the updates of a training run's recorded time (compare_run.json) while it runs
 STATUS_INTERVAL = 60.0
 
