@@ -190,7 +190,7 @@ def hand_average_gradients(params, world_size: int, bucket_bytes: int = 25 * 102
             flat = _flatten_dense_tensors(bucket)
             dist.all_reduce(flat)
             flat /= world_size
-            for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
                 dst.copy_(src)
             bucket, size = [], 0
 

@@ -78,7 +78,7 @@ def match(pred: dict, boxes: np.ndarray, labels: np.ndarray, tau: float) -> tupl
 
 def score(preds: list[dict], truth: list[tuple], tau: float) -> tuple[float, float, float, int]:
     """(box precision, box recall, share of images with a kept box, boxes kept) of detections against truth."""
-    counts = np.array([match(pr, b, lab, tau) for pr, (b, lab) in zip(preds, truth)])
+    counts = np.array([match(pr, b, lab, tau) for pr, (b, lab) in zip(preds, truth, strict=True)])
     tp, kept, gt = counts.sum(0)
     with_box = float(np.mean([(pr["scores"] >= tau).any() for pr in preds]))
     return tp / max(kept, 1), tp / max(gt, 1), with_box, int(kept)
@@ -103,10 +103,11 @@ def evaluate(paths: list[Path], config, unlabelled: SegmentationSource, things: 
         rows.append([str(path), state["recipe"].get("seed", "?"), kept, with_box, precision, recall])
     table(["detector", "seed", "boxes kept", "unlabelled images with a box", "box precision", "box recall"], rows)
     if len(rows) > 1:
-        columns = list(zip(*rows))[2:]
+        columns = list(zip(*rows, strict=True))[2:]
         print(f"\n- mean ± std over the {len(rows)} detectors: " + ", ".join(
             f"{name} {statistics.mean(v):.{p}f} ± {statistics.stdev(v):.{p}f}" for name, v, p in
-            zip(("boxes kept", "images with a box", "box precision", "box recall"), columns, (0, 2, 2, 2))))
+            zip(("boxes kept", "images with a box", "box precision", "box recall"), columns, (0, 2, 2, 2),
+                strict=True)))
     footer()
 
 

@@ -301,8 +301,8 @@ def part_drift(p: Part, s: SimpleNamespace, work: Path) -> None:
                "final loss": losses[-1], "final mIoU %": 100 * result.miou}
         ref = found.get("cpu") if label != "cpu" else None
         if ref is not None:
-            row["max loss diff vs CPU"] = max(abs(a - b) for a, b in zip(losses, ref["losses"]))
-            row["max mIoU diff vs CPU (pts)"] = 100 * max(abs(a - b) for a, b in zip(evals, ref["evals"]))
+            row["max loss diff vs CPU"] = max(abs(a - b) for a, b in zip(losses, ref["losses"], strict=True))
+            row["max mIoU diff vs CPU (pts)"] = 100 * max(abs(a - b) for a, b in zip(evals, ref["evals"], strict=True))
             row["max weight diff vs CPU"] = float((params - ref["params"]).abs().max())
         p.row(**row)
         del trainer
@@ -317,7 +317,7 @@ def part_drift(p: Part, s: SimpleNamespace, work: Path) -> None:
             "max weight diff": diff})
         cpu = found["cpu"]
         p.summary(f"{other} vs CPU after {s.drift_iterations} it: max |loss diff| "
-                  f"{max(abs(a - b) for a, b in zip(first['losses'], cpu['losses'])):.3g}, final mIoU "
+                  f"{max(abs(a - b) for a, b in zip(first['losses'], cpu['losses'], strict=True)):.3g}, final mIoU "
                   f"{100 * first['miou']:.1f} vs {100 * cpu['miou']:.1f}; run to run "
                   f"{'bit-identical' if same else f'differs (max weight diff {diff:.3g})'}")
 

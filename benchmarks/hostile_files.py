@@ -47,7 +47,7 @@ def make_cases(folder: Path) -> list[tuple[str, str, Path]]:
 
     bomb = folder / "bomb.yaml"
     bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdef", "bcdefg")) + "name: *g\n")
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdef", "bcdefg", strict=True)) + "name: *g\n")
     nested = folder / "nested.pt"
     shared: dict = {"x": 1}
     for _ in range(45):

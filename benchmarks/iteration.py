@@ -116,7 +116,7 @@ def main() -> None:
             extra = ["before +", *extra[len(BEFORE):]]
         row = [name, " ".join(extra) or "(the committed config)"]
         for clock in ("cpu", "wall"):
-            ratios = [a / b for a, b in zip(blocks[clock][name], blocks[clock][base])]
+            ratios = [a / b for a, b in zip(blocks[clock][name], blocks[clock][base], strict=True)]
             row += [statistics.median(blocks[clock][name]), statistics.median(ratios),
                     f"{min(ratios):.2f}-{max(ratios):.2f}"]
         rows.append(row)

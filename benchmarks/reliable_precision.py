@@ -27,6 +27,7 @@ rule's upper bound).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     points = sorted(int(v) for v in args.points.split(","))
     taus = [float(v) for v in args.tau_det.split(",")]
     out = Path(args.out)
-    step = min(points + [b - a for a, b in zip(points, points[1:])])
+    step = min(points + [b - a for a, b in itertools.pairwise(points)])
     config = load_config(args.config, [
         "train.framework=unimatch", "weighting.enabled=false", f"train.iterations={args.iterations}",
         f"train.eval_interval={step}", "train.progress_bar=false", "train.tensorboard=false",

@@ -15,7 +15,7 @@ TINY = Path(__file__).parent.parent / "configs" / "tiny" / "unimatch.yaml"
 
 #: a 9-way "billion laughs": seven levels of aliases stand for 9^7 = 4.8 million strings
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdef", "bcdefg")) + "name: *g\n"
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdef", "bcdefg", strict=True)) + "name: *g\n"
 
 
 def error_line(capsys, command="train"):

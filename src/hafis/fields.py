@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import math
 import os
 from dataclasses import field
@@ -179,7 +180,7 @@ def range_error(f: dataclasses.Field, value: Any) -> Optional[str]:
         if _outside(v, *bounds):
             what = "each value must" if isinstance(value, (list, tuple)) else "must"
             return f"{what} be in {_interval(*bounds)}, got {short(value)}"
-    if f.metadata.get("ordered") and any(a > b for a, b in zip(items, items[1:])):
+    if f.metadata.get("ordered") and any(a > b for a, b in itertools.pairwise(items)):
         return f"must be in increasing order (low <= high), got {short(value)}"
     return None
 

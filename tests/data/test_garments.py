@@ -99,8 +99,8 @@ def test_same_seed_same_bytes_with_and_without_cache_and_another_seed_differs(cf
     read_back = [_bytes(s) for s in garment_splits(cfg, cache_dir=tmp_path)]
     assert reference == written == read_back
     other = [_bytes(s) for s in garment_splits(replace(cfg, seed=6), cache_dir=False)]
-    for a, b in zip(reference, other):
-        assert all(x != y for x, y in zip(a, b))
+    for a, b in zip(reference, other, strict=True):
+        assert all(x != y for x, y in zip(a, b, strict=True))
 
 
 def test_the_cache_is_read_not_regenerated(cfg, tmp_path, monkeypatch):
@@ -259,7 +259,7 @@ def test_coarse_classes_group_the_fine_ones(cfg):
     lut = np.full(256, IGNORE_INDEX, np.uint8)
     for fine_id, name in enumerate(FINE_CLASSES):
         lut[fine_id] = COARSE_CLASSES.index(group[name])
-    for a, b in zip(fine, coarse):
+    for a, b in zip(fine, coarse, strict=True):
         for i in range(len(a)):
             sa, sb = a.load(i), b.load(i)
             np.testing.assert_array_equal(lut[sa.mask], sb.mask)

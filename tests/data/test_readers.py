@@ -17,7 +17,7 @@ from hafis.data.voc import PascalVOC
 
 def counts(mask: np.ndarray) -> dict[int, int]:
     values, n = np.unique(mask, return_counts=True)
-    return {int(v): int(c) for v, c in zip(values, n)}
+    return {int(v): int(c) for v, c in zip(values, n, strict=True)}
 
 
 def data_config(dataset, root, **kw):

@@ -62,7 +62,7 @@ def unimatch_crop(img, masks, size, fills, x, y):
     padw = size - w if w < size else 0
     padh = size - h if h < size else 0
     img = ImageOps.expand(img, border=(0, 0, padw, padh), fill=0)
-    masks = [ImageOps.expand(m, border=(0, 0, padw, padh), fill=f) for m, f in zip(masks, fills)]
+    masks = [ImageOps.expand(m, border=(0, 0, padw, padh), fill=f) for m, f in zip(masks, fills, strict=True)]
     box = (x, y, x + size, y + size)
     return img.crop(box), [m.crop(box) for m in masks]
 
@@ -150,7 +150,7 @@ def augseg_crop(img, masks, crop_size, fills, x, y, mean=(0.485, 0.456, 0.406)):
                           for c in range(3)], axis=-1)
         img = Image.fromarray(np.uint8(image))
         masks = [Image.fromarray(np.uint8(np.pad(np.asarray(m, dtype=np.int32), ((0, pad_h), (0, pad_w)),
-                                                 constant_values=f))) for m, f in zip(masks, fills)]
+                                                 constant_values=f))) for m, f in zip(masks, fills, strict=True)]
     box = (x, y, x + crop_size, y + crop_size)
     return img.crop(box), [m.crop(box) for m in masks]
 

@@ -51,7 +51,7 @@ VOC, CITYSCAPES = ((375, 500), 513), ((1024, 2048), 769)
 #: half a grey level in normalised units, per channel
 HALF_LEVEL = torch.tensor([0.5 / s for s in STD]).view(3, 1)
 #: the uint8 mean colour hafis pads with, in normalised units (the release pads with 0.0)
-PAD_OFFSET = torch.tensor([(v - m) / s for v, m, s in zip((124, 116, 104), MEAN, STD)]).view(3, 1)
+PAD_OFFSET = torch.tensor([(v - m) / s for v, m, s in zip((124, 116, 104), MEAN, STD, strict=True)]).view(3, 1)
 
 
 # --------------------------------------------------------------------------------------- the release, transcribed

@@ -79,6 +79,6 @@ def test_worker_processes_give_the_same_batches(tmp_path, tiny_config):
     inline = _batches(tiny_config, tmp_path / "inline", 0, 5)
     workers = _batches(tiny_config, tmp_path / "workers", 2, 5)
     assert len(workers) == 5
-    for step, (a, b) in enumerate(zip(inline, workers)):
+    for step, (a, b) in enumerate(zip(inline, workers, strict=True)):
         _assert_same(a[0], b[0], f"step {step} labelled")
         _assert_same(a[1], b[1], f"step {step} unlabelled")

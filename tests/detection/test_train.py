@@ -40,7 +40,7 @@ def test_detection_dataset_flips_boxes_with_the_image():
         flipped += 1
         assert torch.equal(image, plain_image.flip(-1))
         for (x0, y0, x1, y1), (p0, q0, p1, q1) in zip(target["boxes"].int().tolist(),
-                                                      plain_target["boxes"].int().tolist()):
+                                                      plain_target["boxes"].int().tolist(), strict=True):
             assert (y0, y1) == (q0, q1)
             assert torch.equal(image[:, y0:y1, x0:x1], plain_image[:, q0:q1, p0:p1].flip(-1))
     assert 0 < flipped < len(source)

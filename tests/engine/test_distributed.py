@@ -55,7 +55,7 @@ def test_ddp_steps_equal_one_process_on_the_global_batch(ranks):
         toy_loss(model, toy_batch(step)).backward()
         optimizer.step()
     start = toy_network()
-    for p, p0, a, b in zip(model.parameters(), start.parameters(), ranks[0]["toy"], ranks[1]["toy"]):
+    for p, p0, a, b in zip(model.parameters(), start.parameters(), ranks[0]["toy"], ranks[1]["toy"], strict=True):
         assert not torch.equal(p, p0)
         assert torch.equal(a, b)
         torch.testing.assert_close(a, p.detach(), rtol=0, atol=1e-6)
@@ -78,7 +78,7 @@ def test_bank_quota_is_global_and_ranks_hold_one_bank(ranks):
 def test_framework_head_gets_gradients_teacher_does_not(ranks):
     a, b = ranks[0]["u2pl"], ranks[1]["u2pl"]
     assert all(g is None for g in a[0]["head"])  # supervised-only step: the head is unused, and DDP allows it
-    for ga, gb in zip(a[1]["head"], b[1]["head"]):
+    for ga, gb in zip(a[1]["head"], b[1]["head"], strict=True):
         assert ga is not None and ga.abs().sum() > 0
         assert torch.equal(ga, gb)  # averaged across the ranks, whose batches differ
     for rank in (a, b):

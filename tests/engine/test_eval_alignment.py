@@ -111,5 +111,5 @@ def test_predict_api_and_files_sit_on_their_pixels(tmp_path, mode, window):
         predict_files(predictor, [tmp_path / "ramp.png"], tmp_path / f"out{channel}", progress=False)
         outputs.append(np.array(Image.open(tmp_path / f"out{channel}" / "ramp.png")))
         labels[channel] = outputs
-    for label_x, label_y in zip(labels[0], labels[1]):
+    for label_x, label_y in zip(labels[0], labels[1], strict=True):
         assert_on_ramp(label_x, label_y, h, w)

@@ -42,9 +42,10 @@ def test_cpu_sync_bn_equals_batchnorm_on_the_global_batch(ranks):
         part = slice(2 * rank, 2 * rank + 2)
         torch.testing.assert_close(s["out"], out[part].detach(), rtol=0, atol=1e-5)
         torch.testing.assert_close(s["x_grad"], x.grad[part], rtol=0, atol=1e-5)
-        for got, p in zip(s["param_grads"], net.parameters()):
+        for got, p in zip(s["param_grads"], net.parameters(), strict=True):
             torch.testing.assert_close(got, p.grad, rtol=0, atol=1e-4)
-        for got, b in zip(s["buffers"], net.buffers()):  # running mean / unbiased variance of the global batch
+        # running mean / unbiased variance of the global batch
+        for got, b in zip(s["buffers"], net.buffers(), strict=True):
             torch.testing.assert_close(got, b, rtol=0, atol=1e-6)
 
 

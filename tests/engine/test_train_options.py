@@ -19,7 +19,7 @@ def train(config_path, tmp_path, *overrides, hook=None):
         trainer.model.register_forward_pre_hook(hook)
     start = [p.detach().clone() for p in trainer.model.parameters()]
     result = trainer.train()
-    moved = max(float((p.detach() - s).abs().max()) for p, s in zip(trainer.model.parameters(), start))
+    moved = max(float((p.detach() - s).abs().max()) for p, s in zip(trainer.model.parameters(), start, strict=True))
     return trainer, result, moved
 
 
@@ -58,7 +58,7 @@ def test_compile_trains_like_the_eager_model(tmp_path, tiny_config, monkeypatch)
     trainer, _, moved = train(tiny_config, tmp_path / "compiled", "train.compile=true")
     assert compiled == [trainer.model] and moved > 0
     eager, _, _ = train(tiny_config, tmp_path / "eager")
-    for (name, a), b in zip(trainer.model.state_dict().items(), eager.model.state_dict().values()):
+    for (name, a), b in zip(trainer.model.state_dict().items(), eager.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 

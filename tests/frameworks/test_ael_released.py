@@ -131,6 +131,7 @@ def test_loss_terms_and_gradients_equal_the_released_step(threshold, monkeypatch
     assert cons_u > 0 and max(diffs.values()) <= 1e-6, diffs
     out.loss.backward()
     (sup + cons_l + cons_u).backward()
-    grad = max((p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), reference.parameters()))
+    grad = max((p.grad - q.grad).abs().max().item()
+               for p, q in zip(model.parameters(), reference.parameters(), strict=True))
     assert grad <= 1e-6, grad
     print(f"ael threshold={threshold}: |terms - released| {diffs}, |gradients| {grad:.2e}")

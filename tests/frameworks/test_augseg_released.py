@@ -120,8 +120,9 @@ def test_loss_and_gradients_equal_the_released_step(threshold, cutmix, monkeypat
     assert unsup > 0 and max(diffs.values()) <= 1e-6, diffs
     out.loss.backward()
     (sup + unsup).backward()
-    grad = max((p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), reference.parameters()))
+    grad = max((p.grad - q.grad).abs().max().item()
+               for p, q in zip(model.parameters(), reference.parameters(), strict=True))
     assert grad <= 1e-6, grad
     print(f"augseg threshold={threshold} cutmix={cutmix}: |terms - released| {diffs}, |gradients| {grad:.2e}")
-    for a, b in zip(model.buffers(), reference.buffers()):  # the same BatchNorm statistics afterwards
+    for a, b in zip(model.buffers(), reference.buffers(), strict=True):  # the same BatchNorm statistics afterwards
         assert torch.equal(a, b)

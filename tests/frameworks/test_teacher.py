@@ -51,7 +51,7 @@ def test_copy_buffers_mode_and_copy_from():
     assert teacher.module.lin.weight.tolist() == [[2.0, 0.0]]
     assert teacher.module.bn.running_mean.tolist() == [4.0]
     teacher.copy_from(student)
-    for t, s in zip(teacher.module.state_dict().values(), student.state_dict().values()):
+    for t, s in zip(teacher.module.state_dict().values(), student.state_dict().values(), strict=True):
         assert torch.equal(t, s)
     with pytest.raises(ValueError, match="buffers"):
         EMATeacher(student, buffers="own")

@@ -183,8 +183,8 @@ def test_supervised_and_unsupervised_terms_equal_the_released_step(kind, cutmix,
     assert unsup > 0 and max(diffs.values()) <= 1e-6, diffs
     out.loss.backward()
     (sup + unsup).backward()
-    grads = {n: (p.grad - q.grad).abs().max().item() for (n, p), q in zip(model.named_parameters(),
-                                                                        reference.parameters()) if q.grad is not None}
+    grads = {n: (p.grad - q.grad).abs().max().item()
+             for (n, p), q in zip(model.named_parameters(), reference.parameters(), strict=True) if q.grad is not None}
     assert max(grads.values()) <= 1e-6, max(grads.items(), key=lambda kv: kv[1])
     print(f"u2pl {kind} cutmix={cutmix} ohem={ohem}: |terms - released| {diffs}, |gradients| {max(grads.values()):.2e}")
     if kind == "released":  # the auxiliary head took part, the representation head not (contrastive weight 0)

@@ -81,7 +81,7 @@ def test_loss_equals_the_formula_without_weighting(framework):
     out = fw.train_step(labelled, unlabelled, 0)
     expected, terms = hand_loss(fw.model, labelled, unlabelled)
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    for name, t in zip(("loss_s1", "loss_s2", "loss_fp"), terms):
+    for name, t in zip(("loss_s1", "loss_s2", "loss_fp"), terms, strict=True):
         assert out.terms[name].item() == pytest.approx(t.item(), rel=1e-5)
 
 
@@ -102,7 +102,7 @@ def test_known_weights_scale_each_unsupervised_term(framework, normalize, monkey
     monkeypatch.setattr(fw.weighting, "weights", lambda features, pseudo, confidence=None: w)
     out = fw.train_step(labelled, unlabelled, 0)
     expected, terms = hand_loss(fw.model, labelled, unlabelled, weight=w, normalize=normalize)
-    for name, t in zip(("loss_s1", "loss_s2", "loss_fp"), terms):
+    for name, t in zip(("loss_s1", "loss_s2", "loss_fp"), terms, strict=True):
         assert out.terms[name].item() == pytest.approx(t.item(), rel=1e-5)
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 

@@ -89,7 +89,8 @@ def released_loss(model, labelled, unlabelled, thresh):
     criterion_u = nn.CrossEntropyLoss(reduction="none")
     loss_x = F.cross_entropy(pred_x, mask_x, ignore_index=255)
     terms = []
-    for pred, (m, c, i) in zip((pred_u_s1, pred_u_s2, pred_u_w_fp), mixed + [(mask_u_w, conf_u_w, ignore_mask)]):
+    for pred, (m, c, i) in zip((pred_u_s1, pred_u_s2, pred_u_w_fp), mixed + [(mask_u_w, conf_u_w, ignore_mask)],
+                               strict=True):
         loss = criterion_u(pred, m) * ((c >= thresh) & (i != 255))
         terms.append(loss.sum() / (i != 255).sum().item())
     loss_u_s1, loss_u_s2, loss_u_w_fp = terms
@@ -109,9 +110,9 @@ def test_loss_and_gradients_equal_the_released_recipe(thresh):
     expected = released_loss(reference, labelled, unlabelled, thresh)
     assert torch.equal(loss, expected)
     loss.backward(), expected.backward()
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad), name
-    for a, b in zip(model.buffers(), reference.buffers()):  # same BatchNorm statistics afterwards
+    for a, b in zip(model.buffers(), reference.buffers(), strict=True):  # same BatchNorm statistics afterwards
         assert torch.equal(a, b)
 
 
@@ -165,7 +166,7 @@ def test_same_images_mixes_each_image_with_another_view_of_itself(tmp_path):
         mix = batch["mix"]
         assert set(mix) >= {"weak", "strong1", "strong2", "ignore"}
         assert torch.equal(mix["index"], batch["index"])  # the released loader iterated twice: same order
-        for a, b in zip(mix["weak"], batch["weak"]):  # each image augmented independently
+        for a, b in zip(mix["weak"], batch["weak"], strict=True):  # each image augmented independently
             assert not torch.equal(a, b)
 
 

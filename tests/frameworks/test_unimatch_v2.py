@@ -109,7 +109,7 @@ def released_step(model, model_ema, labelled, unlabelled, thresh, generator):
     criterion_u = nn.CrossEntropyLoss(reduction="none")
     loss_x = nn.CrossEntropyLoss(ignore_index=255)(pred_x, mask_x)
     terms = []
-    for pred, (m, c, i) in zip((pred_u_s1, pred_u_s2), mixed):
+    for pred, (m, c, i) in zip((pred_u_s1, pred_u_s2), mixed, strict=True):
         loss = criterion_u(pred, m) * ((c >= thresh) & (i != 255))
         terms.append(loss.sum() / (i != 255).sum().item())
     loss_u_s = (terms[0] + terms[1]) / 2.0
@@ -119,9 +119,9 @@ def released_step(model, model_ema, labelled, unlabelled, thresh, generator):
 def released_ema(model, model_ema, iters):
     ema_ratio = min(1 - 1 / (iters + 1), 0.996)
     with torch.no_grad():
-        for param, param_ema in zip(model.parameters(), model_ema.parameters()):
+        for param, param_ema in zip(model.parameters(), model_ema.parameters(), strict=True):
             param_ema.copy_(param_ema * ema_ratio + param.detach() * (1 - ema_ratio))
-        for buffer, buffer_ema in zip(model.buffers(), model_ema.buffers()):
+        for buffer, buffer_ema in zip(model.buffers(), model_ema.buffers(), strict=True):
             buffer_ema.copy_(buffer_ema * ema_ratio + buffer.detach() * (1 - ema_ratio))
 
 
@@ -144,7 +144,7 @@ def test_step_equals_the_released_step(thresh):
     assert float(expected.detach()) > 0 and (loss - expected).abs().item() == 0.0
     optimizers = adamw(model), adamw(reference)
     loss.backward(), expected.backward()
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert p.grad is not None and p.grad.abs().sum() > 0, name  # every parameter learns from this step
         assert (p.grad - q.grad).abs().max().item() == 0.0, name
     for opt in optimizers:
@@ -155,7 +155,7 @@ def test_step_equals_the_released_step(thresh):
     # θ·r + θ_s·(1 − r) as released vs in place (mul_, add_ with alpha): equal up to float32 rounding of the terms
     r = 1 - 1 / 6
     for (name, a), b, t, s in zip(fw.teacher.module.state_dict().items(), reference_ema.state_dict().values(), before,
-                                  model.state_dict().values()):
+                                  model.state_dict().values(), strict=True):
         bound = 2 * torch.finfo(a.dtype).eps * (t.abs() * r + s.abs() * (1 - r))
         assert ((a - b).abs() <= bound).all(), name
         assert not torch.equal(a, t), name  # the teacher moved
@@ -220,7 +220,7 @@ def test_weights_come_from_the_teacher_and_follow_cutmix():
     assert torch.equal(features, teacher.features) and torch.equal(pseudo, teacher.logits.argmax(dim=1))
     w = weights(teacher.features, teacher.logits.argmax(dim=1))
     assert w.std() > 0
-    for used, box in zip(losses, (unlabelled["box1"], unlabelled["box2"])):
+    for used, box in zip(losses, (unlabelled["box1"], unlabelled["box2"]), strict=True):
         assert torch.equal(used, torch.where(box, w.flip(0), w))
 
 

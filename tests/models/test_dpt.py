@@ -37,10 +37,10 @@ def test_levels_of_the_decoder_have_the_dpt_strides():
     model = tiny().eval()
     feats = model.backbone(torch.randn(1, 3, 70, 42))  # a 5 x 3 grid: the stride-2 level rounds up
     assert [f.shape[-2:] for f in feats] == [(5, 3)] * 4 and feats[0].shape[1] == 32
-    sizes = [res(proj(f)).shape[-2:] for f, proj, res in zip(feats, model.head.project, model.head.resize)]
+    levels = list(zip(feats, model.head.project, model.head.resize, strict=True))
+    sizes = [res(proj(f)).shape[-2:] for f, proj, res in levels]
     assert sizes == [(20, 12), (10, 6), (5, 3), (3, 2)]
-    assert [res(proj(f)).shape[1] for f, proj, res in zip(feats, model.head.project, model.head.resize)] == \
-        [8, 16, 32, 32]
+    assert [res(proj(f)).shape[1] for f, proj, res in levels] == [8, 16, 32, 32]
 
 
 def test_inputs_off_the_patch_grid_are_resized_to_the_nearest_multiple_and_back():
@@ -60,7 +60,7 @@ def _bicubic_1d(n_in: int, n_out: int, scale: float) -> np.ndarray:
         src = (i + 0.5) / scale - 0.5
         f = int(np.floor(src))
         t = src - f
-        for k, d in zip(range(f - 1, f + 3), (1 + t, t, 1 - t, 2 - t)):
+        for k, d in zip(range(f - 1, f + 3), (1 + t, t, 1 - t, 2 - t), strict=True):
             w = ((a + 2) * d - (a + 3)) * d * d + 1 if d <= 1 else ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
             m[i, min(max(k, 0), n_in - 1)] += w
     return m

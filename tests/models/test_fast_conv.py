@@ -59,7 +59,7 @@ def test_outputs_and_gradients_equal_pytorchs(cin, cout, kernel, kw, size):
     expected = torch.autograd.grad(ref(x), [x, *ref.parameters()], grad)
     got = torch.autograd.grad(fast(x), [x, *fast.parameters()], grad)
     torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=1e-12)
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=1e-12)
@@ -112,7 +112,7 @@ def test_torch_compile_traces_the_depthwise_backward_and_keeps_pytorchs_gradient
     grad = torch.randn_like(ref(x))
     expected = torch.autograd.grad(ref(x), [x, ref.weight], grad)
     got = torch.autograd.grad(compiled(x), [x, fast.weight], grad)
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
 
 
@@ -150,5 +150,5 @@ def test_a_deeplab_trains_to_the_same_gradients():
     losses = [F.cross_entropy(m(x).logits, torch.zeros(2, 32, 32, dtype=torch.long)) for m in (ref, fast)]
     for loss in losses:
         loss.backward()
-    for a, b in zip(ref.parameters(), fast.parameters()):
+    for a, b in zip(ref.parameters(), fast.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12)

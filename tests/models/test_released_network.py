@@ -150,7 +150,7 @@ def _released_multi_grid(output_stride, blocks=3):
     """u2pl/models/resnet.py _make_layer: layer4's 3x3 dilations with multi_grid (grids [2, 2, 4])."""
     dilation = 1
     out = {}
-    for layer, dilate in zip((2, 3, 4), (False, output_stride == 8, True)):
+    for layer, dilate in zip((2, 3, 4), (False, output_stride == 8, True), strict=True):
         previous = dilation
         if dilate:
             dilation *= 2

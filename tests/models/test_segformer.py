@@ -85,7 +85,8 @@ def test_loads_an_original_mit_checkpoint_and_names_mismatches(tmp_path):
     path = tmp_path / "mit_tiny.pth"
     torch.save({"state_dict": state}, path)
     loaded = tiny(pretrained_path=path)
-    for (k, a), b in zip(source.backbone.model.state_dict().items(), loaded.backbone.model.state_dict().values()):
+    for (k, a), b in zip(source.backbone.model.state_dict().items(), loaded.backbone.model.state_dict().values(),
+                         strict=True):
         assert torch.equal(a, b), k
 
     torch.save(SegFormer(2, backbone="mit_b0").backbone.model.state_dict(), tmp_path / "b0.pth")

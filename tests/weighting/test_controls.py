@@ -32,7 +32,7 @@ def _case():
 def _by_class(weight, labels, eligible):
     """class -> multiset of the eligible pixels' weights (plain Python)."""
     out = {}
-    for w, c, e in zip(weight.flatten().tolist(), labels.flatten().tolist(), eligible.flatten().tolist()):
+    for w, c, e in zip(weight.flatten().tolist(), labels.flatten().tolist(), eligible.flatten().tolist(), strict=True):
         if e:
             out.setdefault(c, Counter())[w] += 1
     return out

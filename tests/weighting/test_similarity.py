@@ -7,7 +7,7 @@ from hafis.weighting import topk_index_similarity, topk_mask
 def reference_similarity(features, prototypes, k):
     """Plain-Python set intersection, ties broken by the lower index (a stable descending sort)."""
     out = []
-    for f, p in zip(features.tolist(), prototypes.tolist()):
+    for f, p in zip(features.tolist(), prototypes.tolist(), strict=True):
         top_f = set(sorted(range(len(f)), key=lambda i: (-f[i], i))[:k])
         top_p = set(sorted(range(len(p)), key=lambda i: (-p[i], i))[:k])
         out.append(len(top_f & top_p) / k)

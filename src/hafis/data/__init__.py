@@ -32,7 +32,7 @@ def _on_disk(data_config) -> Sources:
                          classes=data_config.classes, cache_dir=data_config.cache_dir)
     ids = split_ids(layout, data_config.labelled_split, data_config.unlabelled_split, data_config.val_split)
     parts = ("labelled", "unlabelled", "val")
-    for part_ids, part in zip(ids, parts):
+    for part_ids, part in zip(ids, parts, strict=True):
         missing = missing_images(layout, part_ids, part)
         if missing:  # a split file naming images that are not there fails now, not hours into training
             raise FileNotFoundError(
@@ -41,7 +41,7 @@ def _on_disk(data_config) -> Sources:
                 f"the tree)")
         if part != "unlabelled":  # COCO: rasterise missing masks once here, not in every loader worker
             layout.warm_cache(part_ids, part)
-    return tuple(LayoutSource(layout, part_ids, part) for part_ids, part in zip(ids, parts))
+    return tuple(LayoutSource(layout, part_ids, part) for part_ids, part in zip(ids, parts, strict=True))
 
 
 #: ``data.dataset`` -> the builder of its ``(labelled, unlabelled, val)`` readers; a new dataset is one entry

@@ -178,7 +178,7 @@ def boxes_from_instance_mask(instance_ids: np.ndarray, semantic: Optional[np.nda
     else:
         labels = ids.astype(np.int64)
     ok = area >= max(min_area, 1)
-    boxes = _slices_to_boxes([s for s, k in zip(slices, ok) if k])
+    boxes = _slices_to_boxes([s for s, k in zip(slices, ok, strict=True) if k])
     return boxes, labels[ok]
 
 
@@ -204,7 +204,7 @@ def boxes_from_connected_components(semantic: np.ndarray, classes: Sequence[int]
             continue
         area = np.bincount(comp.ravel(), minlength=n + 1)[1:]
         ok = area >= min_area
-        boxes = _slices_to_boxes([s for s, k in zip(ndimage.find_objects(comp), ok) if k])
+        boxes = _slices_to_boxes([s for s, k in zip(ndimage.find_objects(comp), ok, strict=True) if k])
         all_boxes.append(boxes)
         all_labels.append(np.full(len(boxes), c, np.int64))
     if not all_boxes:

@@ -72,7 +72,7 @@ class Release:
 def _splits(root: str, names: Sequence[str], setting: Optional[str] = None,
             folders: Optional[Sequence[str]] = None) -> tuple[PublishedSplit, ...]:
     folders = folders or names
-    return tuple(PublishedSplit(f, f"{root}/{n}/labeled.txt", setting) for n, f in zip(names, folders))
+    return tuple(PublishedSplit(f, f"{root}/{n}/labeled.txt", setting) for n, f in zip(names, folders, strict=True))
 
 
 _UNIMATCH = dict(protocol="unimatch", title="UniMatch V2", repo="LiheYoung/UniMatch-V2", commit="f6afb4d",

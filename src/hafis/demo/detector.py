@@ -59,7 +59,7 @@ def prepare_detector(config: Config, log: Callable[[str], None] = print) -> Dete
 
 def _draw_boxes(ax, boxes, labels, scores, tau: float, palette: np.ndarray, faint: float = 0.5) -> None:
     patches = require("matplotlib.patches", "viz", "the demo's pictures")
-    for (x0, y0, x1, y1), c, s in zip(boxes, labels, scores):
+    for (x0, y0, x1, y1), c, s in zip(boxes, labels, scores, strict=True):
         if s < faint:
             continue
         strong = s >= tau

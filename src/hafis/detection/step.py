@@ -188,7 +188,7 @@ def run_detect(config: Config, *, retrain: bool = False, log: Callable[[str], No
     def run(indices):
         samples = [load_checked(unlabelled, i) for i in indices]
         out = detect(model, [s.image for s in samples], things, device)
-        for o, s in zip(out, samples):
+        for o, s in zip(out, samples, strict=True):
             o["size"] = s.image.shape[:2]
         return out
 

@@ -82,7 +82,7 @@ def eval_batches(batch: dict) -> Iterator[tuple[Tensor, Tensor]]:
     if torch.is_tensor(batch["image"]):
         yield batch["image"], batch["mask"]
         return
-    for image, mask in zip(batch["image"], batch["mask"]):
+    for image, mask in zip(batch["image"], batch["mask"], strict=True):
         yield image[None], mask[None]
 
 
@@ -144,7 +144,7 @@ def iou_table(iou: Sequence[Optional[float]], class_names: Sequence[str], miou: 
     names = list(class_names) + [f"class {i}" for i in range(len(class_names), len(iou))]
     width = max([len(n) for n in names] + [5])
     lines = [f"{'class':<{width}}  IoU (%)", f"{'-' * width}  -------"]
-    for name, value in zip(names, iou):
+    for name, value in zip(names, iou, strict=False):
         shown = "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:7.2f}"
         lines.append(f"{name:<{width}}  {shown:>7}")
     if miou is not None:

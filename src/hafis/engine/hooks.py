@@ -164,7 +164,7 @@ class Evaluation(Hook):
         others = {name: result.miou if model is main_model else self._miou(trainer, model).miou
                   for name, model in fw.eval_models().items()}
         record = {"iteration": trainer.iteration, "event": "eval", **result.record(), "best_miou": trainer.best_miou,
-                  "seed": c.seed, "iou_by_class": dict(zip(trainer.class_names, result.iou)),
+                  "seed": c.seed, "iou_by_class": dict(zip(trainer.class_names, result.iou, strict=True)),
                   "labelled": len(trainer.labelled_source), "unlabelled": len(trainer.unlabelled_source)}
         if others:  # every evaluated network's mIoU (miou: the run's model); best_network names the highest
             record.update({f"miou_{name}": miou for name, miou in others.items()})

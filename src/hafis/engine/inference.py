@@ -131,7 +131,7 @@ def checked_class_names(config: Config, state: dict, num_classes: int, checkpoin
                               + (f" ({short(saved)})" if saved else "") + f", but the config's dataset "
                               f"({config.data.dataset}) has {len(names)} ({short(names)}); {advice}")
     if names and saved and names != saved:
-        i = next(i for i, (a, b) in enumerate(zip(saved, names)) if a != b)
+        i = next(i for i, (a, b) in enumerate(zip(saved, names, strict=True)) if a != b)
         raise CheckpointError(f"checkpoint {checkpoint} was trained on other classes than the config's dataset "
                               f"({config.data.dataset}) names: class {i} is {saved[i]!r} in the checkpoint, "
                               f"{names[i]!r} here; {advice}")
@@ -331,7 +331,7 @@ def _overlay(image: np.ndarray, mask: np.ndarray, flat_palette: list[int], class
     labels = [f"{c} {class_names[c] if c < len(class_names) else f'class {c}'}" for c in ids]
     # legend entries flow left to right, wrapping at the picture's width
     entries, x, y = [], gap, 0
-    for c, text in zip(ids, labels):
+    for c, text in zip(ids, labels, strict=True):
         size = line + 4 + int(font.getlength(text)) + 2 * gap
         if x + size > width and x > gap:
             x, y = gap, y + line + 2
@@ -400,10 +400,10 @@ def predict_files(predictor: Predictor, inputs: Sequence[Union[str, Path]], out_
                     bar.update(1)
                 shapes = {image.shape for image in images}  # one, unless a header misstated the size
                 for shape in shapes:
-                    part = [(i, image) for i, image in zip(kept, images) if image.shape == shape]
+                    part = [(i, image) for i, image in zip(kept, images, strict=True) if image.shape == shape]
                     batch = torch.from_numpy(np.stack([image for _, image in part])).permute(0, 3, 1, 2)
                     masks, top = predictor.predict_batch(batch)
-                    for (i, image), mask, prob in zip(part, masks.numpy(), top.numpy()):
+                    for (i, image), mask, prob in zip(part, masks.numpy(), top.numpy(), strict=True):
                         records[i] = _write_outputs(out_dir, stems[i], found[i][0], image, mask, prob, predictor,
                                                     flat_palette, overlay, scores)
     summary = {"classes": predictor.class_names, "images": [records[i] for i in sorted(records)],

@@ -20,7 +20,7 @@ from hafis.data.ssl import (
 
 
 def _with_mix(batches: Iterator[dict], mix: Iterator[dict]) -> Iterator[dict]:
-    for batch, other in zip(batches, mix):
+    for batch, other in zip(batches, mix, strict=False):
         yield {**batch, "mix": other}
 
 

@@ -216,7 +216,7 @@ def gather_keys(keys: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     padded[:keys.shape[0]] = keys
     gathered = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)
-    per_rank = [g[:t].split(c.tolist()) for g, t, c in zip(gathered, totals, all_counts)]
+    per_rank = [g[:t].split(c.tolist()) for g, t, c in zip(gathered, totals, all_counts, strict=True)]
     out = [torch.cat([pieces[k] for pieces in per_rank]) for k in range(counts.numel())]
     return torch.cat(out), torch.stack(all_counts).sum(dim=0)
 

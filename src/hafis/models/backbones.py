@@ -158,7 +158,7 @@ def apply_multi_grid(model: ResNet) -> None:
         raise ValueError(f"model.multi_grid: layer4 has {len(blocks)} blocks, the multi-grid {len(MULTI_GRID)}")
     first = _convs3x3(blocks[0])[-1].dilation[0]  # the previous layer's dilation (timm's first_dilation)
     layer = _convs3x3(blocks[1])[-1].dilation[0] if len(blocks) > 1 else first * 2
-    for i, (block, grid) in enumerate(zip(blocks, MULTI_GRID)):
+    for i, (block, grid) in enumerate(zip(blocks, MULTI_GRID, strict=False)):
         d = (first if i == 0 else layer) * grid
         for conv in _convs3x3(block):
             conv.dilation, conv.padding = (d, d), (d, d)

@@ -208,7 +208,8 @@ class DPTHead(nn.Module):
         self.classifier = nn.Conv2d(features, num_classes, 1)
 
     def forward(self, feats: list[Tensor]) -> tuple[Tensor, Tensor]:
-        levels = [red(res(proj(f))) for f, proj, res, red in zip(feats, self.project, self.resize, self.reduce)]
+        levels = [red(res(proj(f)))
+                  for f, proj, res, red in zip(feats, self.project, self.resize, self.reduce, strict=True)]
         path = self.fusion[3](levels[3], size=levels[2].shape[-2:])
         for i in (2, 1):
             path = self.fusion[i](path, levels[i], size=levels[i - 1].shape[-2:])

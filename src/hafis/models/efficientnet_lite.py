@@ -83,7 +83,7 @@ def key_table(model: nn.Module) -> dict[str, str]:
         for j, block in enumerate(stage):
             kinds[(s, j)] = "ds" if isinstance(block, DepthwiseSeparableConv) else "ir"
             flat_index[(s, j)] = len(flat_index)
-    renames = {kind: dict(zip(_TIMM_ORDER[kind], _SOURCE_ORDER[kind])) for kind in _TIMM_ORDER}
+    renames = {kind: dict(zip(_TIMM_ORDER[kind], _SOURCE_ORDER[kind], strict=True)) for kind in _TIMM_ORDER}
     top_level = {v: k for k, v in _TOP_LEVEL.items()}
     table = {}
     for key in model.state_dict():

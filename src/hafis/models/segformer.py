@@ -163,7 +163,7 @@ class SegFormer(nn.Module):
         size = feats[0].shape[-2:]
         ups = [proj(f) if i == 0 else F.interpolate(proj(f), size=size, mode="bilinear",
                                                        align_corners=self.align_corners)
-               for i, (proj, f) in enumerate(zip(self.project, feats))]
+               for i, (proj, f) in enumerate(zip(self.project, feats, strict=True))]
         features = self.fuse(torch.cat(ups, dim=1))
         return self.classifier(self.dropout(features)), features
 

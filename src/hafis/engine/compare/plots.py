@@ -62,11 +62,11 @@ def plot_diagnostics(runs: Sequence[RunData], arms: Sequence[str], path: Path) -
         if not its:
             continue
         colour = None
-        for ax, (title, solid, dashed, scale) in zip(axes, panels):
+        for ax, (title, solid, dashed, scale) in zip(axes, panels, strict=True):
             for key, style in ((solid, "-"), (dashed, "--")):
                 pts = [(i, scale * curves[i][key]) for i in its if curves[i].get(key) is not None]
                 if pts:
-                    (line,) = ax.plot(*zip(*pts), ls=style, color=colour, label=f"{arm}: {key}")
+                    (line,) = ax.plot(*zip(*pts, strict=True), ls=style, color=colour, label=f"{arm}: {key}")
                     colour = line.get_color()
                     drawn = True
             ax.set_title(title, fontsize=9)
