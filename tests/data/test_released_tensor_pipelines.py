@@ -34,14 +34,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hafis.data.base import Sample, SegmentationSource
 from hafis.data.ssl import LABELLED_STREAM, UNLABELLED_STREAM, LabelledDataset, UnlabelledDataset, sample_rng
 from hafis.data.transforms import draw_geometry
 from hafis.frameworks.ael import AEL
 from hafis.frameworks.u2pl import U2PL
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_released_pipelines import unlabelled_mask  # noqa: E402  (the ground truth through the unlabelled stream)
+from test_released_pipelines import OneImage, unlabelled_mask  # noqa: E402  (one-image source; ground truth through the stream)
 
 # the released configs' dataset: mean / std
 MEAN = [123.675, 116.28, 103.53]
@@ -136,20 +135,6 @@ def voc_like(h, w, seed=0):
     mask[band] = 255
     image = 0.5 * rng.integers(0, 256, (h, w, 3)) + 0.5 * (x / w * 255)[..., None]
     return image.round().astype(np.uint8), mask
-
-
-class OneImage(SegmentationSource):
-    class_names = tuple(f"c{i}" for i in range(21))
-
-    def __init__(self, image, mask):
-        self.image, self.mask = image, mask
-
-    @property
-    def ids(self):
-        return ["0"]
-
-    def load(self, index):
-        return Sample(self.image, self.mask, "0")
 
 
 @pytest.fixture(scope="module")
